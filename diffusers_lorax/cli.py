@@ -1,0 +1,87 @@
+"""The ``lorax`` command line.
+
+    lorax transfer SOURCE TARGET LORA -o OUT.safetensors [--method M] [--threshold T] [--rank R] [--weight-name W]
+    lorax demo
+
+``transfer`` reads the LoRA and both base models (local diffusers folders or Hub repo ids), prints the transfer
+report and writes a standard diffusers LoRA file (the pipeline class's own ``save_lora_weights``) that plain
+``pipe.load_lora_weights`` loads. ``demo`` runs a whole transfer offline on small bundled-by-code models.
+Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LoraxError
+from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS
+from .transfer import DEFAULT_METHOD, save_transferred, transfer_lora
+
+
+def _rank(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorax", description="Training-free LoRA transfer between base models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transfer", help="transfer a LoRA file from SOURCE's base model to TARGET")
+    t.add_argument("source", help="base model the LoRA was trained on: local diffusers folder or Hub repo id")
+    t.add_argument("target", help="base model to transfer to: local diffusers folder or Hub repo id")
+    t.add_argument("lora", help="LoRA: file, folder or Hub repo id (any format diffusers reads)")
+    t.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors file")
+    t.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
+    t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="min subspace similarity (0..1)")
+    t.add_argument("--rank", type=_rank, default=DEFAULT_RANK, help="singular vectors kept: int or fraction")
+    t.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
+    t.add_argument("--registry", help="registry directory (default: $LORAX_CACHE_DIR or the user cache dir)")
+    t.add_argument("--source-revision")
+    t.add_argument("--target-revision")
+    t.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    t.add_argument("--summary", action="store_true", help="print only the report's summary, not every layer")
+
+    d = sub.add_parser("demo", help="run a transfer end to end offline on small random-weight models")
+    d.add_argument("--workdir", type=Path, help="where to write the demo models (default: a temporary directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.workdir)
+            return 0
+        state_dict, report = transfer_lora(
+            args.source,
+            args.target,
+            args.lora,
+            method=args.method,
+            rank=args.rank,
+            threshold=args.threshold,
+            registry=args.registry,
+            weight_name=args.weight_name,
+            source_revision=args.source_revision,
+            target_revision=args.target_revision,
+        )
+        save_transferred(state_dict, args.target, args.output, report)
+    except (LoraxError, ValueError) as err:
+        print(f"lorax: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary() if args.summary else report)
+    print(f"wrote {args.output} ({len(report.applied)} layers)")
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

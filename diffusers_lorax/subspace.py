@@ -1,0 +1,150 @@
+"""The transfer math: truncated SVD bases, subspace similarity and adapter projection, all on low-rank factors.
+
+Notation (shapes for one layer): a base weight ``W`` is ``(m, n)``; Conv2d weights ``(out, in, kh, kw)`` are flattened
+to ``(out, in*kh*kw)``. A LoRA update is ``ΔW = B @ A`` with ``B`` ``(m, r)`` and ``A`` ``(r, n)``; any alpha/rank
+scale is folded into ``B`` before these functions see it. ``U`` ``(m, k)`` and ``V`` ``(n, k)`` hold the top-``k`` left
+and right singular vectors of ``W`` (``W = U Σ Vᵀ``; Farhadzadeh et al., *LoRA-X: Bridging Foundation Models with Training-Free Cross-Model
+Adaptation*, ICLR 2025).
+
+Everything here works in float32 and never forms an ``(m, n)`` matrix: projections are applied to ``B`` and ``A``
+separately, e.g. ``U Uᵀ (B A) V Vᵀ = (U (Uᵀ B)) ((A V) Vᵀ)``, which costs ``O((m + n) k r)`` instead of ``O(m n k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Default truncation: half of ``min(m, n)``. It splits each spectrum into a dominant subspace and a null-space
+#: complement of equal size. Random k-dimensional subspaces of R^m have expected similarity k/m (0.5 for square
+#: layers), so the default threshold below asks for far more than chance; at k = min(m, n) a square layer's
+#: similarity is 1 for any pair of models and projection degenerates to a copy.
+DEFAULT_RANK: float = 0.5
+#: Default subspace-similarity threshold on both Φ_U and Φ_V.
+DEFAULT_THRESHOLD: float = 0.9
+METHODS = ("prolora", "lorax", "copy")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Top-``k`` singular triplets of one base weight: ``U`` ``(m, k)``, ``S`` ``(k,)``, ``V`` ``(n, k)``, float32."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[0])
+
+    def truncate(self, k: int) -> "Basis":
+        """The top-``k`` part (the SVD's singular vectors are nested, so this equals a rank-``k`` SVD)."""
+        if k > self.rank:
+            raise ValueError(f"basis holds {self.rank} singular vectors, {k} requested")
+        return Basis(self.U[:, :k], self.S[:k], self.V[:, :k])
+
+
+def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int:
+    """Number ``k`` of singular vectors kept for a weight of ``shape`` (conv shapes are flattened).
+
+    ``rank`` is an int (absolute, capped at ``min(m, n)``) or a float in ``(0, 1]`` (fraction of ``min(m, n)``,
+    rounded, at least 1). Raises ``ValueError`` for a non-positive rank or a fraction above 1.
+    """
+    m, n = shape[0], _prod(shape[1:])
+    full = min(m, n)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"rank must be an int or a float fraction, got {rank!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"a fractional rank must lie in (0, 1], got {rank}")
+        return max(1, min(full, round(rank * full)))
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    return min(full, rank)
+
+
+def flatten_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``(out, in, kh, kw)`` or ``(out, in)`` → ``(out, in*kh*kw)`` float32 (a view where possible)."""
+    return weight.reshape(weight.shape[0], -1).float()
+
+
+def compute_basis(weight: torch.Tensor, k: int) -> Basis:
+    """Top-``k`` singular vectors of ``weight`` (any float dtype, 2-D or conv 4-D), computed in float32.
+
+    Uses the exact thin SVD (``torch.linalg.svd``). Raises ``ValueError`` if ``weight`` holds NaN or Inf.
+    """
+    w = flatten_weight(weight)
+    if not torch.isfinite(w).all():
+        raise ValueError("base weight contains NaN or Inf")
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    return Basis(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous())
+
+
+def subspace_similarity(Q_s: torch.Tensor, Q_t: torch.Tensor) -> float:
+    """Φ = ‖Q_sᵀ Q_t‖_F² / k for two ``(d, k)`` orthonormal bases (LoRA-X, ICLR 2025: the subspace-similarity metric).
+
+    Φ ∈ [0, 1]: 1 when the spans coincide, 0 when orthogonal, k/d in expectation for random subspaces.
+    """
+    if Q_s.shape != Q_t.shape:
+        raise ValueError(f"bases differ in shape: {tuple(Q_s.shape)} vs {tuple(Q_t.shape)}")
+    k = Q_s.shape[1]
+    return float(torch.linalg.matrix_norm(Q_s.T @ Q_t) ** 2 / k)
+
+
+def project_lorax(B: torch.Tensor, A: torch.Tensor, target: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-X transfer ``ΔW_t = U_t U_tᵀ ΔW_s V_t V_tᵀ`` (LoRA-X, ICLR 2025: the transfer by projection) on factors.
+
+    ``B`` ``(m, r)``, ``A`` ``(r, n)`` float32 → ``(U_t (U_tᵀ B), (A V_t) V_tᵀ)``, same shapes, rank ≤ r.
+    """
+    return _left(target.U, B), _right(A, target.V)
+
+
+def project_prolora(
+    B: torch.Tensor, A: torch.Tensor, source: Basis, target: Basis
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProLoRA transfer (Farhadzadeh et al., *Zero-Shot Adaptation of Parameter-Efficient
+    Fine-Tuning in Diffusion Models*, ICML 2025: subspace and null-space projection) on factors.
+
+    ``ΔW_s`` splits into its part in the source's top-k subspace, ``ΔW_∥ = P_Us ΔW_s P_Vs``, and its null-space
+    part ``ΔW_⊥ = (I − P_Us) ΔW_s (I − P_Vs)``; each is projected onto the target's matching space::
+
+        ΔW_t = P_Ut ΔW_∥ P_Vt + (I − P_Ut) ΔW_⊥ (I − P_Vt),   P_U = U Uᵀ.
+
+    Returns ``B'`` ``(m, 2r)`` and ``A'`` ``(2r, n)`` (the two terms side by side), float32. The cross terms
+    ``P_Us ΔW_s (I − P_Vs)`` and ``(I − P_Us) ΔW_s P_Vs`` are not carried over, as in the paper.
+    """
+    B_par = _left(target.U, _left(source.U, B))
+    A_par = _right(_right(A, source.V), target.V)
+    B_null = _left_complement(target.U, _left_complement(source.U, B))
+    A_null = _right_complement(_right_complement(A, source.V), target.V)
+    return torch.cat([B_par, B_null], dim=1), torch.cat([A_par, A_null], dim=0)
+
+
+def frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B A‖_F from the factors via ‖BA‖_F² = tr((BᵀB)(AAᵀ)), without forming ``B A``."""
+    value = torch.sum((B.T @ B) * (A @ A.T)).clamp_min(0.0)
+    return float(value.sqrt())
+
+
+def _left(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return U @ (U.T @ B)
+
+
+def _right(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return (A @ V) @ V.T
+
+
+def _left_complement(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return B - _left(U, B)
+
+
+def _right_complement(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return A - _right(A, V)
+
+
+def _prod(dims: tuple[int, ...]) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out

@@ -1,0 +1,209 @@
+"""Small and full-size Stable Diffusion pipelines with random weights, built offline, for the demo, tests and
+benchmarks; a "fine-tune" of one (a structured perturbation of its weights); and random LoRAs for them.
+
+Nothing here downloads anything: configs are given as dicts, the tokenizer's vocabulary is written on the fly
+(bytes as tokens, no merges), and weights come from a seeded ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_SD_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_TEXT_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    vocab_size=514,
+    bos_token_id=512,
+    eos_token_id=513,
+    pad_token_id=513,
+    max_position_embeddings=77,
+)
+TINY_VAE = dict(
+    block_out_channels=(32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=32,
+)
+TINY_SDXL_UNET = dict(
+    TINY_SD_UNET,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + text_encoder_2 projection_dim
+    cross_attention_dim=64,  # hidden sizes of both text encoders, concatenated
+)
+TINY_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, projection_dim=32)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+
+
+def byte_tokenizer(directory: str | Path | None = None) -> Any:
+    """A ``CLIPTokenizer`` whose vocabulary is the 256 byte symbols (and their word-final forms) plus start/end:
+    514 ids, no merges. Written to ``directory`` (a new temp dir by default)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    folder = Path(directory or tempfile.mkdtemp(prefix="lorax-tok-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def sd_pipeline(
+    unet: dict | None = None,
+    text_encoder: dict | None = None,
+    vae: dict | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A ``StableDiffusionPipeline`` with random weights (tiny by default; pass full-size config dicts for SD 1.5)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**(vae or TINY_VAE)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_clip_config(text_encoder or TINY_TEXT_ENCODER))),
+        tokenizer=byte_tokenizer(),
+        unet=UNet2DConditionModel(**(unet or TINY_SD_UNET)),
+        scheduler=DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def sdxl_pipeline(seed: int = 0) -> Any:
+    """A tiny ``StableDiffusionXLPipeline`` with random weights (two text encoders, text-time embedding)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**TINY_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip_config(config: dict) -> dict:
+    # Full-size configs from the Hub carry a 49408-token vocabulary; the byte tokenizer's ids all fit below it.
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+
+
+def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, noise: float = 0.01) -> Any:
+    """Perturb every Linear/Conv2d weight of the UNet and text encoders in place, like a fine-tune would.
+
+    ``W ← W + ‖W‖_F (strength · P Qᵀ / ‖P Qᵀ‖_F + noise · G / ‖G‖_F)`` with ``P`` ``(m, rank)``, ``Q`` ``(n, rank)``
+    and ``G`` ``(m, n)`` standard normal from ``seed``: a low-rank drift plus small full-rank noise, relative to each
+    weight's norm. Returns ``pipe``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                W = module.weight.data
+                m, n = W.shape[0], W[0].numel()
+                r = min(rank, m, n)
+                drift = torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen)
+                grain = torch.randn(m, n, generator=gen)
+                delta = strength * drift / drift.norm() + noise * grain / grain.norm()
+                W += (W.float().norm() * delta).reshape(W.shape).to(W.dtype)
+    return pipe
+
+
+def random_lora(
+    pipe: Any,
+    rank: int = 4,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    components: tuple[str, ...] = ("unet",),
+    scale: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """A random PEFT-format LoRA (``<component>.<module>.lora_A/B.weight``) for every Linear/Conv2d module of
+    ``components`` whose name ends with one of ``targets``. ``B A`` has Frobenius norm ``scale · ‖W‖_F`` per layer,
+    so it visibly changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for component in components:
+        model = getattr(pipe, component)
+        # LoRAs in the wild name CLIP modules "text_model.encoder…", as transformers < 5 did.
+        prefix = "text_model." if component.startswith("text_encoder") and not hasattr(model, "text_model") else ""
+        for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not name.endswith(targets):
+                continue
+            name = prefix + name
+            W = module.weight
+            A = torch.randn(rank, *W.shape[1:], generator=gen)
+            B = torch.randn(W.shape[0], rank, *([1, 1] if W.ndim == 4 else []), generator=gen)
+            norm = (B.reshape(W.shape[0], rank) @ A.reshape(rank, -1)).norm()
+            B *= scale * W.detach().float().norm() / norm
+            out[f"{component}.{name}.lora_A.weight"] = A
+            out[f"{component}.{name}.lora_B.weight"] = B
+    return out
+
+
+def to_kohya(peft_lora: dict[str, torch.Tensor], alphas: dict[str, float] | None = None, sdxl: bool = False) -> dict:
+    """The same LoRA in kohya/A1111 keys (``lora_unet_…``, ``lora_te_…``/``lora_te1_``), via diffusers'
+    ``convert_state_dict_to_kohya``. ``alphas`` maps a PEFT module prefix (``unet.down_blocks…to_q``) to its alpha;
+    ``lora_up`` is rescaled by rank/alpha so that the adapter's effect is unchanged."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    alphas = alphas or {}
+    scaled = dict(peft_lora)
+    for key in peft_lora:
+        if key.endswith(".lora_B.weight"):
+            module = key.removesuffix(".lora_B.weight")
+            if module in alphas:
+                scaled[key] = peft_lora[key] * peft_lora[key].shape[1] / alphas[module]
+    kohya = convert_state_dict_to_kohya(scaled)
+    out = {}
+    for key, value in kohya.items():
+        if not sdxl:
+            key = key.replace("lora_te1_", "lora_te_")
+        out[key] = value
+    for module, alpha in alphas.items():
+        stem = convert_state_dict_to_kohya({f"{module}.lora_A.weight": torch.zeros(1, 1)})
+        alpha_key = next(k for k in stem if k.endswith(".alpha"))
+        out[alpha_key if sdxl else alpha_key.replace("lora_te1_", "lora_te_")] = torch.tensor(float(alpha))
+    return out

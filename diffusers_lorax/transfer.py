@@ -1,0 +1,397 @@
+"""Transfer a LoRA from a source base model to a target base model (LoRA-X / ProLoRA), as a PEFT state dict.
+
+The flow: read the LoRA through diffusers → pre-flight checks on shapes (catalogue families, source fit, target
+fit) before any SVD → fingerprint the needed base weights → bases and similarities from the registry or computed →
+threshold → projection on factors → a PEFT-format state dict that plain ``load_lora_weights`` accepts.
+
+Nothing is written to the registry until the caller commits the returned :class:`PendingWrites`; the public
+:func:`transfer_lora` commits on success, :meth:`load_lora_weights_cross` after the adapter has loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+
+from . import subspace
+from .catalogue import identify_layers, identify_model
+from .errors import ArchitectureMismatchError, NoMatchingLayersError, NothingTransferredError, SourceModelError
+from .lora import LoraLayer, read_lora
+from .registry import Registry, open_registry
+from .report import LayerReport, TransferReport
+from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS, Basis
+from .weights import BaseModelWeights, PipelineWeights, fingerprint, open_base_model
+
+logger = logging.get_logger(__name__)
+
+#: Default method: ProLoRA keeps the null-space part of the update that LoRA-X drops (see docs/method.md).
+DEFAULT_METHOD = "prolora"
+
+
+@dataclass
+class PendingWrites:
+    """Bases and similarities computed by a transfer, to be stored once the whole call has succeeded."""
+
+    registry: Registry
+    bases: dict[str, Basis] = field(default_factory=dict)
+    similarities: dict[tuple[str, str, int], tuple[float, float]] = field(default_factory=dict)
+
+    def commit(self) -> None:
+        self.registry.put_bases(self.bases)
+        self.registry.put_similarities(self.similarities)
+
+
+def transfer_lora(
+    source: Any,
+    target: Any,
+    lora: str | os.PathLike | dict[str, torch.Tensor],
+    *,
+    method: str = DEFAULT_METHOD,
+    rank: int | float = DEFAULT_RANK,
+    threshold: float = DEFAULT_THRESHOLD,
+    registry: Registry | str | os.PathLike | None = None,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    source_revision: str | None = None,
+    source_subfolder: str | None = None,
+    source_variant: str | None = None,
+    target_revision: str | None = None,
+    target_subfolder: str | None = None,
+    target_variant: str | None = None,
+) -> tuple[dict[str, torch.Tensor], TransferReport]:
+    """Transfer ``lora`` (trained on ``source``) to ``target`` without training or data.
+
+    Args:
+        source, target: a loaded diffusers pipeline, a local diffusers folder, or a Hub repo id. Only the weights of
+            the layers the LoRA touches are read, lazily, from safetensors files.
+        lora: anything ``load_lora_weights`` accepts: Hub repo id (with ``weight_name``, ``subfolder``, ``revision``),
+            local file or folder, or a state dict; PEFT, diffusers, old attention-processor or kohya/A1111 keys.
+        method: ``"prolora"`` (default), ``"lorax"`` or ``"copy"`` (no projection, the plain-load baseline).
+        rank: singular vectors kept per layer, an int or a fraction of ``min(m, n)`` (default 0.5).
+        threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
+        registry: a :class:`Registry`, a directory, or ``None`` for ``$LORAX_CACHE_DIR`` / the user cache dir.
+        token, cache_dir: used for the LoRA and for both base models, as in diffusers.
+
+    Returns:
+        ``(state_dict, report)``: a PEFT-format LoRA (``unet.<module>.lora_A.weight`` ``(r', in[, kh, kw])``,
+        ``….lora_B.weight`` ``(out, r'[, 1, 1])``, the LoRA's dtype, alpha folded into ``lora_B`` so the scale is 1)
+        that ``pipe.load_lora_weights(state_dict)`` accepts, and a :class:`TransferReport`.
+
+    Raises:
+        InvalidLoraError: unreadable LoRA, unknown keys, NaN/Inf values.
+        ArchitectureMismatchError: the LoRA fits another catalogued family than the target.
+        SourceModelError: the source cannot be read, or a LoRA layer does not fit the source's shapes.
+        NoMatchingLayersError: no LoRA layer has a module of the same name and shape in the target.
+        NothingTransferredError: every matching layer fell below ``threshold``.
+        RegistryError: the registry cannot be opened or written.
+        ValueError: an unknown ``method``, a bad ``rank`` or ``threshold``.
+    """
+    state_dict, report, pending = run_transfer(
+        source,
+        target,
+        lora,
+        method=method,
+        rank=rank,
+        threshold=threshold,
+        registry=registry,
+        lora_kwargs=dict(weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir),
+        source_kwargs=dict(
+            revision=source_revision, subfolder=source_subfolder, variant=source_variant, token=token, cache_dir=cache_dir
+        ),
+        target_kwargs=dict(
+            revision=target_revision, subfolder=target_subfolder, variant=target_variant, token=token, cache_dir=cache_dir
+        ),
+    )
+    pending.commit()
+    return state_dict, report
+
+
+def run_transfer(
+    source: Any,
+    target: Any,
+    lora: Any,
+    *,
+    method: str,
+    rank: int | float,
+    threshold: float,
+    registry: Registry | str | os.PathLike | None,
+    lora_kwargs: dict[str, Any],
+    source_kwargs: dict[str, Any],
+    target_kwargs: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], TransferReport, PendingWrites]:
+    """:func:`transfer_lora` without committing: returns the registry writes it would make as well."""
+    _check_options(method, rank, threshold)
+    clock = PhaseClock()
+    reg = open_registry(registry)
+    pipeline_cls = _pipeline_class(target, target_kwargs)
+    layers = read_lora(pipeline_cls, lora, unet_config=_unet_config(target, target_kwargs), **lora_kwargs)
+    components = sorted({layer.component for layer in layers})
+    target_w = open_base_model(target, components, **target_kwargs)
+    source_w = open_base_model(source, components, **source_kwargs)
+
+    report = TransferReport(
+        source=_label(source, source_w),
+        target=_label(target, target_w),
+        lora="(state dict)" if isinstance(lora, dict) else str(lora),
+        method=method,
+        rank=rank,
+        threshold=threshold,
+    )
+    report.layers = [
+        LayerReport(layer.component, layer.module, layer.weight_shape, layer.rank) for layer in layers
+    ]
+    matched = _preflight(layers, source_w, target_w, report)
+    clock.lap(report, "read")
+
+    pending = PendingWrites(reg)
+    projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if method == "copy":
+        for i in matched:
+            projected[i] = layers[i].factors()
+    else:
+        projected = _project_layers(layers, matched, source_w, target_w, method, rank, threshold, reg, report, pending, clock)
+
+    state_dict = {}
+    for i, (B, A) in projected.items():
+        layer, row = layers[i], report.layers[i]
+        source_norm = subspace.frobenius_norm(*layer.factors())
+        row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
+        row.applied, row.out_rank = True, B.shape[1]
+        prefix = f"{layer.component}.{layer.module}"
+        state_dict[f"{prefix}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
+        state_dict[f"{prefix}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+    clock.lap(report, "project")
+    if not state_dict:
+        raise NothingTransferredError(
+            f"no layer passed the subspace-similarity threshold {threshold} ({len(matched)} layers matched by name and "
+            f"shape; best Φ = {max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0):.3f}). "
+            "The models are too different for this LoRA at this threshold: lower `threshold`, or use method='copy'."
+        )
+    return state_dict, report, pending
+
+
+def _project_layers(
+    layers: list[LoraLayer],
+    matched: list[int],
+    source_w: BaseModelWeights,
+    target_w: BaseModelWeights,
+    method: str,
+    rank: int | float,
+    threshold: float,
+    reg: Registry,
+    report: TransferReport,
+    pending: PendingWrites,
+    clock: "PhaseClock",
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    from diffusers.utils.logging import tqdm
+
+    # Pass 1: fingerprints (weights are read one at a time and dropped), then one registry query per rank.
+    ks = {i: subspace.resolve_rank(rank, layers[i].weight_shape) for i in matched}
+    fps: dict[int, tuple[str, str]] = {}
+    for i in matched:
+        fps[i] = (fingerprint(source_w.weight(*layers[i].key)), fingerprint(target_w.weight(*layers[i].key)))
+    bases: dict[tuple[str, int], Basis] = {}
+    for k in sorted(set(ks.values())):
+        wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
+        bases.update({(fp, k): b for fp, b in reg.get_bases(wanted, k).items()})
+    report.bases_cached = len(bases)
+
+    # Pass 2: the missing bases, exact thin SVD in float32.
+    missing: dict[tuple[str, int], tuple[str, int]] = {}  # (fingerprint, k) -> (side, layer index)
+    for i in matched:
+        for side, fp in zip(("source", "target"), fps[i]):
+            if (fp, ks[i]) not in bases:
+                missing.setdefault((fp, ks[i]), (side, i))
+    for (fp, k), (side, i) in tqdm(missing.items(), desc="SVD bases", disable=len(missing) < 8):
+        weights = source_w if side == "source" else target_w
+        try:
+            basis = subspace.compute_basis(weights.weight(*layers[i].key), k)
+        except ValueError as err:
+            raise SourceModelError(f"{side} weight of {layers[i].component}.{layers[i].module}: {err}") from err
+        bases[(fp, k)] = basis
+        pending.bases[fp] = basis
+    report.bases_computed = len(missing)
+    clock.lap(report, "bases")
+
+    sims = reg.get_similarities({(*fps[i], ks[i]) for i in matched})
+    report.similarities_cached = len(sims)
+    out = {}
+    for i in matched:
+        k, (fp_s, fp_t), row = ks[i], fps[i], report.layers[i]
+        b_s, b_t = bases[(fp_s, k)], bases[(fp_t, k)]
+        key = (fp_s, fp_t, k)
+        if key not in sims:
+            sims[key] = (subspace.subspace_similarity(b_s.U, b_t.U), subspace.subspace_similarity(b_s.V, b_t.V))
+            pending.similarities[key] = sims[key]
+        row.k, (row.phi_u, row.phi_v) = k, sims[key]
+        if row.phi_u < threshold or row.phi_v < threshold:
+            row.reason = f"subspace similarity below threshold {threshold}"
+            continue
+        B, A = layers[i].factors()
+        out[i] = subspace.project_lorax(B, A, b_t) if method == "lorax" else subspace.project_prolora(B, A, b_s, b_t)
+    report.similarities_computed = len(pending.similarities)
+    return out
+
+
+def _preflight(
+    layers: list[LoraLayer], source_w: BaseModelWeights, target_w: BaseModelWeights, report: TransferReport
+) -> list[int]:
+    """Shape checks before any SVD. Returns the indices of layers that fit the target; marks the others skipped."""
+    components = sorted({layer.component for layer in layers})
+    target_shapes = {c: target_w.shapes(c) for c in components}
+    lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
+    target_family = identify_model(target_shapes)
+    report.lora_family = str(lora_family) if lora_family else None
+    report.target_family = str(target_family) if target_family else None
+    if lora_family and target_family and lora_family.family.name != target_family.family.name:
+        raise ArchitectureMismatchError(
+            f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
+            f"layer shapes match) but the target {report.target} is {target_family.family.label}. Transfer needs a "
+            f"target of the same architecture family: use a {lora_family.family.label} target, or a LoRA trained "
+            f"for {target_family.family.label}."
+        )
+
+    source_shapes = {c: source_w.shapes(c) for c in components}
+    misfit = [
+        (layer, source_shapes[layer.component].get(layer.key[1]))
+        for layer in layers
+        if source_shapes[layer.component].get(layer.key[1]) != layer.weight_shape
+    ]
+    if misfit:
+        layer, shape = misfit[0]
+        found = f"the source has {shape}" if shape else "the source has no such module"
+        raise SourceModelError(
+            f"{len(misfit)} of {len(layers)} LoRA layers do not fit the source {report.source} (e.g. "
+            f"{layer.component}.{layer.module}: LoRA expects a weight of shape {layer.weight_shape}, {found}). "
+            "The source must be the base model the LoRA was trained on; check the source (and its subfolder, "
+            "revision)."
+        )
+
+    matched = []
+    for i, layer in enumerate(layers):
+        shape = target_shapes[layer.component].get(layer.key[1])
+        if shape is None:
+            report.layers[i].reason = "no module of this name in the target"
+        elif shape != layer.weight_shape:
+            report.layers[i].reason = f"shape differs in the target: {shape}"
+        else:
+            matched.append(i)
+    if not matched:
+        raise NoMatchingLayersError(
+            f"none of the LoRA's {len(layers)} layers has a module of the same name and shape in the target "
+            f"{report.target} (e.g. {layers[0].component}.{layers[0].module}: {report.layers[0].reason}). "
+            f"LoRA fits: {report.lora_family or 'no catalogued family'}; target: "
+            f"{report.target_family or 'no catalogued family'}. Check that the LoRA and the target are of one "
+            "architecture."
+        )
+    return matched
+
+
+def _check_options(method: str, rank: int | float, threshold: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    subspace.resolve_rank(rank, (1, 1))  # validates the type and range
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold is a subspace similarity in [0, 1], got {threshold}")
+
+
+def _pipeline_class(target: Any, target_kwargs: dict[str, Any]) -> type:
+    """The diffusers pipeline class whose ``lora_state_dict`` reads LoRAs for ``target``."""
+    import diffusers
+
+    if isinstance(target, (str, os.PathLike)):
+        name = _model_index(target, target_kwargs).get("_class_name")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    else:
+        cls = type(target)
+    if cls is None or not hasattr(cls, "lora_state_dict"):
+        raise SourceModelError(
+            f"the target {target!r} is not a LoRA-capable diffusers pipeline (its class has no lora_state_dict); "
+            "pass a pipeline, or a diffusers folder / Hub repo whose model_index.json names one"
+        )
+    return cls
+
+
+def _model_index(model: str | os.PathLike, kwargs: dict[str, Any]) -> dict:
+    path = Path(model) / (kwargs.get("subfolder") or "")
+    if path.is_dir():
+        index = path / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(
+            DiffusionPipeline.load_config(
+                str(model),
+                revision=kwargs.get("revision"),
+                subfolder=kwargs.get("subfolder"),
+                token=kwargs.get("token"),
+                cache_dir=kwargs.get("cache_dir"),
+            )
+        )
+    except Exception as err:  # offline, no such repo, no model_index.json
+        raise SourceModelError(f"cannot read model_index.json of {model!r}: {err}") from err
+
+
+def _unet_config(target: Any, target_kwargs: dict[str, Any]) -> Any:
+    """The target UNet's config, which diffusers uses to map SDXL kohya block names."""
+    unet = getattr(target, "unet", None)
+    if unet is not None:
+        return unet.config
+    if isinstance(target, (str, os.PathLike)):
+        path = Path(target) / (target_kwargs.get("subfolder") or "") / "unet" / "config.json"
+        if path.is_file():
+            from diffusers.configuration_utils import FrozenDict
+
+            return FrozenDict(json.loads(path.read_text()))
+    return None
+
+
+def _label(model: Any, weights: BaseModelWeights) -> str:
+    if isinstance(weights, PipelineWeights):
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
+        return f"{type(model).__name__}({name})" if name else f"{type(model).__name__} (in memory)"
+    return weights.label
+
+
+class PhaseClock:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, report: TransferReport, phase: str) -> None:
+        now = time.perf_counter()
+        report.seconds[phase] = report.seconds.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
+def save_transferred(
+    state_dict: dict[str, torch.Tensor], target: Any, path: str | os.PathLike, report: TransferReport | None = None
+) -> Path:
+    """Write a transferred state dict as a standard diffusers LoRA file with the target pipeline class's own
+    ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors). Returns the file's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cls = _pipeline_class(target, {})
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        component, rest = key.split(".", 1)
+        layers.setdefault(component, {})[rest] = value
+    cls.save_lora_weights(
+        save_directory=str(path.parent),
+        weight_name=path.name,
+        safe_serialization=True,
+        **{f"{component}_lora_layers": sd for component, sd in layers.items()},
+    )
+    if report is not None:
+        logger.info(f"wrote {path}: {len(report.applied)} layers transferred with {report.method}")
+    return path

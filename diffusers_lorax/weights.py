@@ -1,0 +1,279 @@
+"""Read single base-model weights by (component, module) without loading a whole model.
+
+Three kinds of base model are accepted wherever a source or target is asked for:
+
+* a loaded diffusers pipeline (weights are read from its modules; an injected PEFT layer's ``base_layer`` is used);
+* a local diffusers folder (``unet/diffusion_pytorch_model.safetensors``, ``text_encoder/model.safetensors``, sharded
+  ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``: one tensor at a time;
+* a Hub repo id: only the weight files of the components the LoRA touches are fetched through
+  ``huggingface_hub.hf_hub_download`` (honouring ``revision``, ``subfolder``, ``token``, ``cache_dir`` and
+  ``HF_HUB_OFFLINE``), then read lazily as for a folder.
+
+Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from .errors import SourceModelError
+
+_WEIGHT_FILES = ("diffusion_pytorch_model", "model")
+
+
+def canonical_module(name: str) -> str:
+    """Module name with the ``text_model.`` level removed: transformers 5 flattened CLIPTextModel, while checkpoints
+    and LoRAs written before it keep the prefix. All lookups compare canonical names."""
+    return name.removeprefix("text_model.")
+
+
+class BaseModelWeights(Protocol):
+    """What the transfer needs from a base model: names, shapes and single weights, by component and module."""
+
+    label: str
+
+    def pipeline_class_name(self) -> str | None: ...
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Canonical module name -> weight shape, for every 2-D (Linear) and 4-D (Conv2d) weight of ``component``."""
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        """The ``module``'s weight, stored dtype and shape. Raises ``SourceModelError`` if it is absent."""
+
+
+def fingerprint(weight: torch.Tensor) -> str:
+    """Content fingerprint of a weight: SHA-256 (hex, 64 chars) over dtype, shape and the raw bytes.
+
+    Two tensors share a fingerprint only if they are bit-identical, so a changed model never hits a stale basis and
+    identical layers of two models share one basis.
+    """
+    t = weight.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+class PipelineWeights:
+    """Weights of an already loaded pipeline (or any object whose components are ``torch.nn.Module`` attributes)."""
+
+    def __init__(self, pipe: Any, label: str | None = None):
+        self.pipe = pipe
+        self.label = label or type(pipe).__name__
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._names: dict[str, dict[str, str]] = {}  # component -> canonical name -> module name
+
+    def pipeline_class_name(self) -> str | None:
+        return type(self.pipe).__name__
+
+    def _component(self, component: str) -> torch.nn.Module:
+        module = getattr(self.pipe, component, None)
+        if not isinstance(module, torch.nn.Module):
+            raise SourceModelError(f"{self.label} has no component {component!r}")
+        return module
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        if component not in self._shapes:
+            try:
+                root = self._component(component)
+            except SourceModelError:
+                return {}
+            out: dict[str, tuple[int, ...]] = {}
+            names: dict[str, str] = {}
+            for name, module in root.named_modules():
+                if hasattr(module, "base_layer"):
+                    continue  # a PEFT wrapper: its base layer is listed as "<name>.base_layer"
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    name = name.removesuffix(".base_layer")
+                    out[canonical_module(name)] = tuple(module.weight.shape)
+                    names[canonical_module(name)] = name
+            self._shapes[component], self._names[component] = out, names
+        return self._shapes[component]
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        self.shapes(component)
+        name = self._names.get(component, {}).get(canonical_module(module))
+        if name is None:
+            raise SourceModelError(f"{self.label}: {component} has no Linear/Conv2d module {module!r}")
+        mod = self._component(component).get_submodule(name)
+        return getattr(mod, "base_layer", mod).weight.detach()
+
+
+class SafetensorsWeights:
+    """Lazy reader over per-component safetensors files (a local diffusers folder or files fetched from the Hub)."""
+
+    def __init__(self, label: str, files: dict[str, list[Path]], model_index: dict | None):
+        self.label = label
+        self._files = files
+        self._index = model_index
+        self._where: dict[str, dict[str, Path]] = {}  # component -> tensor name -> file
+
+    def pipeline_class_name(self) -> str | None:
+        return (self._index or {}).get("_class_name")
+
+    def _tensor_files(self, component: str) -> dict[str, Path]:
+        if component not in self._where:
+            where: dict[str, Path] = {}
+            for path in self._files.get(component, []):
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        for key in f.keys():
+                            where[key] = path
+                except Exception as err:  # safetensors raises its own error types for corrupt headers
+                    raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
+            self._where[component] = where
+        return self._where[component]
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self._tensor_files(component).items():
+            if key.endswith(".weight"):
+                by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if len(shape) in (2, 4):
+                        out[canonical_module(key.removesuffix(".weight"))] = shape
+        return out
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        where = self._tensor_files(component)
+        module = canonical_module(module)
+        for key in (f"{module}.weight", f"text_model.{module}.weight"):
+            if key in where:
+                with safe_open(str(where[key]), framework="pt") as f:
+                    return f.get_tensor(key)
+        raise SourceModelError(f"{self.label}: {component} has no weight for module {module!r}")
+
+
+def _component_files(folder: Path, variant: str | None) -> list[Path]:
+    """Safetensors files of one component folder: a single file, or the shards named by an index."""
+    for stem in _WEIGHT_FILES:
+        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+        if (folder / name).is_file():
+            return [folder / name]
+    return []
+
+
+def folder_weights(path: str | os.PathLike, components: Iterable[str], variant: str | None = None) -> SafetensorsWeights:
+    """Lazy weights of a local diffusers folder. Raises ``SourceModelError`` if a component has no safetensors file."""
+    root = Path(path)
+    files: dict[str, list[Path]] = {}
+    for component in components:
+        found = _component_files(root / component, variant)
+        if not found and (root / component).is_dir():
+            raise SourceModelError(
+                f"{root / component} has no safetensors weights (only .safetensors are read, lazily); "
+                "re-save the model with `save_pretrained(..., safe_serialization=True)`"
+            )
+        files[component] = found
+    index_path = root / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    return SafetensorsWeights(str(root), files, index)
+
+
+def hub_weights(
+    repo_id: str,
+    components: Iterable[str],
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> SafetensorsWeights:
+    """Fetch only the given components' safetensors files of a Hub repo (or take them from the HF cache).
+
+    Raises ``SourceModelError`` if the repo or the files cannot be had (offline without a cached copy, no such repo).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(
+                hf_hub_download(
+                    repo_id, filename, subfolder=subfolder or None, revision=revision, token=token, cache_dir=cache_dir
+                )
+            )
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+        except Exception as err:  # network errors, missing repo, gated repo: all surface as one typed error
+            raise SourceModelError(f"cannot fetch {filename!r} from the Hub repo {repo_id!r}: {err}") from err
+
+    files: dict[str, list[Path]] = {}
+    for component in components:
+        found: list[Path] = []
+        for stem in _WEIGHT_FILES:
+            name = f"{component}/{stem}.{variant}.safetensors" if variant else f"{component}/{stem}.safetensors"
+            index = fetch(f"{name}.index.json")
+            if index is not None:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                found = [fetch(f"{component}/{s}") for s in shards]
+                if any(p is None for p in found):
+                    raise SourceModelError(f"{repo_id}: a shard listed in {name}.index.json is missing")
+                break
+            single = fetch(name)
+            if single is not None:
+                found = [single]
+                break
+        if not found:
+            raise SourceModelError(
+                f"no safetensors weights for component {component!r} in the Hub repo {repo_id!r} "
+                f"(revision={revision!r}, subfolder={subfolder!r}); if you are offline, download it first"
+            )
+        files[component] = found
+    index_file = fetch("model_index.json")
+    index = json.loads(index_file.read_text()) if index_file is not None else None
+    return SafetensorsWeights(repo_id, files, index)
+
+
+def open_base_model(
+    model: Any,
+    components: Iterable[str],
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> BaseModelWeights:
+    """A lazy weight reader for a pipeline object, a local diffusers folder, or a Hub repo id.
+
+    Raises ``SourceModelError`` for anything else (a file instead of a folder, a missing path that is not a repo id).
+    """
+    components = list(components)
+    if isinstance(model, (PipelineWeights, SafetensorsWeights)):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        if any(isinstance(getattr(model, c, None), torch.nn.Module) for c in components):
+            return PipelineWeights(model)
+        raise SourceModelError(
+            f"cannot read base-model weights from a {type(model).__name__}; pass a pipeline, a local diffusers "
+            "folder or a Hub repo id"
+        )
+    path = Path(model)
+    if subfolder and path.is_dir():
+        path = path / subfolder
+    if path.is_dir():
+        return folder_weights(path, components, variant)
+    if path.exists():
+        raise SourceModelError(f"{path} is a file; a base model must be a diffusers folder, a Hub repo id or a pipeline")
+    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
+        raise SourceModelError(f"{model!r} is neither an existing folder nor a Hub repo id (owner/name)")
+    return hub_weights(
+        str(model), components, revision=revision, subfolder=subfolder, variant=variant, token=token, cache_dir=cache_dir
+    )

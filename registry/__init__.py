@@ -1,0 +1,1 @@
+"""Shipped catalogue of known base-model families (data: families.json; generator: build.py)."""

@@ -1,0 +1,101 @@
+"""The shipped family catalogue (registry/families.json) and the pre-flight architecture check."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusers_lorax import ArchitectureMismatchError, Registry, transfer_lora
+from diffusers_lorax.catalogue import families, family_of_hub_id, identify_layers, identify_model
+from diffusers_lorax.lora import read_lora
+from diffusers_lorax.weights import PipelineWeights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _meta_sd_pipeline(unet_config, text_config):
+    """A StableDiffusionPipeline whose UNet and text encoder live on the meta device: real shapes, no memory."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text = CLIPTextModel(CLIPTextConfig(**text_config))
+    return StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=None, unet=unet, scheduler=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _configs(realcases, folder):
+    unet = json.loads((realcases / "configs" / folder / "unet__config.json").read_text())
+    text = json.loads((realcases / "configs" / folder / "text_encoder__config.json").read_text())
+    return unet, text
+
+
+def test_catalogue_is_packaged_and_lists_families():
+    names = {f.name for f in families()}
+    assert names == {"sd1", "sd2", "sdxl"}
+    sdxl = next(f for f in families() if f.name == "sdxl")
+    assert set(sdxl.shapes) == {"unet", "text_encoder", "text_encoder_2"}
+    assert sdxl.shapes["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == (640, 2048)
+    assert family_of_hub_id("Stable-Diffusion-v1-5/stable-diffusion-v1-5").name == "sd1"
+    assert family_of_hub_id("someone/unknown") is None
+
+
+def test_shipped_table_matches_the_published_configs(realcases):
+    sys.path.insert(0, str(ROOT / "registry"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    shipped = json.loads((ROOT / "registry" / "families.json").read_text())
+    assert build.build(realcases / "configs") == shipped
+
+
+@pytest.mark.parametrize("folder, family", [("sd15", "sd1"), ("realistic_vision_v51", "sd1"), ("sd21", "sd2")])
+def test_identify_model_from_real_configs(realcases, folder, family):
+    pipe = _meta_sd_pipeline(*_configs(realcases, folder))
+    weights = PipelineWeights(pipe)
+    match = identify_model({c: weights.shapes(c) for c in ("unet", "text_encoder")})
+    assert match is not None and match.family.name == family and match.matched == match.total
+
+
+@pytest.mark.parametrize("name", ["bksdm_v1_bk_small/src__unet_config__bk_small__config.json",
+                                  "bksdm_v2_bk_tiny/src__unet_config_v2__bk_tiny__config.json"])
+def test_distilled_unets_are_not_taken_for_their_teacher(realcases, name):
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((realcases / "configs" / name).read_text()))
+    shapes = {n: tuple(m.weight.shape) for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert identify_model({"unet": shapes}) is None
+
+
+@pytest.mark.parametrize("name", ["wellch4n_sd14_pokemon_attnprocs.safetensors", "diffusers_pr8283_sd_pokemon_lora.safetensors",
+                                  "catundchat_sd15_attnprocs.bin"])
+def test_real_loras_are_identified_as_sd1(realcases, name):
+    layers = read_lora(StableDiffusionPipeline, str(realcases / name))
+    match = identify_layers({layer.key: layer.weight_shape for layer in layers})
+    assert match.family.name == "sd1" and match.matched == match.total == 128
+
+
+def _sdxl_lora():
+    sdxl = next(f for f in families() if f.name == "sdxl")
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for module, shape in sdxl.shapes["unet"].items():
+        if module.startswith("down_blocks.1.attentions.0") and module.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            lora[f"unet.{module}.lora_A.weight"] = torch.randn(4, shape[1], generator=g)
+            lora[f"unet.{module}.lora_B.weight"] = torch.randn(shape[0], 4, generator=g)
+    return lora
+
+
+def test_sdxl_lora_on_sd15_target_is_refused_before_any_svd(realcases, tmp_path):
+    pipe = _meta_sd_pipeline(*_configs(realcases, "sd15"))
+    reg = Registry(tmp_path)
+    lora = _sdxl_lora()
+    assert identify_layers({layer.key: layer.weight_shape for layer in read_lora(StableDiffusionPipeline, lora)}).family.name == "sdxl"
+    with pytest.raises(ArchitectureMismatchError, match="Stable Diffusion XL .* is Stable Diffusion 1.x"):
+        pipe.load_lora_weights_cross(pipe, lora, registry=reg)
+    with pytest.raises(ArchitectureMismatchError):
+        transfer_lora(pipe, pipe, lora, registry=reg)
+    assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
+    assert reg.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}

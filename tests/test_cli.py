@@ -1,0 +1,71 @@
+"""The lorax command line: transfer files to a standard LoRA file; clear errors; the demo."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffusers_lorax import toy
+from diffusers_lorax.cli import main
+
+from conftest import latents
+from helpers import ALL_TARGETS, module_names
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    source = toy.sd_pipeline(seed=0)
+    source.save_pretrained(root / "source")
+    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    lora = toy.random_lora(source, rank=4, seed=8, targets=ALL_TARGETS, components=("unet", "text_encoder"))
+    save_file(toy.to_kohya(lora, {m: 1.0 for m in module_names(lora)}), root / "lora.safetensors")
+    return root
+
+
+def test_transfer_writes_a_file_plain_diffusers_loads(files, tmp_path, capsys):
+    out = tmp_path / "out" / "transferred.safetensors"
+    args = [str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o", str(out)]
+    code = main(["transfer", *args, "--registry", str(tmp_path / "reg"), "--json", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "layers applied" in printed and "Φ_U" in printed and f"wrote {out}" in printed
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys)
+
+    target = StableDiffusionPipeline.from_pretrained(files / "target")
+    target.set_progress_bar_config(disable=True)
+    base = latents(target)
+    target.load_lora_weights(str(out), adapter_name="plain")  # plain diffusers, no diffusers_lorax involved
+    from_file = latents(target)
+    target.delete_adapters("plain")
+    target.load_lora_weights_cross(files / "source", files / "lora.safetensors", registry=tmp_path / "reg")
+    assert not torch.allclose(from_file, base, atol=1e-3)
+    assert torch.allclose(from_file, latents(target), atol=1e-5)
+
+
+def test_options_reach_the_transfer(files, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    args = [str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o", str(out)]
+    assert main(["transfer", *args, "--method", "lorax", "--rank", "8", "--threshold", "0.5", "--summary",
+                 "--registry", str(tmp_path / "reg")]) == 0
+    printed = capsys.readouterr().out
+    assert "(lorax, rank=8, threshold=0.5)" in printed and "Φ_U" not in printed
+
+
+def test_user_error_is_one_line_and_exit_2(files, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a lora")
+    code = main(["transfer", str(files / "source"), str(files / "target"), str(bad), "-o", str(tmp_path / "o.safetensors"),
+                 "--registry", str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lorax: error: ") and "Traceback" not in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "layers applied" in printed and "warm" in printed and "0 computed" in printed

@@ -1,0 +1,130 @@
+"""LoRA formats are read through diffusers, and each module's alpha keeps its effect exactly."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from diffusers_lorax import InvalidLoraError, toy
+from diffusers_lorax.lora import read_lora
+
+from conftest import delta_weights
+from helpers import ALL_TARGETS, attn_procs, intended_delta, module_names
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return toy.sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def peft_lora(pipe):
+    return toy.random_lora(pipe, rank=4, seed=3, targets=ALL_TARGETS, components=("unet", "text_encoder"))
+
+
+def _deltas(layers):
+    out = {}
+    for layer in layers:
+        B, A = layer.factors()
+        out[(layer.component, layer.module)] = B.double() @ A.double()
+    return out
+
+
+def _assert_matches_intended(layers, peft_lora):
+    got = _deltas(layers)
+    assert set(got) == {tuple(m.split(".", 1)) for m in module_names(peft_lora)}
+    for (component, module), d in got.items():
+        ref = intended_delta(peft_lora, component, module)
+        assert float((d - ref).norm() / ref.norm()) < 1e-6, (component, module)
+
+
+def test_peft_format(peft_lora):
+    layers = read_lora(StableDiffusionPipeline, peft_lora)
+    assert len(layers) == len(module_names(peft_lora))
+    conv = next(layer for layer in layers if layer.module.endswith("conv1"))
+    assert conv.A.ndim == 4 and conv.B.shape[2:] == (1, 1) and conv.weight_shape == (32, 32, 3, 3)
+    assert all(layer.scale == 1.0 for layer in layers)
+    _assert_matches_intended(layers, peft_lora)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_kohya_alphas_keep_their_effect(peft_lora, uniform):
+    modules = module_names(peft_lora)
+    alphas = {m: (2.0 if uniform or i % 3 else 0.5 + i) for i, m in enumerate(modules)}
+    kohya = toy.to_kohya(peft_lora, alphas)
+    assert any(k.startswith("lora_te_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    layers = read_lora(StableDiffusionPipeline, kohya)
+    by_module = {f"{layer.component}.{layer.module}": layer for layer in layers}
+    for m, alpha in alphas.items():
+        assert by_module[m].scale == pytest.approx(alpha / 4)
+    _assert_matches_intended(layers, peft_lora)
+
+
+def test_uniform_alpha_matches_plain_diffusers_load(peft_lora):
+    kohya = toy.to_kohya(peft_lora, {m: 8.0 for m in module_names(peft_lora)})
+    pipe = toy.sd_pipeline(seed=0)
+    pipe.load_lora_weights(dict(kohya), adapter_name="plain")
+    plain = delta_weights(pipe, "plain")
+    mine = {(c, m.removeprefix("text_model.")): d for (c, m), d in _deltas(read_lora(StableDiffusionPipeline, kohya)).items()}
+    assert plain.keys() == mine.keys()
+    for key, d in mine.items():
+        assert float((d - plain[key]).norm() / plain[key].norm()) < 1e-6, key
+
+
+def test_old_attention_processor_keys_adapt_the_unet(peft_lora, tmp_path):
+    procs = attn_procs({k: v for k, v in peft_lora.items() if ".attn" in k})
+    assert not any(k.startswith("unet.") for k in procs)
+    save_file(procs, tmp_path / "pytorch_lora_weights.safetensors")
+    layers = read_lora(StableDiffusionPipeline, str(tmp_path))  # a folder, as diffusers accepts it
+    assert {layer.component for layer in layers} == {"unet"}
+    sub = {k: v for k, v in peft_lora.items() if k.startswith("unet.") and ".attn" in k}
+    _assert_matches_intended(layers, sub)
+
+
+def test_nan_in_lora_is_refused(peft_lora):
+    bad = dict(peft_lora)
+    key = next(k for k in bad if k.endswith("lora_B.weight"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("inf")
+    with pytest.raises(InvalidLoraError, match="NaN or Inf"):
+        read_lora(StableDiffusionPipeline, bad)
+
+
+def test_truncated_file_is_refused(peft_lora, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file(peft_lora, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidLoraError, match="could not read"):
+        read_lora(StableDiffusionPipeline, str(path))
+
+
+def test_garbage_file_is_refused(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    with pytest.raises(InvalidLoraError):
+        read_lora(StableDiffusionPipeline, str(path))
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(InvalidLoraError):
+        read_lora(StableDiffusionPipeline, str(tmp_path / "nope.safetensors"))
+
+
+def test_dora_is_refused(peft_lora):
+    bad = dict(peft_lora)
+    module = module_names(peft_lora)[0]
+    bad[f"{module}.lora_magnitude_vector"] = torch.ones(32)
+    with pytest.raises(InvalidLoraError, match="DoRA"):
+        read_lora(StableDiffusionPipeline, bad)
+
+
+def test_full_checkpoint_is_refused(pipe):
+    with pytest.raises(InvalidLoraError, match="not LoRA weights"):
+        read_lora(StableDiffusionPipeline, {f"unet.{k}": v for k, v in list(pipe.unet.state_dict().items())[:4]})
+
+
+def test_unknown_component_prefix_is_refused(peft_lora):
+    bad = {k.replace("unet.", "transformer.", 1): v for k, v in peft_lora.items()}
+    with pytest.raises(InvalidLoraError, match="no component"):
+        read_lora(StableDiffusionPipeline, bad)

@@ -1,0 +1,312 @@
+"""End to end on small SD pipelines: load_lora_weights_cross and transfer_lora."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+import diffusers_lorax
+from diffusers_lorax import (
+    InvalidLoraError,
+    LoraxError,
+    NoMatchingLayersError,
+    NothingTransferredError,
+    Registry,
+    SourceModelError,
+    toy,
+    transfer_lora,
+)
+
+from conftest import assert_unchanged, delta_weights, latents, state_of
+from helpers import ALL_TARGETS, intended_delta, module_names
+
+
+def make_target():
+    return toy.finetune(toy.sd_pipeline(seed=0), seed=1)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return toy.sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def lora(source):
+    return toy.random_lora(source, rank=4, seed=5, targets=ALL_TARGETS, components=("unet", "text_encoder"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, source, lora):
+    root = tmp_path_factory.mktemp("models")
+    source.save_pretrained(root / "source")
+    make_target().save_pretrained(root / "target")
+    save_file(toy.to_kohya(lora, {m: 2.0 for m in module_names(lora)}), root / "lora.safetensors")
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return Registry(tmp_path / "registry")
+
+
+def test_method_is_installed_on_lora_pipelines():
+    from diffusers import StableDiffusionXLPipeline
+
+    assert StableDiffusionPipeline.load_lora_weights_cross is diffusers_lorax.load_lora_weights_cross
+    assert StableDiffusionXLPipeline.load_lora_weights_cross is diffusers_lorax.load_lora_weights_cross
+
+
+def test_cross_load_is_a_normal_adapter(source, lora, registry, tmp_path):
+    target = make_target()
+    base = latents(target)
+    report = target.load_lora_weights_cross(source, lora, adapter_name="style", registry=registry)
+    n = len(module_names(lora))
+    assert len(report.layers) == n and len(report.applied) == n
+    assert report.adapter_name == "style" and report.method == "prolora"
+    assert all(r.out_rank == 8 and r.k is not None and r.phi_u >= 0.9 and r.phi_v >= 0.9 for r in report.applied)
+    assert target.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
+
+    styled = latents(target)
+    assert float((styled - base).abs().mean() / base.abs().mean()) > 0.02  # the adapter visibly acts
+
+    target.set_adapters(["style"], [0.0])
+    assert torch.allclose(latents(target), base, atol=1e-5)
+    target.set_adapters(["style"], [1.0])
+    target.fuse_lora()
+    assert torch.allclose(latents(target), styled, atol=1e-4)
+    target.unfuse_lora()
+    assert torch.allclose(latents(target), styled, atol=1e-4)
+    target.save_lora_weights(tmp_path / "saved", **_lora_layers(target, "style"))
+    target.delete_adapters("style")
+    assert torch.allclose(latents(target), base, atol=1e-4)
+
+    # what save_lora_weights wrote loads as a plain adapter with the same effect
+    fresh = make_target()
+    fresh.load_lora_weights(tmp_path / "saved", adapter_name="again")
+    assert torch.allclose(latents(fresh), styled, atol=1e-4)
+
+
+def _lora_layers(pipe, adapter):
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        f"{c}_lora_layers": get_peft_model_state_dict(getattr(pipe, c), adapter_name=adapter)
+        for c in ("unet", "text_encoder")
+    }
+
+
+@pytest.mark.parametrize("method", ["lorax", "prolora", "copy"])
+def test_adapter_equals_factors_of_the_returned_state_dict(source, lora, registry, method):
+    target = make_target()
+    state_dict, report = transfer_lora(source, target, lora, method=method, registry=registry)
+    target.load_lora_weights_cross(source, lora, adapter_name="x", method=method, registry=registry)
+    loaded = delta_weights(target, "x")
+    for r in report.applied:
+        A = state_dict[f"{r.component}.{r.module}.lora_A.weight"].double()
+        B = state_dict[f"{r.component}.{r.module}.lora_B.weight"].double()
+        d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+        key = (r.component, r.module.removeprefix("text_model."))
+        assert torch.allclose(loaded[key], d, rtol=1e-5, atol=1e-7)
+        if method == "copy":
+            assert torch.allclose(d, intended_delta(lora, r.component, r.module), rtol=1e-5, atol=1e-7)
+            assert r.k is None and r.phi_u is None and r.kept == pytest.approx(1.0)
+
+
+def test_identical_models_and_update_in_source_subspace_is_unchanged(source, registry):
+    """ΔW = U_s M V_sᵀ transferred between identical weights comes back unchanged (≤ 1e-5), both methods."""
+    from diffusers_lorax.subspace import compute_basis, resolve_rank
+
+    g = torch.Generator().manual_seed(11)
+    lora = {}
+    for name in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0.conv1",
+                 "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"):
+        W = source.unet.get_submodule(name).weight
+        b = compute_basis(W, resolve_rank(0.5, tuple(W.shape)))
+        M = torch.randn(b.rank, 3, generator=g)
+        lora[f"unet.{name}.lora_B.weight"] = (b.U @ M).reshape(W.shape[0], 3, *([1, 1] if W.ndim == 4 else []))
+        lora[f"unet.{name}.lora_A.weight"] = (torch.randn(3, b.rank, generator=g) @ b.V.T).reshape(3, *W.shape[1:])
+    for method in ("lorax", "prolora"):
+        sd, report = transfer_lora(source, source, lora, method=method, registry=registry)
+        assert len(report.applied) == 3
+        for r in report.layers:
+            assert r.phi_u == pytest.approx(1.0, abs=1e-5) and r.phi_v == pytest.approx(1.0, abs=1e-5)
+            A = sd[f"unet.{r.module}.lora_A.weight"].double()
+            B = sd[f"unet.{r.module}.lora_B.weight"].double()
+            got = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+            ref = intended_delta(lora, "unet", r.module)
+            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_second_call_computes_no_svd(source, lora, registry, monkeypatch):
+    target = make_target()
+    first = target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry)
+    n = len(first.layers)
+    assert first.bases_computed == 2 * n and first.bases_cached == 0 and first.similarities_computed == n
+    assert registry.stats()["bases"] == 2 * n and registry.stats()["similarities"] == n
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD was computed on a warm call")
+
+    monkeypatch.setattr("diffusers_lorax.subspace.compute_basis", no_svd)
+    target.delete_adapters("a")
+    second = target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry)
+    assert second.bases_computed == 0 and second.bases_cached == 2 * n
+    assert second.similarities_cached == n and second.similarities_computed == 0
+    assert [(r.phi_u, r.phi_v) for r in second.layers] == [(r.phi_u, r.phi_v) for r in first.layers]
+    assert f"{2 * n} from cache, 0 computed" in second.summary()
+
+
+def test_changed_weight_misses_only_its_own_basis(source, lora, registry):
+    target = make_target()
+    transfer_lora(source, target, lora, registry=registry)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    with torch.no_grad():
+        target.unet.get_submodule(name).weight[0, 0] += 1e-3
+    _, report = transfer_lora(source, target, lora, registry=registry)
+    assert report.bases_computed == 1 and report.bases_cached == 2 * len(report.layers) - 1
+
+
+def test_identical_layers_share_one_basis(source, lora, registry):
+    _, report = transfer_lora(source, source, lora, registry=registry)
+    assert report.bases_computed == len(report.layers)  # source and target weights are the same bytes
+
+
+def test_default_registry_comes_from_the_environment(source, lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "env-registry"))
+    transfer_lora(source, make_target(), lora)
+    assert Registry(tmp_path / "env-registry").stats()["bases"] == 2 * len(module_names(lora))
+
+
+def test_threshold_skips_layers_with_reason(source, lora, registry):
+    target = make_target()
+    _, report = transfer_lora(source, target, lora, registry=registry, threshold=0.0)
+    phis = sorted(min(r.phi_u, r.phi_v) for r in report.layers)
+    cut = phis[len(phis) // 2]
+    sd, report = transfer_lora(source, target, lora, registry=registry, threshold=cut)
+    skipped = report.skipped
+    assert skipped and len(report.applied) == sum(p >= cut for p in phis)
+    assert all("below threshold" in r.reason and min(r.phi_u, r.phi_v) < cut for r in skipped)
+    assert all(f"{r.component}.{r.module}.lora_A.weight" not in sd for r in skipped)
+
+
+def test_unrelated_target_transfers_nothing_and_changes_nothing(source, lora, registry):
+    target = toy.sd_pipeline(seed=99)  # same architecture, unrelated weights: Φ near chance (~0.5)
+    before = state_of(target)
+    with pytest.raises(NothingTransferredError, match="threshold"):
+        target.load_lora_weights_cross(source, lora, adapter_name="x", registry=registry)
+    assert_unchanged(target, before)
+    assert registry.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}
+
+
+def test_keys_matching_no_layer(source, registry):
+    target = make_target()
+    before = state_of(target)
+    lora = {"unet.no_such_block.proj.lora_A.weight": torch.randn(2, 8), "unet.no_such_block.proj.lora_B.weight": torch.randn(8, 2)}
+    with pytest.raises((NoMatchingLayersError, SourceModelError)):
+        target.load_lora_weights_cross(source, lora, registry=registry)
+    with pytest.raises(NoMatchingLayersError, match="none of the LoRA"):
+        target.load_lora_weights_cross(lora_source_with(lora), lora, registry=registry)
+    assert_unchanged(target, before)
+    assert registry.stats()["bases"] == 0
+
+
+class lora_source_with:
+    """A stand-in source model that has exactly the LoRA's modules (so only the target check can fail)."""
+
+    def __init__(self, lora):
+        self.unet = torch.nn.Module()
+        block = torch.nn.Module()
+        block.proj = torch.nn.Linear(8, 8)
+        self.unet.no_such_block = block
+
+
+def test_source_that_does_not_fit_the_lora(lora, registry):
+    target = make_target()
+    before = state_of(target)
+    other = toy.sd_pipeline(unet=dict(toy.TINY_SD_UNET, cross_attention_dim=48), seed=0)
+    with pytest.raises(SourceModelError, match="do not fit the source"):
+        target.load_lora_weights_cross(other, lora, registry=registry)
+    assert_unchanged(target, before)
+
+
+def test_corrupt_lora_changes_nothing(source, registry, tmp_path):
+    target = make_target()
+    before = state_of(target)
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"{}garbage")
+    with pytest.raises(InvalidLoraError):
+        target.load_lora_weights_cross(source, str(path), registry=registry)
+    assert_unchanged(target, before)
+
+
+def test_nan_lora_changes_nothing(source, lora, registry):
+    target = make_target()
+    before = state_of(target)
+    bad = dict(lora)
+    key = next(iter(bad))
+    bad[key] = torch.full_like(bad[key], float("nan"))
+    with pytest.raises(InvalidLoraError, match="NaN"):
+        target.load_lora_weights_cross(source, bad, registry=registry)
+    assert_unchanged(target, before)
+    assert registry.stats()["bases"] == 0
+
+
+def test_adapter_name_in_use(source, lora, registry):
+    target = make_target()
+    target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry)
+    before = state_of(target)
+    with pytest.raises(LoraxError, match="already in use"):
+        target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry)
+    assert_unchanged(target, before)
+
+
+def test_default_adapter_names_do_not_collide(source, lora, registry):
+    target = make_target()
+    r1 = target.load_lora_weights_cross(source, lora, registry=registry)
+    r2 = target.load_lora_weights_cross(source, lora, registry=registry)
+    assert (r1.adapter_name, r2.adapter_name) == ("default_0", "default_1")
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="svd"), dict(rank=0), dict(rank=2.0), dict(threshold=1.5)])
+def test_bad_options(source, lora, registry, kwargs):
+    with pytest.raises(ValueError):
+        transfer_lora(source, make_target(), lora, registry=registry, **kwargs)
+
+
+def test_source_and_target_as_folders(folders, registry):
+    target = StableDiffusionPipeline.from_pretrained(folders / "target")
+    report = target.load_lora_weights_cross(folders / "source", folders / "lora.safetensors", registry=registry)
+    assert len(report.applied) == len(report.layers) > 0
+    assert str(folders / "source") in report.source
+    sd, report2 = transfer_lora(folders / "source", folders / "target", folders / "lora.safetensors", registry=registry)
+    assert report2.bases_computed == 0  # the folder and the loaded pipeline hold the same bytes
+    pipe_sd, _ = transfer_lora(folders / "source", target, folders / "lora.safetensors", registry=registry)
+    assert sd.keys() == pipe_sd.keys() and all(torch.equal(sd[k], pipe_sd[k]) for k in sd)
+
+
+def test_source_as_hub_id_from_the_offline_cache(folders, tmp_path, registry, monkeypatch):
+    """A Hub repo id resolves through huggingface_hub's cache under HF_HUB_OFFLINE=1; only the needed files."""
+    import shutil
+
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    (cache / "models--someone--tiny-sd" / "refs").mkdir(parents=True)
+    (cache / "models--someone--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    for path in (folders / "source").rglob("*"):
+        if path.is_file():
+            dest = snapshot / path.relative_to(folders / "source")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest)
+    target = make_target()
+    report = target.load_lora_weights_cross(
+        "someone/tiny-sd", folders / "lora.safetensors", cache_dir=str(cache), registry=registry
+    )
+    assert report.source == "someone/tiny-sd" and len(report.applied) == len(report.layers)
+    with pytest.raises(SourceModelError):
+        target.load_lora_weights_cross("someone/not-cached", folders / "lora.safetensors", cache_dir=str(cache),
+                                       registry=registry)
+
+
+def test_source_path_that_is_neither_folder_nor_repo(lora, registry, tmp_path):
+    with pytest.raises(SourceModelError, match="neither"):
+        transfer_lora(str(tmp_path / "missing" / "deep" / "path"), make_target(), lora, registry=registry)
