@@ -21,6 +21,7 @@ MATCH_FRACTION = 0.9
 class Family:
     name: str
     label: str
+    pipeline: str  # the diffusers pipeline class of the family's checkpoints
     hub_ids: tuple[str, ...]
     shapes: dict[str, dict[str, tuple[int, ...]]]  # component -> canonical module -> weight shape
 
@@ -43,6 +44,7 @@ def families() -> tuple[Family, ...]:
         Family(
             name=name,
             label=entry["label"],
+            pipeline=entry["pipeline"],
             hub_ids=tuple(entry["hub_ids"]),
             shapes={c: {m: tuple(s) for m, s in mods.items()} for c, mods in entry["shapes"].items()},
         )

@@ -74,9 +74,9 @@ def read_lora(
     """
     if isinstance(lora, dict):
         lora = dict(lora)  # diffusers' converters pop from the dict they are given
-    kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
+    kwargs = {k: v for k, v in dict(load_kwargs, unet_config=unet_config).items() if v is not None}
     try:
-        out = pipeline_cls.lora_state_dict(lora, unet_config=unet_config, return_lora_metadata=True, **kwargs)
+        out = pipeline_cls.lora_state_dict(lora, return_lora_metadata=True, **kwargs)
     except Exception as err:  # diffusers raises ValueError/KeyError/OSError/SafetensorError for unreadable LoRAs
         raise InvalidLoraError(f"diffusers could not read the LoRA {_describe(lora)}: {type(err).__name__}: {err}") from err
     state_dict, network_alphas, metadata = out if len(out) == 3 else (*out, None)

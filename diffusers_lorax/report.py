@@ -69,9 +69,9 @@ class TransferReport:
             f"LoRA transfer ({self.method}, rank={self.rank}, threshold={self.threshold}): "
             f"{len(self.applied)} of {len(self.layers)} layers applied, {len(self.skipped)} skipped"
             + (f" as adapter {self.adapter_name!r}" if self.adapter_name else ""),
-            f"  source: {self.source} [{self.lora_family or 'family not identified'}]",
+            f"  source: {self.source}",
             f"  target: {self.target} [{self.target_family or 'family not identified'}]",
-            f"  lora:   {self.lora}",
+            f"  lora:   {self.lora} [fits {self.lora_family or 'no catalogued family'}]",
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; "
             f"similarities: {self.similarities_cached} from cache, {self.similarities_computed} computed",
             "  time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f", total {self.total_seconds:.2f} s",

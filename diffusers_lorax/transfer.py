@@ -21,8 +21,14 @@ import torch
 from diffusers.utils import logging
 
 from . import subspace
-from .catalogue import identify_layers, identify_model
-from .errors import ArchitectureMismatchError, NoMatchingLayersError, NothingTransferredError, SourceModelError
+from .catalogue import FamilyMatch, family_of_hub_id, identify_layers, identify_model
+from .errors import (
+    ArchitectureMismatchError,
+    NoMatchingLayersError,
+    NothingTransferredError,
+    RegistryError,
+    SourceModelError,
+)
 from .lora import LoraLayer, read_lora
 from .registry import Registry, open_registry
 from .report import LayerReport, TransferReport
@@ -44,8 +50,13 @@ class PendingWrites:
     similarities: dict[tuple[str, str, int], tuple[float, float]] = field(default_factory=dict)
 
     def commit(self) -> None:
-        self.registry.put_bases(self.bases)
-        self.registry.put_similarities(self.similarities)
+        """Store everything. The registry is a cache: a failed write is logged, not raised, so that a transfer
+        that has succeeded (and an adapter that has loaded) is never undone by it."""
+        try:
+            self.registry.put_bases(self.bases)
+            self.registry.put_similarities(self.similarities)
+        except (RegistryError, OSError) as err:
+            logger.warning(f"could not store {len(self.bases)} bases in the registry at {self.registry.directory}: {err}")
 
 
 def transfer_lora(
@@ -93,7 +104,7 @@ def transfer_lora(
         SourceModelError: the source cannot be read, or a LoRA layer does not fit the source's shapes.
         NoMatchingLayersError: no LoRA layer has a module of the same name and shape in the target.
         NothingTransferredError: every matching layer fell below ``threshold``.
-        RegistryError: the registry cannot be opened or written.
+        RegistryError: the registry cannot be opened (a failed write after a successful transfer is only logged).
         ValueError: an unknown ``method``, a bad ``rank`` or ``threshold``.
     """
     state_dict, report, pending = run_transfer(
@@ -135,6 +146,8 @@ def run_transfer(
     reg = open_registry(registry)
     pipeline_cls = _pipeline_class(target, target_kwargs)
     layers = read_lora(pipeline_cls, lora, unet_config=_unet_config(target, target_kwargs), **lora_kwargs)
+    lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
+    _check_catalogued_hub_ids(lora_family, source=source, target=target)
     components = sorted({layer.component for layer in layers})
     target_w = open_base_model(target, components, **target_kwargs)
     source_w = open_base_model(source, components, **source_kwargs)
@@ -150,7 +163,7 @@ def run_transfer(
     report.layers = [
         LayerReport(layer.component, layer.module, layer.weight_shape, layer.rank) for layer in layers
     ]
-    matched = _preflight(layers, source_w, target_w, report)
+    matched = _preflight(layers, lora_family, source_w, target_w, report)
     clock.lap(report, "read")
 
     pending = PendingWrites(reg)
@@ -243,13 +256,29 @@ def _project_layers(
     return out
 
 
+def _check_catalogued_hub_ids(lora_family: FamilyMatch | None, **models: Any) -> None:
+    """Refuse, before anything is downloaded, a source or target Hub id that the catalogue lists under another family
+    than the one the LoRA's shapes fit."""
+    for role, model in models.items():
+        known = family_of_hub_id(model) if isinstance(model, str) else None
+        if lora_family and known and known.name != lora_family.family.name:
+            raise ArchitectureMismatchError(
+                f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
+                f"layer shapes match) but the {role} {model!r} is {known.label}. Transfer needs a source and a target "
+                "of the LoRA's architecture family."
+            )
+
+
 def _preflight(
-    layers: list[LoraLayer], source_w: BaseModelWeights, target_w: BaseModelWeights, report: TransferReport
+    layers: list[LoraLayer],
+    lora_family: FamilyMatch | None,
+    source_w: BaseModelWeights,
+    target_w: BaseModelWeights,
+    report: TransferReport,
 ) -> list[int]:
     """Shape checks before any SVD. Returns the indices of layers that fit the target; marks the others skipped."""
     components = sorted({layer.component for layer in layers})
     target_shapes = {c: target_w.shapes(c) for c in components}
-    lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
     target_family = identify_model(target_shapes)
     report.lora_family = str(lora_family) if lora_family else None
     report.target_family = str(target_family) if target_family else None
@@ -309,7 +338,10 @@ def _pipeline_class(target: Any, target_kwargs: dict[str, Any]) -> type:
     """The diffusers pipeline class whose ``lora_state_dict`` reads LoRAs for ``target``."""
     import diffusers
 
-    if isinstance(target, (str, os.PathLike)):
+    known = family_of_hub_id(target) if isinstance(target, str) else None
+    if known is not None:
+        cls = getattr(diffusers, known.pipeline)  # a catalogued base model: no download needed to pick the class
+    elif isinstance(target, (str, os.PathLike)):
         name = _model_index(target, target_kwargs).get("_class_name")
         cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     else:

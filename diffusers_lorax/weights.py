@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,8 +39,6 @@ class BaseModelWeights(Protocol):
     """What the transfer needs from a base model: names, shapes and single weights, by component and module."""
 
     label: str
-
-    def pipeline_class_name(self) -> str | None: ...
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Canonical module name -> weight shape, for every 2-D (Linear) and 4-D (Conv2d) weight of ``component``."""
@@ -69,9 +67,6 @@ class PipelineWeights:
         self.label = label or type(pipe).__name__
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self._names: dict[str, dict[str, str]] = {}  # component -> canonical name -> module name
-
-    def pipeline_class_name(self) -> str | None:
-        return type(self.pipe).__name__
 
     def _component(self, component: str) -> torch.nn.Module:
         module = getattr(self.pipe, component, None)
@@ -111,17 +106,14 @@ class SafetensorsWeights:
 
     def __init__(self, label: str, files: dict[str, list[Path]], model_index: dict | None):
         self.label = label
-        self._files = files
-        self._index = model_index
+        self.files = files
+        self.model_index = model_index
         self._where: dict[str, dict[str, Path]] = {}  # component -> tensor name -> file
-
-    def pipeline_class_name(self) -> str | None:
-        return (self._index or {}).get("_class_name")
 
     def _tensor_files(self, component: str) -> dict[str, Path]:
         if component not in self._where:
             where: dict[str, Path] = {}
-            for path in self._files.get(component, []):
+            for path in self.files.get(component, []):
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         for key in f.keys():
@@ -155,34 +147,49 @@ class SafetensorsWeights:
         raise SourceModelError(f"{self.label}: {component} has no weight for module {module!r}")
 
 
-def _component_files(folder: Path, variant: str | None) -> list[Path]:
-    """Safetensors files of one component folder: a single file, or the shards named by an index."""
+def _component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:
+    """Safetensors files of one component: a single file, or the shards named by an index; ``[]`` if none.
+
+    ``resolve`` maps a repo-relative file name to a local path (or ``None`` where there is no such file)."""
     for stem in _WEIGHT_FILES:
-        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-        index = folder / f"{name}.index.json"
-        if index.is_file():
+        name = f"{component}/{stem}.{variant}.safetensors" if variant else f"{component}/{stem}.safetensors"
+        index = resolve(f"{name}.index.json")
+        if index is not None:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-        if (folder / name).is_file():
-            return [folder / name]
+            found = [resolve(f"{component}/{shard}") for shard in shards]
+            if any(path is None for path in found):
+                raise SourceModelError(f"{where}: a shard listed in {name}.index.json is missing")
+            return found
+        single = resolve(name)
+        if single is not None:
+            return [single]
     return []
 
 
+def _safetensors_weights(
+    label: str, components: Iterable[str], variant: str | None, resolve: Callable[[str], Path | None]
+) -> SafetensorsWeights:
+    files = {c: _component_files(c, variant, resolve, label) for c in components}
+    index_file = resolve("model_index.json")
+    return SafetensorsWeights(label, files, json.loads(index_file.read_text()) if index_file is not None else None)
+
+
 def folder_weights(path: str | os.PathLike, components: Iterable[str], variant: str | None = None) -> SafetensorsWeights:
-    """Lazy weights of a local diffusers folder. Raises ``SourceModelError`` if a component has no safetensors file."""
+    """Lazy weights of a local diffusers folder. A component folder that is absent has no weights; one that holds
+    only pickled weights raises ``SourceModelError`` (only safetensors are read)."""
     root = Path(path)
-    files: dict[str, list[Path]] = {}
-    for component in components:
-        found = _component_files(root / component, variant)
+    weights = _safetensors_weights(str(root), components, variant, lambda name: _existing(root / name))
+    for component, found in weights.files.items():
         if not found and (root / component).is_dir():
             raise SourceModelError(
                 f"{root / component} has no safetensors weights (only .safetensors are read, lazily); "
                 "re-save the model with `save_pretrained(..., safe_serialization=True)`"
             )
-        files[component] = found
-    index_path = root / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    return SafetensorsWeights(str(root), files, index)
+    return weights
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
 
 
 def hub_weights(
@@ -195,9 +202,10 @@ def hub_weights(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> SafetensorsWeights:
-    """Fetch only the given components' safetensors files of a Hub repo (or take them from the HF cache).
+    """Fetch only ``model_index.json`` and the given components' safetensors files of a Hub repo through
+    ``huggingface_hub`` (which serves them from its cache when present, and only from it under ``HF_HUB_OFFLINE``).
 
-    Raises ``SourceModelError`` if the repo or the files cannot be had (offline without a cached copy, no such repo).
+    Raises ``SourceModelError`` if the repo cannot be reached or is not a diffusers repo (no ``model_index.json``).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -214,31 +222,13 @@ def hub_weights(
         except Exception as err:  # network errors, missing repo, gated repo: all surface as one typed error
             raise SourceModelError(f"cannot fetch {filename!r} from the Hub repo {repo_id!r}: {err}") from err
 
-    files: dict[str, list[Path]] = {}
-    for component in components:
-        found: list[Path] = []
-        for stem in _WEIGHT_FILES:
-            name = f"{component}/{stem}.{variant}.safetensors" if variant else f"{component}/{stem}.safetensors"
-            index = fetch(f"{name}.index.json")
-            if index is not None:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                found = [fetch(f"{component}/{s}") for s in shards]
-                if any(p is None for p in found):
-                    raise SourceModelError(f"{repo_id}: a shard listed in {name}.index.json is missing")
-                break
-            single = fetch(name)
-            if single is not None:
-                found = [single]
-                break
-        if not found:
-            raise SourceModelError(
-                f"no safetensors weights for component {component!r} in the Hub repo {repo_id!r} "
-                f"(revision={revision!r}, subfolder={subfolder!r}); if you are offline, download it first"
-            )
-        files[component] = found
-    index_file = fetch("model_index.json")
-    index = json.loads(index_file.read_text()) if index_file is not None else None
-    return SafetensorsWeights(repo_id, files, index)
+    weights = _safetensors_weights(repo_id, components, variant, fetch)
+    if weights.model_index is None:
+        raise SourceModelError(
+            f"no model_index.json in the Hub repo {repo_id!r} (revision={revision!r}, subfolder={subfolder!r}): "
+            "not a diffusers repo, or not in the local cache while offline (HF_HUB_OFFLINE)"
+        )
+    return weights
 
 
 def open_base_model(

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-#: family -> (label, Hub ids, config folder name, {component: config file})
+#: family -> (label, pipeline class, Hub ids, config folder name, {component: config file})
 FAMILIES = {
     "sd1": (
         "Stable Diffusion 1.x",
+        "StableDiffusionPipeline",
         [
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "runwayml/stable-diffusion-v1-5",
@@ -29,12 +30,14 @@ FAMILIES = {
     ),
     "sd2": (
         "Stable Diffusion 2.x",
+        "StableDiffusionPipeline",
         ["stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1-base"],
         "sd21",
         {"unet": "unet__config.json", "text_encoder": "text_encoder__config.json"},
     ),
     "sdxl": (
         "Stable Diffusion XL",
+        "StableDiffusionXLPipeline",
         ["stabilityai/stable-diffusion-xl-base-1.0"],
         "sdxl_base_1.0",
         {
@@ -68,9 +71,9 @@ def component_shapes(component: str, config: dict) -> dict[str, list[int]]:
 
 def build(config_root: Path) -> dict:
     out = {}
-    for name, (label, hub_ids, folder, files) in FAMILIES.items():
+    for name, (label, pipeline, hub_ids, folder, files) in FAMILIES.items():
         shapes = {c: component_shapes(c, json.loads((config_root / folder / f).read_text())) for c, f in files.items()}
-        out[name] = {"label": label, "hub_ids": hub_ids, "shapes": shapes}
+        out[name] = {"label": label, "pipeline": pipeline, "hub_ids": hub_ids, "shapes": shapes}
     return {"format": 1, "families": out}
 
 

@@ -99,3 +99,10 @@ def test_sdxl_lora_on_sd15_target_is_refused_before_any_svd(realcases, tmp_path)
         transfer_lora(pipe, pipe, lora, registry=reg)
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
     assert reg.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}
+
+
+def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):
+    """Offline, with nothing cached: the refusal comes from the catalogue, not from a failed fetch."""
+    with pytest.raises(ArchitectureMismatchError, match="'stable-diffusion-v1-5/stable-diffusion-v1-5' is Stable Diffusion 1.x"):
+        transfer_lora("stabilityai/stable-diffusion-xl-base-1.0", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                      _sdxl_lora(), registry=tmp_path)

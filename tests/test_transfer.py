@@ -310,3 +310,16 @@ def test_source_as_hub_id_from_the_offline_cache(folders, tmp_path, registry, mo
 def test_source_path_that_is_neither_folder_nor_repo(lora, registry, tmp_path):
     with pytest.raises(SourceModelError, match="neither"):
         transfer_lora(str(tmp_path / "missing" / "deep" / "path"), make_target(), lora, registry=registry)
+
+
+def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, registry, monkeypatch, caplog):
+    from diffusers_lorax import RegistryError
+
+    def fail(*args, **kwargs):
+        raise RegistryError("disk full")
+
+    monkeypatch.setattr(Registry, "put_bases", fail)
+    target = make_target()
+    report = target.load_lora_weights_cross(source, lora, adapter_name="kept", registry=registry)
+    assert target.get_list_adapters()["unet"] == ["kept"] and len(report.applied) == len(report.layers)
+    assert registry.stats()["bases"] == 0
