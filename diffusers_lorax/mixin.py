@@ -66,11 +66,14 @@ def load_lora_weights_cross(
         rank=rank,
         threshold=threshold,
         registry=registry,
-        lora_kwargs=dict(weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir),
-        source_kwargs=dict(
-            revision=source_revision, subfolder=source_subfolder, variant=source_variant, token=token, cache_dir=cache_dir
-        ),
-        target_kwargs={},
+        weight_name=weight_name,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        source_revision=source_revision,
+        source_subfolder=source_subfolder,
+        source_variant=source_variant,
     )
     clock = PhaseClock()
     before = _adapter_names(self)

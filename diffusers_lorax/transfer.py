@@ -115,13 +115,17 @@ def transfer_lora(
         rank=rank,
         threshold=threshold,
         registry=registry,
-        lora_kwargs=dict(weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir),
-        source_kwargs=dict(
-            revision=source_revision, subfolder=source_subfolder, variant=source_variant, token=token, cache_dir=cache_dir
-        ),
-        target_kwargs=dict(
-            revision=target_revision, subfolder=target_subfolder, variant=target_variant, token=token, cache_dir=cache_dir
-        ),
+        weight_name=weight_name,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        source_revision=source_revision,
+        source_subfolder=source_subfolder,
+        source_variant=source_variant,
+        target_revision=target_revision,
+        target_subfolder=target_subfolder,
+        target_variant=target_variant,
     )
     pending.commit()
     return state_dict, report
@@ -136,11 +140,24 @@ def run_transfer(
     rank: int | float,
     threshold: float,
     registry: Registry | str | os.PathLike | None,
-    lora_kwargs: dict[str, Any],
-    source_kwargs: dict[str, Any],
-    target_kwargs: dict[str, Any],
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    source_revision: str | None = None,
+    source_subfolder: str | None = None,
+    source_variant: str | None = None,
+    target_revision: str | None = None,
+    target_subfolder: str | None = None,
+    target_variant: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], TransferReport, PendingWrites]:
     """:func:`transfer_lora` without committing: returns the registry writes it would make as well."""
+    lora_kwargs = dict(weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+    source_kwargs = dict(revision=source_revision, subfolder=source_subfolder, variant=source_variant, token=token,
+                         cache_dir=cache_dir)
+    target_kwargs = dict(revision=target_revision, subfolder=target_subfolder, variant=target_variant, token=token,
+                         cache_dir=cache_dir)
     _check_options(method, rank, threshold)
     clock = PhaseClock()
     reg = open_registry(registry)
