@@ -86,6 +86,10 @@ def main() -> None:
 
     warm_s = timed(warm, args.repeat)
     print(cold.summary())
+    phis = [min(r.phi_u, r.phi_v) for r in cold.layers]
+    kept = [r.kept for r in cold.applied]
+    print(f"Φ (min of U, V) per layer: {min(phis):.3f}..{max(phis):.3f}; kept ‖ΔW_t‖/‖ΔW_s‖: "
+          f"{min(kept):.3f}..{max(kept):.3f} (mean {statistics.mean(kept):.3f})")
     print(f"\nLoRA {args.lora.name}: {len(layers)} layers, {len(weights)} base weights, {torch.get_num_threads()} threads")
     print(f"{'measure':<44} {'seconds':>8} {'ratio':>8}")
     print(f"{'plain load_lora_weights (baseline)':<44} {plain_s:8.2f}")

@@ -24,7 +24,8 @@ class NoMatchingLayersError(LoraxError, ValueError):
 
 
 class SourceModelError(LoraxError, ValueError):
-    """The source base model could not be read, or its weights do not fit the LoRA."""
+    """A base model could not be read (missing folder, no safetensors, unreachable Hub repo, NaN/Inf weights), or the
+    source's weights do not fit the LoRA."""
 
 
 class NothingTransferredError(LoraxError, ValueError):

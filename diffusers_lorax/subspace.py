@@ -114,11 +114,15 @@ def project_prolora(
     Returns ``B'`` ``(m, 2r)`` and ``A'`` ``(2r, n)`` (the two terms side by side), float32. The cross terms
     ``P_Us ΔW_s (I − P_Vs)`` and ``(I − P_Us) ΔW_s P_Vs`` are not carried over, as in the paper.
     """
-    B_par = _left(target.U, _left(source.U, B))
-    A_par = _right(_right(A, source.V), target.V)
-    B_null = _left_complement(target.U, _left_complement(source.U, B))
-    A_null = _right_complement(_right_complement(A, source.V), target.V)
-    return torch.cat([B_par, B_null], dim=1), torch.cat([A_par, A_null], dim=0)
+    r = B.shape[1]
+    # P_Us B and (I − P_Us) B go through the target's projector together: one pass over U_t (and V_t) for both.
+    B_s = _left(source.U, B)
+    B_t = _left(target.U, torch.cat([B_s, B - B_s], dim=1))
+    A_s = _right(A, source.V)
+    A_t = _right(torch.cat([A_s, A - A_s], dim=0), target.V)
+    B_out = torch.cat([B_t[:, :r], (B - B_s) - B_t[:, r:]], dim=1)
+    A_out = torch.cat([A_t[:r], (A - A_s) - A_t[r:]], dim=0)
+    return B_out, A_out
 
 
 def frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> float:
@@ -133,14 +137,6 @@ def _left(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def _right(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (A @ V) @ V.T
-
-
-def _left_complement(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return B - _left(U, B)
-
-
-def _right_complement(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    return A - _right(A, V)
 
 
 def _prod(dims: tuple[int, ...]) -> int:

@@ -160,7 +160,6 @@ def run_transfer(
                          cache_dir=cache_dir)
     _check_options(method, rank, threshold)
     clock = PhaseClock()
-    reg = open_registry(registry)
     pipeline_cls = _pipeline_class(target, target_kwargs)
     layers = read_lora(pipeline_cls, lora, unet_config=_unet_config(target, target_kwargs), **lora_kwargs)
     lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
@@ -183,13 +182,11 @@ def run_transfer(
     matched = _preflight(layers, lora_family, source_w, target_w, report)
     clock.lap(report, "read")
 
-    pending = PendingWrites(reg)
-    projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pending = PendingWrites(open_registry(registry))
     if method == "copy":
-        for i in matched:
-            projected[i] = layers[i].factors()
+        projected = {i: layers[i].factors() for i in matched}
     else:
-        projected = _project_layers(layers, matched, source_w, target_w, method, rank, threshold, reg, report, pending, clock)
+        projected = _project_layers(layers, matched, source_w, target_w, method, rank, threshold, report, pending, clock)
 
     state_dict = {}
     for i, (B, A) in projected.items():
@@ -218,7 +215,6 @@ def _project_layers(
     method: str,
     rank: int | float,
     threshold: float,
-    reg: Registry,
     report: TransferReport,
     pending: PendingWrites,
     clock: "PhaseClock",
@@ -233,7 +229,7 @@ def _project_layers(
     bases: dict[tuple[str, int], Basis] = {}
     for k in sorted(set(ks.values())):
         wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
-        bases.update({(fp, k): b for fp, b in reg.get_bases(wanted, k).items()})
+        bases.update({(fp, k): b for fp, b in pending.registry.get_bases(wanted, k).items()})
     report.bases_cached = len(bases)
 
     # Pass 2: the missing bases, exact thin SVD in float32.
@@ -253,7 +249,7 @@ def _project_layers(
     report.bases_computed = len(missing)
     clock.lap(report, "bases")
 
-    sims = reg.get_similarities({(*fps[i], ks[i]) for i in matched})
+    sims = pending.registry.get_similarities({(*fps[i], ks[i]) for i in matched})
     report.similarities_cached = len(sims)
     out = {}
     for i in matched:
