@@ -389,17 +389,25 @@ def _model_index(model: str | os.PathLike, kwargs: dict[str, Any]) -> dict:
 
 
 def _unet_config(target: Any, target_kwargs: dict[str, Any]) -> Any:
-    """The target UNet's config, which diffusers uses to map SDXL kohya block names."""
+    """The target UNet's config (diffusers maps SDXL kohya block names with it); ``None`` where there is none."""
     unet = getattr(target, "unet", None)
     if unet is not None:
         return unet.config
-    if isinstance(target, (str, os.PathLike)):
-        path = Path(target) / (target_kwargs.get("subfolder") or "") / "unet" / "config.json"
-        if path.is_file():
-            from diffusers.configuration_utils import FrozenDict
+    if not isinstance(target, (str, os.PathLike)):
+        return None
+    from diffusers import UNet2DConditionModel
 
-            return FrozenDict(json.loads(path.read_text()))
-    return None
+    subfolder = "/".join(p for p in (target_kwargs.get("subfolder"), "unet") if p)
+    try:
+        return UNet2DConditionModel.load_config(
+            str(target),
+            subfolder=subfolder,
+            revision=target_kwargs.get("revision"),
+            token=target_kwargs.get("token"),
+            cache_dir=target_kwargs.get("cache_dir"),
+        )
+    except Exception:  # no UNet (a transformer-based pipeline), or not reachable: the LoRA is read without it
+        return None
 
 
 def _label(model: Any, weights: BaseModelWeights) -> str:

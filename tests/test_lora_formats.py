@@ -128,3 +128,26 @@ def test_unknown_component_prefix_is_refused(peft_lora):
     bad = {k.replace("unet.", "transformer.", 1): v for k, v in peft_lora.items()}
     with pytest.raises(InvalidLoraError, match="no component"):
         read_lora(StableDiffusionPipeline, bad)
+
+
+class _Payload:
+    """Unpickling this would create a file: the pickled .bin must be read with weights_only=True."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_bin_is_never_unpickled_beyond_tensors(tmp_path, peft_lora):
+    marker = tmp_path / "pwned"
+    bad = dict(peft_lora)
+    bad["unet.extra"] = _Payload(str(marker))
+    torch.save(bad, tmp_path / "pytorch_lora_weights.bin")
+    with pytest.raises(InvalidLoraError):
+        read_lora(StableDiffusionPipeline, str(tmp_path / "pytorch_lora_weights.bin"))
+    assert not marker.exists()
+    # a plain tensor-only .bin is read
+    torch.save(dict(peft_lora), tmp_path / "ok.bin")
+    assert len(read_lora(StableDiffusionPipeline, str(tmp_path / "ok.bin"))) == len(module_names(peft_lora))

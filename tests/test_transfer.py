@@ -323,3 +323,20 @@ def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, regi
     report = target.load_lora_weights_cross(source, lora, adapter_name="kept", registry=registry)
     assert target.get_list_adapters()["unet"] == ["kept"] and len(report.applied) == len(report.layers)
     assert registry.stats()["bases"] == 0
+
+
+def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):
+    from diffusers_lorax.weights import SafetensorsWeights
+
+    read = []
+    original = SafetensorsWeights.weight
+
+    def spy(self, component, module):
+        read.append((component, module))
+        return original(self, component, module)
+
+    monkeypatch.setattr(SafetensorsWeights, "weight", spy)
+    _, report = transfer_lora(folders / "source", make_target(), folders / "lora.safetensors", registry=registry)
+    touched = {(r.component, r.module.removeprefix("text_model.")) for r in report.layers}
+    assert set(read) == touched
+    assert len(read) == 2 * len(touched)  # fingerprint pass + SVD pass, one tensor at a time
