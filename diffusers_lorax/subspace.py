@@ -12,6 +12,7 @@ separately, e.g. ``U Uᵀ (B A) V Vᵀ = (U (Uᵀ B)) ((A V) Vᵀ)``, which cost
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +39,6 @@ class Basis:
     def rank(self) -> int:
         return int(self.S.shape[0])
 
-    def truncate(self, k: int) -> "Basis":
-        """The top-``k`` part (the SVD's singular vectors are nested, so this equals a rank-``k`` SVD)."""
-        if k > self.rank:
-            raise ValueError(f"basis holds {self.rank} singular vectors, {k} requested")
-        return Basis(self.U[:, :k], self.S[:k], self.V[:, :k])
-
 
 def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int:
     """Number ``k`` of singular vectors kept for a weight of ``shape`` (conv shapes are flattened).
@@ -51,7 +46,7 @@ def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int:
     ``rank`` is an int (absolute, capped at ``min(m, n)``) or a float in ``(0, 1]`` (fraction of ``min(m, n)``,
     rounded, at least 1). Raises ``ValueError`` for a non-positive rank or a fraction above 1.
     """
-    m, n = shape[0], _prod(shape[1:])
+    m, n = shape[0], math.prod(shape[1:])
     full = min(m, n)
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise ValueError(f"rank must be an int or a float fraction, got {rank!r}")
@@ -137,10 +132,3 @@ def _left(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def _right(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (A @ V) @ V.T
-
-
-def _prod(dims: tuple[int, ...]) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
