@@ -10,7 +10,6 @@ Nothing is written to the registry until the caller commits the returned :class:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -368,23 +367,11 @@ def _pipeline_class(target: Any, target_kwargs: dict[str, Any]) -> type:
 
 
 def _model_index(model: str | os.PathLike, kwargs: dict[str, Any]) -> dict:
-    path = Path(model) / (kwargs.get("subfolder") or "")
-    if path.is_dir():
-        index = path / "model_index.json"
-        return json.loads(index.read_text()) if index.is_file() else {}
     from diffusers import DiffusionPipeline
 
     try:
-        return dict(
-            DiffusionPipeline.load_config(
-                str(model),
-                revision=kwargs.get("revision"),
-                subfolder=kwargs.get("subfolder"),
-                token=kwargs.get("token"),
-                cache_dir=kwargs.get("cache_dir"),
-            )
-        )
-    except Exception as err:  # offline, no such repo, no model_index.json
+        return _load_config(DiffusionPipeline, model, kwargs)
+    except Exception as err:  # offline, no such repo or folder, no model_index.json
         raise SourceModelError(f"cannot read model_index.json of {model!r}: {err}") from err
 
 
@@ -397,17 +384,27 @@ def _unet_config(target: Any, target_kwargs: dict[str, Any]) -> Any:
         return None
     from diffusers import UNet2DConditionModel
 
-    subfolder = "/".join(p for p in (target_kwargs.get("subfolder"), "unet") if p)
     try:
-        return UNet2DConditionModel.load_config(
-            str(target),
-            subfolder=subfolder,
-            revision=target_kwargs.get("revision"),
-            token=target_kwargs.get("token"),
-            cache_dir=target_kwargs.get("cache_dir"),
-        )
+        return _load_config(UNet2DConditionModel, target, target_kwargs, component="unet")
     except Exception:  # no UNet (a transformer-based pipeline), or not reachable: the LoRA is read without it
         return None
+
+
+def _load_config(cls: type, model: str | os.PathLike, kwargs: dict[str, Any], component: str | None = None) -> dict:
+    """``cls.load_config`` of a local folder or Hub repo, with the target's subfolder/revision/token/cache_dir, as a
+    ``FrozenDict`` (diffusers reads ``unet_config.layers_per_block`` as an attribute)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    subfolder = "/".join(p for p in (kwargs.get("subfolder"), component) if p) or None
+    return FrozenDict(
+        cls.load_config(
+            str(model),
+            subfolder=subfolder,
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"),
+        )
+    )
 
 
 def _label(model: Any, weights: BaseModelWeights) -> str:
