@@ -5,7 +5,8 @@
 
 ``transfer`` reads the LoRA and both base models (local diffusers folders or Hub repo ids), prints the transfer
 report and writes a standard diffusers LoRA file (the pipeline class's own ``save_lora_weights``) that plain
-``pipe.load_lora_weights`` loads. ``demo`` runs a whole transfer offline on small bundled-by-code models.
+``pipe.load_lora_weights`` loads. ``demo`` transfers the bundled digits testbed's style LoRA onto its two targets
+offline and scores the result (docs/quality.md).
 Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line).
 """
 
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     t.add_argument("--summary", action="store_true", help="print only the report's summary, not every layer")
 
-    d = sub.add_parser("demo", help="run a transfer end to end offline on small random-weight models")
-    d.add_argument("--workdir", type=Path, help="where to write the demo models (default: a temporary directory)")
+    d = sub.add_parser("demo", help="transfer the bundled digits testbed's style LoRA offline and score it")
+    d.add_argument("--workdir", type=Path, help="where to write the grid PNG and registry (default: a temp directory)")
     return parser
 
 

@@ -263,7 +263,12 @@ def _project_layers(
             row.reason = f"subspace similarity below threshold {threshold}"
             continue
         B, A = layers[i].factors()
-        out[i] = subspace.project_lorax(B, A, b_t) if method == "lorax" else subspace.project_prolora(B, A, b_s, b_t)
+        if method == "lorax":
+            out[i] = subspace.project_lorax(B, A, b_t)
+        elif method == "rotate":
+            out[i] = subspace.rotate(B, A, b_s, b_t)
+        else:
+            out[i] = subspace.project_prolora(B, A, b_s, b_t)
     report.similarities_computed = len(pending.similarities)
     return out
 

@@ -68,4 +68,8 @@ def test_user_error_is_one_line_and_exit_2(files, tmp_path, capsys):
 def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "layers applied" in printed and "warm" in printed and "0 computed" in printed
+    assert "### source → target-finetune" in printed and "### source → target-distilled" in printed
+    assert printed.count("| trained on target |") == 2 and "| no LoRA |" in printed
+    from PIL import Image
+
+    assert Image.open(tmp_path / "lorax_demo_grid.png").size[1] > 0

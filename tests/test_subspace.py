@@ -120,3 +120,48 @@ def test_frobenius_norm_from_factors():
     g = torch.Generator().manual_seed(7)
     B, A = torch.randn(50, 6, generator=g), torch.randn(6, 70, generator=g)
     assert subspace.frobenius_norm(B, A) == pytest.approx(float((B.double() @ A.double()).norm()), rel=1e-5)
+
+
+def dense_rotation(Q_s, Q_t):
+    """The direct rotation built plane by plane from principal vectors, in float64 (Davis & Kahan 1970)."""
+    Phi, c, PsiT = torch.linalg.svd(Q_s.T @ Q_t)
+    P, T = Q_s @ Phi, Q_t @ PsiT.T
+    R = torch.eye(Q_s.shape[0], dtype=torch.float64)
+    for i in range(len(c)):
+        d = T[:, i] - c[i] * P[:, i]
+        if d.norm() < 1e-12:
+            continue
+        z = d / d.norm()
+        R += (c[i] - 1) * (torch.outer(P[:, i], P[:, i]) + torch.outer(z, z))
+        R += d.norm() * (torch.outer(z, P[:, i]) - torch.outer(P[:, i], z))
+    return R
+
+
+@pytest.mark.parametrize("m, n, k, r, drift", [(40, 30, 12, 4, 0.3), (64, 64, 32, 8, 1e-4), (32, 32, 24, 4, 0.8),
+                                               (20, 50, 10, 3, 0.0)])
+def test_rotate_matches_dense_direct_rotation(m, n, k, r, drift):
+    torch.manual_seed(m * n + k)
+    W_s = torch.randn(m, n, dtype=torch.float64)
+    W_t = W_s + drift * torch.randn(m, n, dtype=torch.float64)
+    (U_s, S_s, V_s), (U_t, S_t, V_t) = dense_basis(W_s, k), dense_basis(W_t, k)
+    B, A = torch.randn(m, r, dtype=torch.float64), torch.randn(r, n, dtype=torch.float64)
+    B2, A2 = subspace.rotate(B.float(), A.float(), subspace.Basis(U_s.float(), S_s.float(), V_s.float()),
+                             subspace.Basis(U_t.float(), S_t.float(), V_t.float()))
+    assert B2.shape == (m, r) and A2.shape == (r, n) and B2.dtype == torch.float32
+    R_U, R_V = dense_rotation(U_s, U_t), dense_rotation(V_s, V_t)
+    assert rel(R_U.T @ R_U, torch.eye(m, dtype=torch.float64)) < 1e-10  # the reference is a rotation...
+    assert rel(proj(U_t) @ R_U @ U_s, R_U @ U_s) < 1e-10  # ...carrying span(U_s) into span(U_t)
+    assert rel((B2 @ A2).double(), R_U @ B @ A @ R_V.T) < 1e-4
+    # the whole update is kept: rotations preserve the Frobenius norm
+    assert abs(subspace.frobenius_norm(B2, A2) / float((B @ A).norm()) - 1) < 1e-4
+
+
+def test_rotate_is_exact_between_identical_bases():
+    torch.manual_seed(7)
+    W = torch.randn(48, 36)
+    b = subspace.compute_basis(W, 18)
+    B, A = torch.randn(48, 4), torch.randn(4, 36)
+    B2, A2 = subspace.rotate(B, A, b, b)
+    assert rel(B2 @ A2, B @ A) < 1e-5
+    # the projections lose what lies outside the subspaces even here
+    assert rel(torch.matmul(*subspace.project_lorax(B, A, b)), B @ A) > 0.3

@@ -95,7 +95,7 @@ def _lora_layers(pipe, adapter):
     }
 
 
-@pytest.mark.parametrize("method", ["lorax", "prolora", "copy"])
+@pytest.mark.parametrize("method", ["lorax", "prolora", "rotate", "copy"])
 def test_adapter_equals_factors_of_the_returned_state_dict(source, lora, registry, method):
     target = make_target()
     state_dict, report = transfer_lora(source, target, lora, method=method, registry=registry)
@@ -113,7 +113,7 @@ def test_adapter_equals_factors_of_the_returned_state_dict(source, lora, registr
 
 
 def test_identical_models_and_update_in_source_subspace_is_unchanged(source, registry):
-    """ΔW = U_s M V_sᵀ transferred between identical weights comes back unchanged (≤ 1e-5), both methods."""
+    """ΔW = U_s M V_sᵀ transferred between identical weights comes back unchanged (≤ 1e-5), every method."""
     from diffusers_lorax.subspace import compute_basis, resolve_rank
 
     g = torch.Generator().manual_seed(11)
@@ -125,7 +125,7 @@ def test_identical_models_and_update_in_source_subspace_is_unchanged(source, reg
         M = torch.randn(b.rank, 3, generator=g)
         lora[f"unet.{name}.lora_B.weight"] = (b.U @ M).reshape(W.shape[0], 3, *([1, 1] if W.ndim == 4 else []))
         lora[f"unet.{name}.lora_A.weight"] = (torch.randn(3, b.rank, generator=g) @ b.V.T).reshape(3, *W.shape[1:])
-    for method in ("lorax", "prolora"):
+    for method in ("lorax", "prolora", "rotate"):
         sd, report = transfer_lora(source, source, lora, method=method, registry=registry)
         assert len(report.applied) == 3
         for r in report.layers:

@@ -1,0 +1,73 @@
+"""The digits testbed: the shipped assets are genuine diffusers pipelines and kohya LoRAs, and a reduced evaluation
+(10 prompts × 2 seeds) keeps the ordering that the full table in docs/quality.md shows, with stated margins, so that
+a regression in the transfer math fails here."""
+
+import json
+
+import pytest
+import torch
+
+from diffusers_lorax import DEFAULT_METHOD, Registry
+from diffusers_lorax.quality import ASSETS, data
+from diffusers_lorax.quality.classifiers import Scorers
+from diffusers_lorax.quality.evaluate import NO_LORA, TRAINED, evaluate_target, load_pipeline
+
+DIGITS, SEEDS = list(range(10)), [0, 1]
+#: Margins, from the full table (docs/quality.md) less slack for 20 images instead of 80.
+MIN_STYLE_LIFT = 0.5  # P(slanted): trained on target − no LoRA
+MIN_GAP_CLOSED = {"target-finetune": 0.8, "target-distilled": 0.6}  # style gap closed by the default method
+MIN_CONTENT = 0.8  # digit accuracy of the default transfer
+
+
+@pytest.fixture(scope="module")
+def scorers():
+    return Scorers()
+
+
+@pytest.fixture(scope="module")
+def results(scorers, tmp_path_factory):
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    out = {}
+    for target in ("source", "target-finetune", "target-distilled"):
+        methods = [{"method": DEFAULT_METHOD}] + ([{"method": "lorax"}] if target == "source" else [])
+        rows, images = evaluate_target(target, methods, DIGITS, SEEDS, scorers, registry)
+        out[target] = ({r.method: r for r in rows}, images)
+    return out
+
+
+def test_assets_are_diffusers_pipelines_and_kohya_loras():
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total <= 20 * 2**20
+    source = load_pipeline("source")
+    assert type(source).__name__ == "StableDiffusionPipeline"
+    assert source.unet.config.layers_per_block == 2
+    assert load_pipeline("target-distilled").unet.config.layers_per_block == 1
+    ids = source.tokenizer(data.prompt(7, styled=True)).input_ids
+    assert source.tokenizer.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in data.prompt(7, True).split()]
+    from safetensors.torch import load_file
+
+    for name in ("source", "target-finetune", "target-distilled"):
+        lora = load_file(str(ASSETS / "loras" / f"slant-{name}.safetensors"))
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora)
+        alphas = [v for k, v in lora.items() if k.endswith(".alpha")]
+        assert alphas and all(float(a) == 4.0 for a in alphas)
+        assert any(k.startswith("lora_te_") for k in lora)
+    build = json.loads((ASSETS / "build.json").read_text())
+    assert build["lora_rank"] == 8
+
+
+@pytest.mark.parametrize("target", ["target-finetune", "target-distilled"])
+def test_trained_lora_beats_no_lora_and_default_transfer_closes_the_gap(results, target):
+    rows, _ = results[target]
+    assert rows[TRAINED].style - rows[NO_LORA].style >= MIN_STYLE_LIFT
+    assert rows[DEFAULT_METHOD].gap["style"] >= MIN_GAP_CLOSED[target]
+    assert rows[DEFAULT_METHOD].content >= MIN_CONTENT
+    assert rows[DEFAULT_METHOD].distance < rows[NO_LORA].distance
+
+
+def test_transfer_between_identical_models_reproduces_the_adapter(results):
+    rows, images = results["source"]
+    # The default method keeps the whole update between identical models: the same images up to float rounding.
+    assert (images[DEFAULT_METHOD] - images[TRAINED]).abs().max() < 1e-3
+    # LoRA-X drops what lies outside the top-k subspaces, and it shows in the images.
+    assert rows["lorax"].distance > 10 * rows[DEFAULT_METHOD].distance
