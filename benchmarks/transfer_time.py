@@ -75,12 +75,12 @@ def main() -> None:
 
     reg_dir = work / "registry"
     t = time.perf_counter()
-    cold = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=reg_dir)
+    cold = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=reg_dir, method="prolora")
     cold_s = time.perf_counter() - t
     target.delete_adapters("x")
 
     def warm():
-        report = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=Registry(reg_dir))
+        report = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=Registry(reg_dir), method="prolora")
         assert report.bases_computed == 0
         target.delete_adapters("x")
 

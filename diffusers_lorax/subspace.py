@@ -24,7 +24,7 @@ import torch
 DEFAULT_RANK: float = 0.5
 #: Default subspace-similarity threshold on both Φ_U and Φ_V.
 DEFAULT_THRESHOLD: float = 0.9
-METHODS = ("prolora", "lorax", "rotate", "copy")
+METHODS = ("copy", "prolora", "lorax")
 
 
 @dataclass(frozen=True)
@@ -120,42 +120,10 @@ def project_prolora(
     return B_out, A_out
 
 
-def rotate(B: torch.Tensor, A: torch.Tensor, source: Basis, target: Basis) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subspace-rotation transfer ``ΔW_t = R_U ΔW_s R_Vᵀ`` (this project's method; measured in docs/quality.md).
-
-    ``R_U`` is the direct rotation from ``span(U_s)`` onto ``span(U_t)`` (Davis & Kahan, *The rotation of
-    eigenvectors by a perturbation III*, SIAM J. Numer. Anal. 1970): the orthogonal map that turns each principal
-    vector of the source subspace onto its partner in the target subspace, in the plane the two span, by their
-    principal angle (Björck & Golub, *Numerical methods for computing angles between linear subspaces*, Math.
-    Comp. 1973), and is the identity on everything orthogonal to both subspaces. Unlike a projection it keeps the
-    whole update, so the transfer is exact (``ΔW_t = ΔW_s``) when the two bases coincide. ``R_V`` likewise on the
-    right. Returns ``(R_U B, A R_Vᵀ)``: ``(m, r)`` and ``(r, n)``, float32.
-    """
-    return _rotate(source.U, target.U, B), _rotate(source.V, target.V, A.T).T
-
-
 def frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> float:
     """‖B A‖_F from the factors via ‖BA‖_F² = tr((BᵀB)(AAᵀ)), without forming ``B A``."""
     value = torch.sum((B.T @ B) * (A @ A.T)).clamp_min(0.0)
     return float(value.sqrt())
-
-
-def _rotate(Q_s: torch.Tensor, Q_t: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``R X`` for the direct rotation ``R`` from ``span(Q_s)`` onto ``span(Q_t)`` (both ``(d, k)`` orthonormal),
-    ``X`` ``(d, r)``. With principal vectors ``P = Q_s Φ``, ``T = Q_t Ψ`` (``Q_sᵀ Q_t = Φ diag(c) Ψᵀ``, c = cos θ) and
-    ``D = T − P diag(c)`` (columns ``sin θ_i · z_i``, ``z_i`` the unit vector completing the plane of rotation i)::
-
-        R = I + P diag(c − 1) Pᵀ − D diag(1 / (1 + c)) Dᵀ + D Pᵀ − P Dᵀ
-
-    which is ``Σ_i`` [rotation by θ_i in span(p_i, z_i)] written without dividing by sin θ_i (``(c − 1) / sin² θ =
-    −1 / (1 + c)``), so it stays exact as θ → 0. Costs ``O(d k (k + r))``; never forms ``R``.
-    """
-    Phi, c, PsiT = torch.linalg.svd(Q_s.T @ Q_t)
-    c = c.clamp(0.0, 1.0)
-    P = Q_s @ Phi
-    D = Q_t @ PsiT.T - P * c
-    PX, DX = P.T @ X, D.T @ X
-    return X + P @ ((c - 1.0)[:, None] * PX - DX) + D @ (PX - DX / (1.0 + c)[:, None])
 
 
 def _left(U: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

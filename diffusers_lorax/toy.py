@@ -1,4 +1,4 @@
-"""Small and full-size Stable Diffusion pipelines with random weights, built offline, for the demo, tests and
+"""Small and full-size Stable Diffusion pipelines with random weights, built offline, for the tests and
 benchmarks; a "fine-tune" of one (a structured perturbation of its weights); and random LoRAs for them.
 
 Nothing here downloads anything: configs are given as dicts, the tokenizer's vocabulary is written on the fly

@@ -94,9 +94,9 @@ def test_sdxl_lora_on_sd15_target_is_refused_before_any_svd(realcases, tmp_path)
     lora = _sdxl_lora()
     assert identify_layers({layer.key: layer.weight_shape for layer in read_lora(StableDiffusionPipeline, lora)}).family.name == "sdxl"
     with pytest.raises(ArchitectureMismatchError, match="Stable Diffusion XL .* is Stable Diffusion 1.x"):
-        pipe.load_lora_weights_cross(pipe, lora, registry=reg)
+        pipe.load_lora_weights_cross(pipe, lora, registry=reg, method="prolora")
     with pytest.raises(ArchitectureMismatchError):
-        transfer_lora(pipe, pipe, lora, registry=reg)
+        transfer_lora(pipe, pipe, lora, registry=reg, method="prolora")
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
     assert reg.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}
 
@@ -105,4 +105,4 @@ def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):
     """Offline, with nothing cached: the refusal comes from the catalogue, not from a failed fetch."""
     with pytest.raises(ArchitectureMismatchError, match="'stable-diffusion-v1-5/stable-diffusion-v1-5' is Stable Diffusion 1.x"):
         transfer_lora("stabilityai/stable-diffusion-xl-base-1.0", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                      _sdxl_lora(), registry=tmp_path)
+                      _sdxl_lora(), registry=tmp_path, method="prolora")

@@ -27,7 +27,8 @@ def files(tmp_path_factory):
 def test_transfer_writes_a_file_plain_diffusers_loads(files, tmp_path, capsys):
     out = tmp_path / "out" / "transferred.safetensors"
     args = [str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o", str(out)]
-    code = main(["transfer", *args, "--registry", str(tmp_path / "reg"), "--json", str(tmp_path / "r.json")])
+    code = main(["transfer", *args, "--method", "prolora", "--registry", str(tmp_path / "reg"), "--json",
+                 str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     assert code == 0
     assert "layers applied" in printed and "Φ_U" in printed and f"wrote {out}" in printed
@@ -41,7 +42,7 @@ def test_transfer_writes_a_file_plain_diffusers_loads(files, tmp_path, capsys):
     target.load_lora_weights(str(out), adapter_name="plain")  # plain diffusers, no diffusers_lorax involved
     from_file = latents(target)
     target.delete_adapters("plain")
-    target.load_lora_weights_cross(files / "source", files / "lora.safetensors", registry=tmp_path / "reg")
+    target.load_lora_weights_cross(files / "source", files / "lora.safetensors", registry=tmp_path / "reg", method="prolora")
     assert not torch.allclose(from_file, base, atol=1e-3)
     assert torch.allclose(from_file, latents(target), atol=1e-5)
 

@@ -13,10 +13,11 @@ from diffusers_lorax.quality.classifiers import Scorers
 from diffusers_lorax.quality.evaluate import NO_LORA, TRAINED, evaluate_target, load_pipeline
 
 DIGITS, SEEDS = list(range(10)), [0, 1]
-#: Margins, from the full table (docs/quality.md) less slack for 20 images instead of 80.
-MIN_STYLE_LIFT = 0.5  # P(slanted): trained on target − no LoRA
-MIN_GAP_CLOSED = {"target-finetune": 0.8, "target-distilled": 0.6}  # style gap closed by the default method
-MIN_CONTENT = 0.8  # digit accuracy of the default transfer
+#: Margins, from the full table (docs/quality.md: 80 images per row) less slack for 20 images.
+MIN_STYLE_LIFT = 0.5  # P(slanted), trained on target − no LoRA (table: 0.81 fine-tune, 0.58 distilled)
+MIN_GAP_CLOSED = 0.5  # style gap closed by the default method on the fine-tune (table: 64 %)
+MIN_LEAD = 0.3  # style gap: default method − ProLoRA on the fine-tune (table: 64 % − 1 %)
+MIN_CONTENT = 0.9  # digit accuracy of the default transfer (table: 1.000 and 0.975)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def scorers():
 def results(scorers, tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("registry"))
     out = {}
-    for target in ("source", "target-finetune", "target-distilled"):
-        methods = [{"method": DEFAULT_METHOD}] + ([{"method": "lorax"}] if target == "source" else [])
+    others = {"source": ["lorax"], "target-finetune": ["prolora"], "target-distilled": []}
+    for target, extra in others.items():
+        methods = [{"method": m} for m in [DEFAULT_METHOD, *extra]]
         rows, images = evaluate_target(target, methods, DIGITS, SEEDS, scorers, registry)
         out[target] = ({r.method: r for r in rows}, images)
     return out
@@ -57,12 +59,17 @@ def test_assets_are_diffusers_pipelines_and_kohya_loras():
 
 
 @pytest.mark.parametrize("target", ["target-finetune", "target-distilled"])
-def test_trained_lora_beats_no_lora_and_default_transfer_closes_the_gap(results, target):
+def test_trained_lora_beats_no_lora_and_default_transfer_moves_toward_it(results, target):
     rows, _ = results[target]
     assert rows[TRAINED].style - rows[NO_LORA].style >= MIN_STYLE_LIFT
-    assert rows[DEFAULT_METHOD].gap["style"] >= MIN_GAP_CLOSED[target]
     assert rows[DEFAULT_METHOD].content >= MIN_CONTENT
     assert rows[DEFAULT_METHOD].distance < rows[NO_LORA].distance
+
+
+def test_default_method_closes_the_documented_gap_on_the_finetune(results):
+    rows, _ = results["target-finetune"]
+    assert rows[DEFAULT_METHOD].gap["style"] >= MIN_GAP_CLOSED
+    assert rows[DEFAULT_METHOD].gap["style"] - rows["prolora"].gap["style"] >= MIN_LEAD
 
 
 def test_transfer_between_identical_models_reproduces_the_adapter(results):
@@ -71,3 +78,4 @@ def test_transfer_between_identical_models_reproduces_the_adapter(results):
     assert (images[DEFAULT_METHOD] - images[TRAINED]).abs().max() < 1e-3
     # LoRA-X drops what lies outside the top-k subspaces, and it shows in the images.
     assert rows["lorax"].distance > 10 * rows[DEFAULT_METHOD].distance
+    assert rows["lorax"].style < rows[TRAINED].style - MIN_STYLE_LIFT

@@ -51,7 +51,7 @@ def test_real_lora_transfers_loads_and_fuses_back(sd15_pair, registry, realcases
     source, target = sd15_pair
     base = _run(target)
     t = time.perf_counter()
-    report = target.load_lora_weights_cross(source, str(realcases / name), adapter_name="real", registry=registry)
+    report = target.load_lora_weights_cross(source, str(realcases / name), adapter_name="real", registry=registry, method="prolora")
     seconds = time.perf_counter() - t
     print(f"\n{name}: {seconds:.1f} s, bases {report.bases_computed} computed / {report.bases_cached} cached")
     print(report.summary())
@@ -79,9 +79,9 @@ def test_real_lora_transfers_loads_and_fuses_back(sd15_pair, registry, realcases
 def test_warm_call_reuses_every_basis(sd15_pair, registry, realcases):
     source, target = sd15_pair
     path = str(realcases / VALID[1])
-    target.load_lora_weights_cross(source, path, adapter_name="w1", registry=registry)
+    target.load_lora_weights_cross(source, path, adapter_name="w1", registry=registry, method="prolora")
     target.delete_adapters("w1")
-    report = target.load_lora_weights_cross(source, path, adapter_name="w2", registry=registry)
+    report = target.load_lora_weights_cross(source, path, adapter_name="w2", registry=registry, method="prolora")
     target.delete_adapters("w2")
     assert report.bases_computed == 0 and report.bases_cached == 256
     print(f"\nwarm: {report.summary()}")
@@ -95,9 +95,9 @@ def test_bad_inputs_change_nothing(sd15_pair, registry, realcases):
     stats = registry.stats()
     with pytest.raises(InvalidLoraError, match="could not read"):
         target.load_lora_weights_cross(
-            source, str(realcases / "timohavdk_sd15_malformed_kohya_like.safetensors"), registry=registry
+            source, str(realcases / "timohavdk_sd15_malformed_kohya_like.safetensors"), registry=registry, method="prolora"
         )
     with pytest.raises(ArchitectureMismatchError, match="Stable Diffusion XL"):
-        target.load_lora_weights_cross(source, _sdxl_lora(), registry=registry)
+        target.load_lora_weights_cross(source, _sdxl_lora(), registry=registry, method="prolora")
     assert_unchanged(target, before)
     assert registry.stats() == stats

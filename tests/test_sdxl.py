@@ -30,7 +30,7 @@ def _latents(pipe):
 def test_sdxl_transfer_covers_unet_and_both_text_encoders(source, kohya, tmp_path):
     target = toy.finetune(toy.sdxl_pipeline(seed=0), seed=1)
     base = _latents(target)
-    report = target.load_lora_weights_cross(source, dict(kohya), adapter_name="s", registry=Registry(tmp_path))
+    report = target.load_lora_weights_cross(source, dict(kohya), adapter_name="s", registry=Registry(tmp_path), method="prolora")
     assert {r.component for r in report.applied} == {"unet", "text_encoder", "text_encoder_2"}
     assert len(report.applied) == len(report.layers)
     assert target.get_list_adapters() == {"unet": ["s"], "text_encoder": ["s"], "text_encoder_2": ["s"]}
@@ -52,7 +52,7 @@ def test_sdxl_copy_between_identical_models_equals_plain_load(source, kohya, tmp
 
 
 def test_sdxl_functional_form_returns_peft_keys(source, kohya, tmp_path):
-    sd, report = transfer_lora(source, source, dict(kohya), registry=Registry(tmp_path))
+    sd, report = transfer_lora(source, source, dict(kohya), registry=Registry(tmp_path), method="prolora")
     prefixes = {k.split(".", 1)[0] for k in sd}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd)

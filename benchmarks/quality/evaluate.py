@@ -23,7 +23,7 @@ from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.quality.classifiers import Scorers
 from diffusers_lorax.quality.evaluate import evaluate_target, grid, quiet_logging, table
 
-METHODS = ("copy", "lorax", "prolora", "rotate")
+METHODS = ("copy", "lorax", "prolora")
 TARGETS = ("source", "target-finetune", "target-distilled")
 SWEEP_RANKS = (0.25, 0.5, 0.75, 1.0)
 SWEEP_THRESHOLDS = (0.0, 0.9)

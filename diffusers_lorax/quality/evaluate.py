@@ -139,7 +139,7 @@ def evaluate_target(
 def table(rows: list[Row]) -> str:
     """A Markdown table of ``rows``: scores, gap closed per metric (— where trained ≈ no LoRA), layers applied."""
     def pct(value: float | None) -> str:
-        return "—" if value is None else f"{value:.0%}"
+        return "—" if value is None else f"{round(value, 2) + 0.0:.0%}"  # + 0.0: no "-0%"
 
     lines = [
         "| target | method | style P(slanted) | content acc. | distance to trained | gap closed: style | content "
