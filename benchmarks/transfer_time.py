@@ -1,5 +1,6 @@
-"""Cold and warm transfer time of one real LoRA on a full-size SD 1.5-architecture pair, against baselines measured
-in the same run: plain ``load_lora_weights`` of the same LoRA, and a full ``torch.linalg.svd`` of the same layers.
+"""Transfer time of one real LoRA on a full-size SD 1.5-architecture pair, against baselines measured in the same run:
+the default method (copy) and warm ProLoRA against a plain ``load_lora_weights`` of the same LoRA, cold ProLoRA against
+a full ``torch.linalg.svd`` of the same layers.
 
     python benchmarks/transfer_time.py [--lora FILE] [--configs DIR] [--repeat 3]
 
@@ -74,15 +75,23 @@ def main() -> None:
     svd_s = timed(full_svd, 1)
 
     reg_dir = work / "registry"
+
+    def cross(method: str, registry) -> diffusers_lorax.TransferReport:
+        report = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", method=method,
+                                                registry=registry)
+        target.delete_adapters("x")
+        return report
+
+    def default():
+        assert cross(diffusers_lorax.DEFAULT_METHOD, reg_dir).bases_computed == 0
+
+    default_s = timed(default, args.repeat)
     t = time.perf_counter()
-    cold = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=reg_dir, method="prolora")
+    cold = cross("prolora", reg_dir)
     cold_s = time.perf_counter() - t
-    target.delete_adapters("x")
 
     def warm():
-        report = target.load_lora_weights_cross(work / "source", str(args.lora), adapter_name="x", registry=Registry(reg_dir), method="prolora")
-        assert report.bases_computed == 0
-        target.delete_adapters("x")
+        assert cross("prolora", Registry(reg_dir)).bases_computed == 0
 
     warm_s = timed(warm, args.repeat)
     print(cold.summary())
@@ -94,8 +103,9 @@ def main() -> None:
     print(f"{'measure':<44} {'seconds':>8} {'ratio':>8}")
     print(f"{'plain load_lora_weights (baseline)':<44} {plain_s:8.2f}")
     print(f"{'full torch.linalg.svd of the same layers':<44} {svd_s:8.2f}")
-    print(f"{'cold load_lora_weights_cross':<44} {cold_s:8.2f} {cold_s / svd_s:8.2f}  (/ full SVD)")
-    print(f"{'warm load_lora_weights_cross':<44} {warm_s:8.2f} {warm_s / plain_s:8.2f}  (/ plain load)")
+    print(f"{'load_lora_weights_cross, default (copy)':<44} {default_s:8.2f} {default_s / plain_s:8.2f}  (/ plain load)")
+    print(f"{'cold load_lora_weights_cross, prolora':<44} {cold_s:8.2f} {cold_s / svd_s:8.2f}  (/ full SVD)")
+    print(f"{'warm load_lora_weights_cross, prolora':<44} {warm_s:8.2f} {warm_s / plain_s:8.2f}  (/ plain load)")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,15 @@ DEFAULT_METHOD = "copy"
 class PendingWrites:
     """Bases and similarities computed by a transfer, to be stored once the whole call has succeeded."""
 
-    registry: Registry
+    registry: Registry | None  # None for method="copy", which needs no bases
     bases: dict[str, Basis] = field(default_factory=dict)
     similarities: dict[tuple[str, str, int], tuple[float, float]] = field(default_factory=dict)
 
     def commit(self) -> None:
         """Store everything. The registry is a cache: a failed write is logged, not raised, so that a transfer
         that has succeeded (and an adapter that has loaded) is never undone by it."""
+        if self.registry is None:
+            return
         try:
             self.registry.put_bases(self.bases)
             self.registry.put_similarities(self.similarities)
@@ -185,7 +187,7 @@ def run_transfer(
     matched = _preflight(layers, lora_family, source_w, target_w, report)
     clock.lap(report, "read")
 
-    pending = PendingWrites(open_registry(registry))
+    pending = PendingWrites(None if method == "copy" else open_registry(registry))
     if method == "copy":
         projected = {i: layers[i].factors() for i in matched}
     else:

@@ -267,6 +267,23 @@ def test_default_adapter_names_do_not_collide(source, lora, registry):
     assert (r1.adapter_name, r2.adapter_name) == ("default_0", "default_1")
 
 
+def test_default_copy_computes_no_basis_and_leaves_the_registry_alone(source, lora, tmp_path, monkeypatch):
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the default method must not compute an SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    target = make_target()
+    report = target.load_lora_weights_cross(source, lora, adapter_name="c", registry=tmp_path / "reg")
+    assert report.method == "copy" and report.bases_computed == 0 and report.bases_cached == 0
+    assert not (tmp_path / "reg").exists()
+    for r in report.applied:
+        assert r.kept == pytest.approx(1.0) and r.phi_u is None
+    loaded = delta_weights(target, "c")
+    for r in report.applied:
+        key = (r.component, r.module.removeprefix("text_model."))
+        assert torch.allclose(loaded[key], intended_delta(lora, r.component, r.module), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kwargs", [dict(method="svd"), dict(rank=0), dict(rank=2.0), dict(threshold=1.5)])
 def test_bad_options(source, lora, registry, kwargs):
     with pytest.raises(ValueError):
