@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from .lora import LoraLayer, read_lora
 from .registry import Registry, open_registry
 from .report import LayerReport, TransferReport
 from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS, Basis
-from .weights import BaseModelWeights, PipelineWeights, fingerprint, open_base_model
+from .weights import BaseModelWeights, PipelineWeights, open_base_model
 
 logger = logging.get_logger(__name__)
 
@@ -226,11 +227,12 @@ def _project_layers(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     from diffusers.utils.logging import tqdm
 
-    # Pass 1: fingerprints (weights are read one at a time and dropped), then one registry query per rank.
+    # Pass 1: fingerprints, hashed on every core (hashlib releases the GIL; each thread holds one weight at a time;
+    # unchanged source files are not read again within a process), then one registry query per rank.
     ks = {i: subspace.resolve_rank(rank, layers[i].weight_shape) for i in matched}
-    fps: dict[int, tuple[str, str]] = {}
-    for i in matched:
-        fps[i] = (fingerprint(source_w.weight(*layers[i].key)), fingerprint(target_w.weight(*layers[i].key)))
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        fps: dict[int, tuple[str, str]] = dict(zip(matched, pool.map(
+            lambda i: (source_w.fingerprint(*layers[i].key), target_w.fingerprint(*layers[i].key)), matched)))
     bases: dict[tuple[str, int], Basis] = {}
     for k in sorted(set(ks.values())):
         wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}

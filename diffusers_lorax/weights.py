@@ -46,6 +46,9 @@ class BaseModelWeights(Protocol):
     def weight(self, component: str, module: str) -> torch.Tensor:
         """The ``module``'s weight, stored dtype and shape. Raises ``SourceModelError`` if it is absent."""
 
+    def fingerprint(self, component: str, module: str) -> str:
+        """:func:`fingerprint` of the ``module``'s weight. Raises ``SourceModelError`` if it is absent."""
+
 
 def fingerprint(weight: torch.Tensor) -> str:
     """Content fingerprint of a weight: SHA-256 (hex, 64 chars) over dtype, shape and the raw bytes.
@@ -57,6 +60,11 @@ def fingerprint(weight: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     digest.update(t.view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+#: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
+#: within a process, a file that has not changed is not read or hashed again.
+_FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
 
 
 class PipelineWeights:
@@ -100,6 +108,10 @@ class PipelineWeights:
         mod = self._component(component).get_submodule(name)
         return getattr(mod, "base_layer", mod).weight.detach()
 
+    def fingerprint(self, component: str, module: str) -> str:
+        # Hashed on every call: in-place edits (fuse_lora writes through ``weight.data``) leave no version trace.
+        return fingerprint(self.weight(component, module))
+
 
 class SafetensorsWeights:
     """Lazy reader over per-component safetensors files (a local diffusers folder or files fetched from the Hub)."""
@@ -137,14 +149,26 @@ class SafetensorsWeights:
                         out[canonical_module(key.removesuffix(".weight"))] = shape
         return out
 
-    def weight(self, component: str, module: str) -> torch.Tensor:
+    def _locate(self, component: str, module: str) -> tuple[Path, str]:
         where = self._tensor_files(component)
         module = canonical_module(module)
         for key in (f"{module}.weight", f"text_model.{module}.weight"):
             if key in where:
-                with safe_open(str(where[key]), framework="pt") as f:
-                    return f.get_tensor(key)
+                return where[key], key
         raise SourceModelError(f"{self.label}: {component} has no weight for module {module!r}")
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        path, key = self._locate(component, module)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def fingerprint(self, component: str, module: str) -> str:
+        path, key = self._locate(component, module)
+        stat = path.stat()
+        memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, key)
+        if memo not in _FILE_FINGERPRINTS:
+            _FILE_FINGERPRINTS[memo] = fingerprint(self.weight(component, module))
+        return _FILE_FINGERPRINTS[memo]
 
 
 def _component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:

@@ -1,5 +1,7 @@
 """End to end on small SD pipelines: load_lora_weights_cross and transfer_lora."""
 
+import os
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -343,8 +345,10 @@ def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, regi
 
 
 def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):
+    from diffusers_lorax import weights
     from diffusers_lorax.weights import SafetensorsWeights
 
+    monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # no fingerprints from earlier tests
     read = []
     original = SafetensorsWeights.weight
 
@@ -357,3 +361,12 @@ def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry
     touched = {(r.component, r.module.removeprefix("text_model.")) for r in report.layers}
     assert set(read) == touched
     assert len(read) == 2 * len(touched)  # fingerprint pass + SVD pass, one tensor at a time
+    # Again in this process: the unchanged source file is neither read nor hashed (its bases are in the registry).
+    read.clear()
+    transfer_lora(folders / "source", make_target(), folders / "lora.safetensors", registry=registry, method="prolora")
+    assert read == []
+    # A rewritten file (new mtime) is read again.
+    path = folders / "source" / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    transfer_lora(folders / "source", make_target(), folders / "lora.safetensors", registry=registry, method="prolora")
+    assert {c for c, _ in read} == {"unet"}
