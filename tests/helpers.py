@@ -1,9 +1,5 @@
 """Shared builders for the tests: tiny pipelines, LoRAs in several formats, and files on disk."""
 
-import torch
-
-from diffusers_lorax import toy
-
 ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 

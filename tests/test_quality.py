@@ -5,7 +5,6 @@ a regression in the transfer math fails here."""
 import json
 
 import pytest
-import torch
 
 from diffusers_lorax import DEFAULT_METHOD, Registry
 from diffusers_lorax.quality import ASSETS, data

@@ -120,4 +120,3 @@ def test_frobenius_norm_from_factors():
     g = torch.Generator().manual_seed(7)
     B, A = torch.randn(50, 6, generator=g), torch.randn(6, 70, generator=g)
     assert subspace.frobenius_norm(B, A) == pytest.approx(float((B.double() @ A.double()).norm()), rel=1e-5)
-
