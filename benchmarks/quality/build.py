@@ -206,6 +206,17 @@ def encode(vae, ink: torch.Tensor) -> torch.Tensor:
     return vae.encode(data.to_pixels(ink)).latent_dist.mean * vae.config.scaling_factor
 
 
+def noisy_batch(latents, captions, scheduler, gen):
+    """One training batch, drawn from ``gen`` in a fixed order: latents, prompt ids, noise ε, timesteps t; returns
+    ``(ids, noisy latents, ε, t)`` with the noisy latents from the scheduler's forward process."""
+    index = torch.randint(len(latents), (BATCH,), generator=gen)
+    ids = captions.sample(index, gen)
+    x0 = latents[index]
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
+    return ids, scheduler.add_noise(x0, noise, t), noise, t
+
+
 def train_diffusion(unet, text_encoder, latents, captions, scheduler, steps, lr, desc, train_text=False):
     """Noise-prediction training (ε, MSE) with a cosine learning rate."""
     gen = torch.Generator().manual_seed(2)
@@ -213,14 +224,10 @@ def train_diffusion(unet, text_encoder, latents, captions, scheduler, steps, lr,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = cosine(opt, steps)
     for _ in tqdm(range(steps), desc=desc):
-        index = torch.randint(len(latents), (BATCH,), generator=gen)
-        ids = captions.sample(index, gen)
+        ids, noisy, noise, t = noisy_batch(latents, captions, scheduler, gen)
         with torch.set_grad_enabled(train_text):
             cond = text_encoder(ids).last_hidden_state
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
-        step(opt, sched, F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, cond).sample, noise))
+        step(opt, sched, F.mse_loss(unet(noisy, t, cond).sample, noise))
 
 
 def distill(student, teacher, text_encoder, latents, captions, scheduler, steps):
@@ -238,12 +245,8 @@ def distill(student, teacher, text_encoder, latents, captions, scheduler, steps)
         for block in [*model.down_blocks, model.mid_block, *model.up_blocks]
     ]
     for _ in tqdm(range(steps), desc="target-distilled"):
-        index = torch.randint(len(latents), (BATCH,), generator=gen)
-        cond = text_encoder(captions.sample(index, gen)).last_hidden_state
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t)
+        ids, noisy, noise, t = noisy_batch(latents, captions, scheduler, gen)
+        cond = text_encoder(ids).last_hidden_state
         for f in features.values():
             f.clear()
         with torch.no_grad():
@@ -274,12 +277,9 @@ def train_lora(unet, text_encoder, latents, captions, scheduler, steps, desc) ->
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     sched = cosine(opt, steps)
     for _ in tqdm(range(steps), desc=desc):
-        index = torch.randint(len(latents), (BATCH,), generator=gen)
-        cond = text_encoder(captions.sample(index, gen)).last_hidden_state
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
-        step(opt, sched, F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, cond).sample, noise))
+        ids, noisy, noise, t = noisy_batch(latents, captions, scheduler, gen)
+        cond = text_encoder(ids).last_hidden_state
+        step(opt, sched, F.mse_loss(unet(noisy, t, cond).sample, noise))
     scale = LORA_ALPHA / LORA_RANK
     lora = {}
     # transformers >= 5 names CLIP modules without "text_model."; LoRA files in the wild keep it.
