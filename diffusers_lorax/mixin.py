@@ -79,8 +79,11 @@ def load_lora_weights_cross(
     before = _adapter_names(self)
     name = adapter_name or _free_adapter_name(before)
     try:
-        self.load_lora_weights(state_dict, adapter_name=name)
+        # low_cpu_mem_usage: PEFT creates the LoRA layers empty instead of initialising weights that the state dict
+        # overwrites at once.
+        self.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=True)
     except Exception as err:
+        pending.discard()
         if name in _adapter_names(self) and name not in before:
             self.delete_adapters(name)
         raise LoraxError(f"diffusers refused the transferred adapter: {type(err).__name__}: {err}") from err

@@ -41,6 +41,7 @@ class TransferReport:
     bases_computed: int = 0
     similarities_cached: int = 0
     similarities_computed: int = 0
+    adapter_cached: bool = False  # the whole transferred adapter came from the registry (same request seen before)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -73,7 +74,8 @@ class TransferReport:
             f"  target: {self.target} [{self.target_family or 'family not identified'}]",
             f"  lora:   {self.lora} [fits {self.lora_family or 'no catalogued family'}]",
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; "
-            f"similarities: {self.similarities_cached} from cache, {self.similarities_computed} computed",
+            f"similarities: {self.similarities_cached} from cache, {self.similarities_computed} computed"
+            + ("; transferred adapter from cache" if self.adapter_cached else ""),
             "  time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f", total {self.total_seconds:.2f} s",
         ]
         lines += [f"  skipped ({n}): {reason}" for reason, n in sorted(skipped.items())]

@@ -61,19 +61,65 @@ def resolve_rank(rank: int | float, shape: tuple[int, ...]) -> int:
 
 def flatten_weight(weight: torch.Tensor) -> torch.Tensor:
     """``(out, in, kh, kw)`` or ``(out, in)`` → ``(out, in*kh*kw)`` float32 (a view where possible)."""
-    return weight.reshape(weight.shape[0], -1).float()
+    return weight.detach().reshape(weight.shape[0], -1).float()
 
 
-def compute_basis(weight: torch.Tensor, k: int) -> Basis:
-    """Top-``k`` singular vectors of ``weight`` (any float dtype, 2-D or conv 4-D), computed in float32.
+#: Largest estimated error ‖P̂ − P‖_F of a Gram-route projector (see :func:`compute_basis`) that is accepted;
+#: above it the exact SVD is used. On the tested spectra a Gram basis that passes gives transferred adapters within
+#: 2e-5 of a float64 reference (tests/test_subspace.py); the issue's bound is 1e-3.
+GRAM_TOLERANCE: float = 1e-3
 
-    Uses the exact thin SVD (``torch.linalg.svd``). Raises ``ValueError`` if ``weight`` holds NaN or Inf.
+
+def compute_basis(weight: torch.Tensor, k: int, *, device: torch.device | str | None = None) -> Basis:
+    """Top-``k`` singular triplets of ``weight`` (any float dtype, 2-D ``(m, n)`` or conv 4-D, flattened to
+    ``(m, in·kh·kw)``), float32, returned on the CPU.
+
+    Fast route: the eigendecomposition of the smaller Gram matrix (``W Wᵀ`` if ``m ≤ n``, else ``Wᵀ W``; about half
+    the time of an SVD for square weights, far less for wide conv weights), whose top-``k`` eigenvectors are one
+    side's singular vectors; the other side follows as ``Wᵀ U_k Σ_k⁻¹`` (or ``W V_k Σ_k⁻¹``). Squaring ``W``
+    squares its condition, so the route is guarded: by first-order perturbation theory (Davis–Kahan) an eigensolver
+    with backward error ``ε λ_1`` mixes vectors ``i ≤ k < j`` by about ``ε λ_1 / (λ_i − λ_j)``, which bounds the
+    projector error ``‖P̂ − P‖_F ≲ ε λ_1 (2 Σ_{i≤k<j} (λ_i − λ_j)⁻²)^½``. Where that estimate exceeds
+    :data:`GRAM_TOLERANCE` (slowly decaying spectra, near-degenerate values at ``k``), the exact thin SVD
+    (``torch.linalg.svd``) is used instead.
+
+    ``device``: where to compute (e.g. the pipeline's GPU); default the weight's device.
+    Raises ``ValueError`` if ``weight`` holds NaN or Inf.
     """
-    w = flatten_weight(weight)
+    w = flatten_weight(weight.to(device) if device is not None else weight)
     if not torch.isfinite(w).all():
         raise ValueError("base weight contains NaN or Inf")
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-    return Basis(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous())
+    basis = _gram_basis(w, k)
+    if basis is None:
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        basis = Basis(U[:, :k], S[:k], Vh[:k].T)
+    return Basis(*(t.to("cpu", torch.float32).contiguous() for t in (basis.U, basis.S, basis.V)))
+
+
+def gram_error_estimate(eigenvalues: torch.Tensor, k: int) -> float:
+    """Estimated ‖P̂ − P‖_F of the top-``k`` eigenprojector computed in float32 from ascending ``eigenvalues``
+    ``(d,)`` of a Gram matrix (the guard of :func:`compute_basis`). 0 when ``k`` is ``d`` (the projector is I)."""
+    lam = eigenvalues.flip(0).double()
+    top, rest = lam[:k], lam[k:]
+    if rest.numel() == 0:
+        return 0.0
+    gaps = (top[:, None] - rest[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    eps = torch.finfo(torch.float32).eps
+    return float(eps * lam[0].abs() * torch.sqrt(2 * gaps.pow(-2).sum()))
+
+
+def _gram_basis(w: torch.Tensor, k: int) -> Basis | None:
+    m, n = w.shape
+    wide = m <= n
+    lam, Q = torch.linalg.eigh(w @ w.T if wide else w.T @ w)
+    if gram_error_estimate(lam, k) > GRAM_TOLERANCE:
+        return None
+    S = lam.flip(0)[:k].clamp_min(0).sqrt()
+    if S[-1] <= torch.finfo(torch.float32).eps * S[0] * max(m, n):
+        return None  # (numerically) rank-deficient within k: Σ_k⁻¹ would amplify rounding
+    Q = Q.flip(1)[:, :k]
+    other = (w.T @ Q if wide else w @ Q) / S
+    return Basis(Q, S, other) if wide else Basis(other, S, Q)
 
 
 def subspace_similarity(Q_s: torch.Tensor, Q_t: torch.Tensor) -> float:

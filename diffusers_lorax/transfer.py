@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from diffusers.utils import logging
 
 from . import subspace
@@ -30,10 +31,10 @@ from .errors import (
     SourceModelError,
 )
 from .lora import LoraLayer, read_lora
-from .registry import Registry, open_registry
+from .registry import Registry, Staged, StoredBasis, open_registry
 from .report import LayerReport, TransferReport
 from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS, Basis
-from .weights import BaseModelWeights, PipelineWeights, open_base_model
+from .weights import BaseModelWeights, PipelineWeights, fingerprint, open_base_model
 
 logger = logging.get_logger(__name__)
 
@@ -45,10 +46,11 @@ DEFAULT_METHOD = "copy"
 
 @dataclass
 class PendingWrites:
-    """Bases and similarities computed by a transfer, to be stored once the whole call has succeeded."""
+    """Registry writes of a transfer: blobs already staged on disk (not yet visible) and similarities, stored by
+    :meth:`commit` once the whole call has succeeded, or dropped by :meth:`discard`."""
 
     registry: Registry | None  # None for method="copy", which needs no bases
-    bases: dict[str, Basis] = field(default_factory=dict)
+    staged: Staged | None = None
     similarities: dict[tuple[str, str, int], tuple[float, float]] = field(default_factory=dict)
 
     def commit(self) -> None:
@@ -57,10 +59,14 @@ class PendingWrites:
         if self.registry is None:
             return
         try:
-            self.registry.put_bases(self.bases)
-            self.registry.put_similarities(self.similarities)
-        except (RegistryError, OSError) as err:
-            logger.warning(f"could not store {len(self.bases)} bases in the registry at {self.registry.directory}: {err}")
+            self.registry.commit(self.staged, self.similarities)
+        except RegistryError as err:
+            logger.warning(f"could not store the transfer's bases in the registry: {err}")
+
+    def discard(self) -> None:
+        """Drop the staged blobs: the registry is left as it was before the call."""
+        if self.registry is not None:
+            self.registry.discard(self.staged)
 
 
 def transfer_lora(
@@ -188,23 +194,21 @@ def run_transfer(
     matched = _preflight(layers, lora_family, source_w, target_w, report)
     clock.lap(report, "read")
 
-    pending = PendingWrites(None if method == "copy" else open_registry(registry))
     if method == "copy":
-        projected = {i: layers[i].factors() for i in matched}
+        pending = PendingWrites(None)
+        state_dict = _state_dict(layers, {i: layers[i].factors() for i in matched}, report)
     else:
-        projected = _project_layers(layers, matched, source_w, target_w, method, rank, threshold, report, pending, clock)
-
-    state_dict = {}
-    for i, (B, A) in projected.items():
-        layer, row = layers[i], report.layers[i]
-        source_norm = subspace.frobenius_norm(*layer.factors())
-        row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
-        row.applied, row.out_rank = True, B.shape[1]
-        prefix = f"{layer.component}.{layer.module}"
-        state_dict[f"{prefix}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
-        state_dict[f"{prefix}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+        pending = PendingWrites(open_registry(registry))
+        pending.staged = pending.registry.staging()
+        try:
+            state_dict = _projected_state_dict(layers, matched, source_w, target_w, method, rank, threshold, report,
+                                               pending, clock)
+        except BaseException:
+            pending.discard()
+            raise
     clock.lap(report, "project")
     if not state_dict:
+        pending.discard()
         raise NothingTransferredError(
             f"no layer passed the subspace-similarity threshold {threshold} ({len(matched)} layers matched by name and "
             f"shape; best Φ = {max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0):.3f}). "
@@ -213,7 +217,28 @@ def run_transfer(
     return state_dict, report, pending
 
 
-def _project_layers(
+def _state_dict(
+    layers: list[LoraLayer], factors: dict[int, tuple[torch.Tensor, torch.Tensor]], report: TransferReport
+) -> dict[str, torch.Tensor]:
+    """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
+    dtype and shape; fills the report's per-layer ``applied``, ``out_rank`` and ``kept``."""
+    state_dict = {}
+    for i, (B, A) in factors.items():
+        layer, row = layers[i], report.layers[i]
+        source_norm = subspace.frobenius_norm(*layer.factors())
+        row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
+        row.applied, row.out_rank = True, B.shape[1]
+        prefix = f"{layer.component}.{layer.module}"
+        state_dict[f"{prefix}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
+        state_dict[f"{prefix}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+    return state_dict
+
+
+#: The per-layer report fields a cached adapter restores.
+_ROW_FIELDS = ("applied", "reason", "k", "phi_u", "phi_v", "out_rank", "kept")
+
+
+def _projected_state_dict(
     layers: list[LoraLayer],
     matched: list[int],
     source_w: BaseModelWeights,
@@ -224,56 +249,115 @@ def _project_layers(
     report: TransferReport,
     pending: PendingWrites,
     clock: "PhaseClock",
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[str, torch.Tensor]:
+    """LoRA-X / ProLoRA state dict: from the registry's adapter cache when the same request was answered before
+    (same LoRA factors, same source and target weights, method, k and threshold), else projected layer by layer."""
     from diffusers.utils.logging import tqdm
 
-    # Pass 1: fingerprints, hashed on every core (hashlib releases the GIL; each thread holds one weight at a time;
-    # unchanged source files are not read again within a process), then one registry query per rank.
+    # Fingerprints on every core (XXH3 at memory speed; each thread holds one weight at a time; unchanged source
+    # files are not read again within a process).
     ks = {i: subspace.resolve_rank(rank, layers[i].weight_shape) for i in matched}
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        fps: dict[int, tuple[str, str]] = dict(zip(matched, pool.map(
-            lambda i: (source_w.fingerprint(*layers[i].key), target_w.fingerprint(*layers[i].key)), matched)))
-    bases: dict[tuple[str, int], Basis] = {}
+        jobs = pool.map(lambda i: (source_w.fingerprint(*layers[i].key), target_w.fingerprint(*layers[i].key)), matched)
+        fps: dict[int, tuple[str, str]] = dict(zip(matched, tqdm(
+            jobs, total=len(matched), desc="fingerprints", disable=len(matched) < 64)))
+    registry = pending.registry
+    key = _adapter_key(layers, matched, fps, ks, method, threshold)
+    cached = registry.get_adapter(key)
+    if cached is not None:
+        state_dict, info = cached
+        for i, fields in zip(matched, info["layers"]):
+            for name in _ROW_FIELDS:
+                setattr(report.layers[i], name, fields[name])
+        report.adapter_cached = True
+        clock.lap(report, "bases")
+        return state_dict
+
+    # One registry query per k for all stored bases and similarities; blobs are read (checksummed) only when a
+    # layer needs them, and bases computed here are staged on disk at once, so memory holds one layer's bases.
+    stored: dict[tuple[str, int], StoredBasis] = {}
     for k in sorted(set(ks.values())):
         wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
-        bases.update({(fp, k): b for fp, b in pending.registry.get_bases(wanted, k).items()})
-    report.bases_cached = len(bases)
-
-    # Pass 2: the missing bases, exact thin SVD in float32.
-    missing: dict[tuple[str, int], tuple[str, int]] = {}  # (fingerprint, k) -> (side, layer index)
-    for i in matched:
-        for side, fp in zip(("source", "target"), fps[i]):
-            if (fp, ks[i]) not in bases:
-                missing.setdefault((fp, ks[i]), (side, i))
-    for (fp, k), (side, i) in tqdm(missing.items(), desc="SVD bases", disable=len(missing) < 8):
-        weights = source_w if side == "source" else target_w
-        try:
-            basis = subspace.compute_basis(weights.weight(*layers[i].key), k)
-        except ValueError as err:
-            raise SourceModelError(f"{side} weight of {layers[i].component}.{layers[i].module}: {err}") from err
-        bases[(fp, k)] = basis
-        pending.bases[fp] = basis
-    report.bases_computed = len(missing)
-    clock.lap(report, "bases")
-
-    sims = pending.registry.get_similarities({(*fps[i], ks[i]) for i in matched})
+        stored.update({(fp, k): ref for fp, ref in registry.find_bases(wanted, k).items()})
+    sims = registry.get_similarities({(*fps[i], ks[i]) for i in matched})
     report.similarities_cached = len(sims)
-    out = {}
-    for i in matched:
+    device = _compute_device(target_w, layers[matched[0]].key)
+
+    def basis(side: str, i: int, fp: str) -> Basis:
+        k = ks[i]
+        found = registry.staged_basis(pending.staged, fp, k)
+        if found is None and (fp, k) in stored:
+            found = registry.load_basis(stored[(fp, k)], k)
+            report.bases_cached += found is not None
+        if found is None:
+            weights = source_w if side == "source" else target_w
+            try:
+                found = subspace.compute_basis(weights.weight(*layers[i].key), k, device=device)
+            except ValueError as err:
+                raise SourceModelError(f"{side} weight of {layers[i].component}.{layers[i].module}: {err}") from err
+            registry.stage_basis(pending.staged, fp, found)
+            report.bases_computed += 1
+        return found
+
+    factors = {}
+    missing = sum((fp, ks[i]) not in stored for i in matched for fp in set(fps[i]))
+    for i in tqdm(matched, desc="bases and projection", disable=missing < 8):
         k, (fp_s, fp_t), row = ks[i], fps[i], report.layers[i]
-        b_s, b_t = bases[(fp_s, k)], bases[(fp_t, k)]
-        key = (fp_s, fp_t, k)
-        if key not in sims:
-            sims[key] = (subspace.subspace_similarity(b_s.U, b_t.U), subspace.subspace_similarity(b_s.V, b_t.V))
-            pending.similarities[key] = sims[key]
-        row.k, (row.phi_u, row.phi_v) = k, sims[key]
+        pair = (fp_s, fp_t, k)
+        b_s = b_t = None
+        if pair not in sims:
+            b_s, b_t = basis("source", i, fp_s), basis("target", i, fp_t)
+            sims[pair] = (subspace.subspace_similarity(b_s.U, b_t.U), subspace.subspace_similarity(b_s.V, b_t.V))
+            pending.similarities[pair] = sims[pair]
+        row.k, (row.phi_u, row.phi_v) = k, sims[pair]
         if row.phi_u < threshold or row.phi_v < threshold:
             row.reason = f"subspace similarity below threshold {threshold}"
             continue
+        b_t = b_t or basis("target", i, fp_t)
         B, A = layers[i].factors()
-        out[i] = subspace.project_lorax(B, A, b_t) if method == "lorax" else subspace.project_prolora(B, A, b_s, b_t)
+        if method == "lorax":
+            factors[i] = subspace.project_lorax(B, A, b_t)
+        else:
+            factors[i] = subspace.project_prolora(B, A, b_s or basis("source", i, fp_s), b_t)
     report.similarities_computed = len(pending.similarities)
-    return out
+    clock.lap(report, "bases")
+    state_dict = _state_dict(layers, factors, report)
+    if state_dict:
+        info = {"layers": [{name: getattr(report.layers[i], name) for name in _ROW_FIELDS} for i in matched]}
+        registry.stage_adapter(pending.staged, key, state_dict, info)
+    return state_dict
+
+
+def _adapter_key(
+    layers: list[LoraLayer],
+    matched: list[int],
+    fps: dict[int, tuple[str, str]],
+    ks: dict[int, int],
+    method: str,
+    threshold: float,
+) -> str:
+    """XXH3-128 of everything a transferred adapter depends on: this package's version (the math), the method and
+    threshold, and per matched layer its PEFT key, the LoRA's factors and scale, both base weights' fingerprints
+    and k."""
+    from . import __version__
+
+    digest = xxhash.xxh3_128(f"{__version__}|{method}|{float(threshold)!r}".encode())
+    for i in matched:
+        layer = layers[i]
+        digest.update(
+            f"|{layer.component}.{layer.module}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}|"
+            f"{fps[i][0]}|{fps[i][1]}|{ks[i]}".encode()
+        )
+    return digest.hexdigest()
+
+
+def _compute_device(target_w: BaseModelWeights, key: tuple[str, str]) -> torch.device | None:
+    """The target pipeline's device when it is an accelerator (bases are computed there), else ``None``."""
+    if isinstance(target_w, PipelineWeights):
+        device = target_w.weight(*key).device
+        if device.type != "cpu":
+            return device
+    return None
 
 
 def _check_catalogued_hub_ids(lora_family: FamilyMatch | None, **models: Any) -> None:

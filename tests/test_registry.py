@@ -49,7 +49,7 @@ def test_fingerprint_is_content_only():
     V = W.clone()
     V[3, 3] = torch.nextafter(V[3, 3], torch.tensor(10.0))
     assert fingerprint(W) != fingerprint(V)
-    assert len(fingerprint(W)) == 64
+    assert len(fingerprint(W)) == 32
 
 
 def test_missing_blob_is_a_miss(tmp_path):
@@ -67,12 +67,56 @@ def test_a_file_that_is_not_a_registry(tmp_path):
         Registry(tmp_path)
 
 
-def test_other_schema_version_is_refused(tmp_path):
-    Registry(tmp_path)
+def test_other_schema_version_is_rebuilt_with_a_warning(tmp_path, caplog):
+    reg = Registry(tmp_path)
+    W = torch.randn(8, 8)
+    fp = fingerprint(W)
+    reg.put_bases({fp: compute_basis(W, 4)})
     with sqlite3.connect(tmp_path / "registry.sqlite") as db:
-        db.execute("update meta set value='999' where key='schema_version'")
-    with pytest.raises(RegistryError, match="schema 999"):
-        Registry(tmp_path)
+        db.execute("update meta set value='1' where key='schema_version'")
+    reg = Registry(tmp_path)
+    assert "schema version 1" in caplog.text and "rebuilding" in caplog.text
+    assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert not (tmp_path / "bases").exists()  # no orphan blobs of the old schema
+    reg.put_bases({fp: compute_basis(W, 4)})
+    assert Registry(tmp_path).stats()["bases"] == 1  # and the rebuilt registry is usable at once
+
+
+def test_a_changed_blob_fails_its_checksum_and_is_dropped(tmp_path, caplog):
+    reg = Registry(tmp_path)
+    W = torch.randn(12, 8)
+    fp = fingerprint(W)
+    reg.put_bases({fp: compute_basis(W, 4)})
+    blob = next((tmp_path / "bases").rglob("*.safetensors"))
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01  # one bit of one float of V
+    blob.write_bytes(bytes(data))
+    assert reg.get_bases([fp], 4) == {}
+    assert "fails its checksum" in caplog.text
+    assert reg.stats()["bases"] == 0 and not blob.exists()
+
+
+def test_adapters_round_trip_with_their_info(tmp_path):
+    reg = Registry(tmp_path)
+    sd = {"unet.x.lora_A.weight": torch.randn(4, 8), "unet.x.lora_B.weight": torch.randn(8, 4).half()}
+    staged = reg.staging()
+    reg.stage_adapter(staged, "ab" * 16, sd, {"layers": [{"phi_u": 0.5}]})
+    assert reg.get_adapter("ab" * 16) is None  # staged is not visible
+    reg.commit(staged)
+    got, info = Registry(tmp_path).get_adapter("ab" * 16)
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+    assert info == {"layers": [{"phi_u": 0.5}]}
+    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+
+
+def test_discarded_staging_leaves_nothing(tmp_path):
+    reg = Registry(tmp_path)
+    before = reg.stats()
+    staged = reg.staging()
+    W = torch.randn(8, 8)
+    reg.stage_basis(staged, fingerprint(W), compute_basis(W, 4))
+    reg.discard(staged)
+    assert reg.stats() == before and not staged.directory.exists()
 
 
 def test_default_dir_env_and_platformdirs(monkeypatch, tmp_path):

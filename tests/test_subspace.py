@@ -49,6 +49,60 @@ def test_basis_matches_float64_svd(shape):
     assert rel(proj(b.V.double()), proj(V)) < 1e-4
 
 
+def _with_spectrum(m, n, kind, seed):
+    """A float64 ``(m, n)`` matrix with random singular vectors and a chosen spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    d = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(d, dtype=torch.float64)
+    s = {
+        "random": torch.linalg.svdvals(torch.randn(m, n, generator=g, dtype=torch.float64)),
+        "powerlaw": (i + 1) ** -0.5,  # slowly decaying, as trained weights
+        "exponential": torch.exp(-8 * i / d),
+        "clustered": 1.0 + 1e-2 * (d - i) / d,  # near-degenerate: all values within 1 %
+    }[kind]
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("kind", ["random", "powerlaw", "exponential", "clustered"])
+@pytest.mark.parametrize("m, n", [(256, 256), (160, 384), (384, 160)])
+def test_transferred_adapter_within_1e3_of_float64_exact(kind, m, n):
+    """The issue's bound: the adapter from compute_basis (whichever route its guard picks) is within 1e-3 relative
+    (Frobenius) of the adapter from float64 exact SVDs, for LoRA-X and ProLoRA, on random and realistic spectra."""
+    seed = m + 3 * n + len(kind)
+    Ws = _with_spectrum(m, n, kind, seed)
+    Wt = Ws + 0.2 * _with_spectrum(m, n, kind, seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(m, 16, generator=g), torch.randn(16, n, generator=g)
+    k = subspace.resolve_rank(0.5, (m, n))
+    fast = [subspace.compute_basis(W.float(), k) for W in (Ws, Wt)]
+    exact = [subspace.Basis(*dense_basis(W, k)) for W in (Ws, Wt)]
+    for project in (lambda b: subspace.project_lorax(B.double(), A.double(), b[1]),
+                    lambda b: subspace.project_prolora(B.double(), A.double(), *b)):
+        got = [t.double() for t in project([subspace.Basis(*(t.double() for t in (b.U, b.S, b.V))) for b in fast])]
+        ref = project(exact)
+        assert rel(got[0] @ got[1], ref[0] @ ref[1]) <= 1e-3
+
+
+def test_gram_route_is_taken_where_safe_and_refused_where_not(monkeypatch):
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(1) or svd(*a, **kw))
+    well = _with_spectrum(128, 128, "random", 0).float()
+    slow = _with_spectrum(128, 128, "clustered", 0).float()
+    subspace.compute_basis(well, 64)
+    assert calls == []  # a random spectrum: the Gram eigendecomposition is accurate, no SVD
+    lam = torch.linalg.eigvalsh(slow.double() @ slow.double().T)
+    assert subspace.gram_error_estimate(lam, 64) > subspace.GRAM_TOLERANCE
+    b = subspace.compute_basis(slow, 64)
+    assert calls == [1]  # tiny gaps at k: the guard falls back to the exact SVD
+    U, _, _ = dense_basis(slow, 64)
+    assert rel(proj(b.U.double()), proj(U)) < 1e-3
+    # full rank on the small side: the projector is I, nothing to mix
+    assert subspace.gram_error_estimate(torch.linspace(1, 2, 10), 10) == 0.0
+
+
 def test_basis_rejects_nan():
     W = torch.randn(8, 8)
     W[3, 3] = float("nan")

@@ -1,6 +1,7 @@
 """End to end on small SD pipelines: load_lora_weights_cross and transfer_lora."""
 
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -139,23 +140,46 @@ def test_identical_models_and_update_in_source_subspace_is_unchanged(source, reg
             assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
-def test_second_call_computes_no_svd(source, lora, registry, monkeypatch):
+def _forbid_svd(monkeypatch):
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD was computed on a warm call")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    monkeypatch.setattr(torch.linalg, "eigh", no_svd)
+
+
+def test_second_call_is_served_from_the_adapter_cache(source, lora, registry, monkeypatch):
     target = make_target()
     first = target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry, method="prolora")
     n = len(first.layers)
     assert first.bases_computed == 2 * n and first.bases_cached == 0 and first.similarities_computed == n
+    assert not first.adapter_cached
     assert registry.stats()["bases"] == 2 * n and registry.stats()["similarities"] == n
+    assert registry.stats()["adapters"] == 1
+    loaded = delta_weights(target, "a")
 
-    def no_svd(*args, **kwargs):
-        raise AssertionError("an SVD was computed on a warm call")
-
-    monkeypatch.setattr("diffusers_lorax.subspace.compute_basis", no_svd)
+    _forbid_svd(monkeypatch)
     target.delete_adapters("a")
     second = target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry, method="prolora")
-    assert second.bases_computed == 0 and second.bases_cached == 2 * n
+    assert second.adapter_cached and second.bases_computed == 0 and second.bases_cached == 0
+    assert [asdict(r) for r in second.layers] == [asdict(r) for r in first.layers]
+    assert "transferred adapter from cache" in second.summary()
+    again = delta_weights(target, "a")
+    assert again.keys() == loaded.keys() and all(torch.equal(again[k], loaded[k]) for k in loaded)
+
+
+def test_another_lora_on_the_same_models_reads_bases_and_computes_no_svd(source, lora, registry, monkeypatch):
+    target = make_target()
+    first = target.load_lora_weights_cross(source, lora, adapter_name="a", registry=registry, method="prolora")
+    n = len(first.layers)
+    _forbid_svd(monkeypatch)
+    other = {k: v * 2 if "lora_B" in k else v for k, v in lora.items()}
+    second = target.load_lora_weights_cross(source, other, adapter_name="b", registry=registry, method="prolora")
+    assert not second.adapter_cached and second.bases_computed == 0 and second.bases_cached == 2 * n
     assert second.similarities_cached == n and second.similarities_computed == 0
     assert [(r.phi_u, r.phi_v) for r in second.layers] == [(r.phi_u, r.phi_v) for r in first.layers]
     assert f"{2 * n} from cache, 0 computed" in second.summary()
+    assert registry.stats()["adapters"] == 2
 
 
 def test_changed_weight_misses_only_its_own_basis(source, lora, registry):
@@ -197,7 +221,7 @@ def test_unrelated_target_transfers_nothing_and_changes_nothing(source, lora, re
     with pytest.raises(NothingTransferredError, match="threshold"):
         target.load_lora_weights_cross(source, lora, adapter_name="x", registry=registry, method="prolora")
     assert_unchanged(target, before)
-    assert registry.stats() == {"bases": 0, "similarities": 0, "blob_bytes": 0}
+    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
 
 
 def test_keys_matching_no_layer(source, registry):
@@ -274,6 +298,7 @@ def test_default_copy_computes_no_basis_and_leaves_the_registry_alone(source, lo
         raise AssertionError("the default method must not compute an SVD")
 
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    monkeypatch.setattr(torch.linalg, "eigh", no_svd)
     target = make_target()
     report = target.load_lora_weights_cross(source, lora, adapter_name="c", registry=tmp_path / "reg")
     assert report.method == "copy" and report.bases_computed == 0 and report.bases_cached == 0
@@ -332,16 +357,20 @@ def test_source_path_that_is_neither_folder_nor_repo(lora, registry, tmp_path):
 
 
 def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, registry, monkeypatch, caplog):
-    from diffusers_lorax import RegistryError
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
 
     def fail(*args, **kwargs):
-        raise RegistryError("disk full")
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
 
-    monkeypatch.setattr(Registry, "put_bases", fail)
+    monkeypatch.setattr(Session, "merge", fail)
     target = make_target()
     report = target.load_lora_weights_cross(source, lora, adapter_name="kept", registry=registry, method="prolora")
     assert target.get_list_adapters()["unet"] == ["kept"] and len(report.applied) == len(report.layers)
-    assert registry.stats()["bases"] == 0
+    assert "could not store" in caplog.text and "disk is full" in caplog.text
+    stats = registry.stats()
+    assert (stats["bases"], stats["similarities"], stats["adapters"]) == (0, 0, 0)
+    assert not any((registry.directory / "staging").iterdir())  # the staged blobs are gone too
 
 
 def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):
