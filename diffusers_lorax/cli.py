@@ -2,11 +2,14 @@
 
     lorax transfer SOURCE TARGET LORA -o OUT.safetensors [--method M] [--threshold T] [--rank R] [--weight-name W]
     lorax demo
+    lorax registry path|list|stats|verify|prune|clear [--registry DIR] [--url URL]
 
 ``transfer`` reads the LoRA and both base models (local diffusers folders or Hub repo ids), prints the transfer
 report and writes a standard diffusers LoRA file (the pipeline class's own ``save_lora_weights``) that plain
 ``pipe.load_lora_weights`` loads. ``demo`` transfers the bundled digits testbed's style LoRA onto its two targets
 offline and scores the result (docs/quality.md).
+``registry`` inspects and maintains the registry (docs/registry.md): ``verify`` exits 1 when a row's blob is missing
+or damaged, ``prune`` removes those rows, garbage of interrupted writes and least recently used entries past the cap.
 Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line).
 """
 
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     t.add_argument("--summary", action="store_true", help="print only the report's summary, not every layer")
 
+    r = sub.add_parser("registry", help="inspect and maintain the basis registry")
+    r.add_argument("action", choices=("path", "list", "stats", "verify", "prune", "clear"))
+    r.add_argument("--registry", help="registry directory (default: $LORAX_CACHE_DIR or the user cache dir)")
+    r.add_argument("--url", help="database URL (default: $LORAX_REGISTRY_URL, else SQLite in the directory)")
+    r.add_argument("--max-bytes", type=int, help="prune: evict least recently used entries past this size")
+
     d = sub.add_parser("demo", help="transfer the bundled digits testbed's style LoRA offline and score it")
     d.add_argument("--workdir", type=Path, help="where to write the grid PNG and registry (default: a temp directory)")
     return parser
@@ -61,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.workdir)
             return 0
+        if args.command == "registry":
+            return registry_command(args)
         state_dict, report = transfer_lora(
             args.source,
             args.target,
@@ -81,6 +92,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output} ({len(report.applied)} layers)")
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def registry_command(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from .registry import Registry
+
+    registry = Registry(args.registry, url=args.url)
+    if args.action == "path":
+        print(registry.location)
+    elif args.action == "list":
+        for e in registry.entries():
+            used = datetime.fromtimestamp(e["last_used"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            shape = "x".join(map(str, e["shape"])) + f" k={e['rank']}" if e["shape"] else ""
+            print(f"{e['kind']:<8} {e['key']}  {e['bytes']:>12,d} B  last used {used} UTC  {shape}")
+    elif args.action == "stats":
+        stats = registry.stats()
+        print(f"{registry.location}: " + ", ".join(f"{k} {v:,d}" for k, v in stats.items())
+              + f" (cap {registry.max_bytes:,d} bytes)")
+    elif args.action == "verify":
+        found = registry.verify()
+        for key in found.bad:
+            print(f"bad: {key} (blob missing or fails its checksum)")
+        print(f"checked {found.checked} entries: {len(found.bad)} bad, {len(found.orphans)} orphan blobs, "
+              f"{len(found.leftovers)} leftovers of interrupted writes")
+        return 0 if found.ok else 1
+    elif args.action == "prune":
+        removed = registry.prune(args.max_bytes)
+        print(f"removed {removed['bad']} bad entries and {removed['garbage']} garbage files; evicted {removed['evicted']}")
+    elif args.action == "clear":
+        registry.clear()
+        print(f"cleared {registry.location}")
     return 0
 
 

@@ -65,9 +65,11 @@ def flatten_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 #: Largest estimated error ‖P̂ − P‖_F of a Gram-route projector (see :func:`compute_basis`) that is accepted;
-#: above it the exact SVD is used. On the tested spectra a Gram basis that passes gives transferred adapters within
-#: 2e-5 of a float64 reference (tests/test_subspace.py); the issue's bound is 1e-3.
-GRAM_TOLERANCE: float = 1e-3
+#: above it the exact SVD is used. The estimate is an upper bound: on random, power-law, exponential and clustered
+#: spectra the transferred adapter's relative error came out 150-250 times below it (so ≤ 7e-5 here, against the
+#: 1e-3 asked; tests/test_subspace.py checks the 1e-3 bound against float64 SVDs). Random full-size SD weights
+#: estimate about 1e-3 and take the fast route.
+GRAM_TOLERANCE: float = 1e-2
 
 
 def compute_basis(weight: torch.Tensor, k: int, *, device: torch.device | str | None = None) -> Basis:

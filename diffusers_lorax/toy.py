@@ -103,20 +103,31 @@ def sd_pipeline(
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-def sdxl_pipeline(seed: int = 0) -> Any:
-    """A tiny ``StableDiffusionXLPipeline`` with random weights (two text encoders, text-time embedding)."""
+def sdxl_pipeline(
+    unet: dict | None = None,
+    text_encoder: dict | None = None,
+    text_encoder_2: dict | None = None,
+    vae: dict | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A ``StableDiffusionXLPipeline`` with random weights (two text encoders, text-time embedding): tiny by
+    default; pass full-size config dicts for SDXL. Each component is cast to ``dtype`` as soon as it is built, so a
+    full-size float16 pipeline never holds more than one float32 component."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**TINY_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2)),
+        vae=AutoencoderKL(**(vae or TINY_VAE)).to(dtype),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_clip_config(text_encoder or TINY_TEXT_ENCODER))).to(dtype),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig(**_clip_config(text_encoder_2 or TINY_TEXT_ENCODER_2))
+        ).to(dtype),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        unet=UNet2DConditionModel(**(unet or TINY_SDXL_UNET)).to(dtype),
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -1,44 +1,56 @@
-"""The SQLite registry: exact round trips, truncation, atomic blobs, clear errors."""
+"""The registry on SQLite and on PostgreSQL (where LORAX_TEST_POSTGRES_URL names a server): exact round trips,
+checksums, schema versions, housekeeping, least-recently-used eviction, concurrent processes, SIGKILLed writers."""
 
+import multiprocessing
+import os
+import random
+import signal
 import sqlite3
+import time
 
 import pytest
 import torch
 
-from diffusers_lorax import Registry, RegistryError
-from diffusers_lorax.registry import default_registry_dir
+from diffusers_lorax import Registry, RegistryError, cli, toy, transfer_lora
+from diffusers_lorax.registry import default_registry_dir, open_registry, redact
 from diffusers_lorax.subspace import compute_basis
 from diffusers_lorax.weights import fingerprint
 
 
-def test_bases_round_trip_exactly_and_truncate(tmp_path):
-    reg = Registry(tmp_path)
-    W = torch.randn(40, 24)
-    b = compute_basis(W, 12)
-    fp = fingerprint(W)
+def basis_of(shape=(40, 24), k=12, seed=0):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return fingerprint(W), compute_basis(W, k)
+
+
+def test_bases_round_trip_exactly_and_truncate(make_registry, tmp_path):
+    reg = make_registry()
+    fp, b = basis_of()
     assert reg.get_bases([fp], 12) == {}
     reg.put_bases({fp: b})
-    got = Registry(tmp_path).get_bases([fp], 12)[fp]  # a new instance reads what the first wrote
+    got = make_registry().get_bases([fp], 12)[fp]  # a new instance reads what the first wrote
     assert torch.equal(got.U, b.U) and torch.equal(got.S, b.S) and torch.equal(got.V, b.V)
     small = reg.get_bases([fp], 5)[fp]
     assert torch.equal(small.U, b.U[:, :5]) and torch.equal(small.V, b.V[:, :5])
     assert reg.get_bases([fp], 13) == {}  # more vectors than stored is a miss
-    assert list((tmp_path / "bases").rglob("*.tmp")) == []
-    assert reg.stats()["bases"] == 1 and reg.stats()["blob_bytes"] > 0
+    assert list((tmp_path / "registry").rglob("*.tmp")) == []
+    stats = reg.stats()
+    assert stats["bases"] == 1 and stats["blob_bytes"] == sum(
+        p.stat().st_size for p in (tmp_path / "registry" / "bases").rglob("*.safetensors"))
 
 
-def test_blob_names_come_from_fingerprints(tmp_path):
-    reg = Registry(tmp_path)
-    W = torch.randn(8, 8)
-    fp = fingerprint(W)
-    reg.put_bases({fp: compute_basis(W, 4)})
-    assert [p.name for p in (tmp_path / "bases").rglob("*.safetensors")] == [f"{fp}.safetensors"]
+def test_blob_names_come_from_hashes_only(make_registry, tmp_path):
+    reg = make_registry()
+    fp, b = basis_of((8, 8), 4)
+    reg.put_bases({fp: b})
+    [blob] = list((tmp_path / "registry" / "bases").rglob("*.safetensors"))
+    name, checksum = blob.stem.split("-")
+    assert name == fp and len(checksum) == 16 and int(checksum, 16) >= 0 and blob.parent.name == fp[:2]
 
 
-def test_similarities_round_trip(tmp_path):
-    reg = Registry(tmp_path)
-    reg.put_similarities({("a" * 64, "b" * 64, 4): (0.5, 0.25)})
-    assert reg.get_similarities([("a" * 64, "b" * 64, 4), ("a" * 64, "b" * 64, 5)]) == {("a" * 64, "b" * 64, 4): (0.5, 0.25)}
+def test_similarities_round_trip(make_registry):
+    reg = make_registry()
+    reg.put_similarities({("a" * 32, "b" * 32, 4): (0.5, 0.25)})
+    assert reg.get_similarities([("a" * 32, "b" * 32, 4), ("a" * 32, "b" * 32, 5)]) == {("a" * 32, "b" * 32, 4): (0.5, 0.25)}
 
 
 def test_fingerprint_is_content_only():
@@ -52,13 +64,33 @@ def test_fingerprint_is_content_only():
     assert len(fingerprint(W)) == 32
 
 
-def test_missing_blob_is_a_miss(tmp_path):
-    reg = Registry(tmp_path)
-    W = torch.randn(8, 8)
-    fp = fingerprint(W)
-    reg.put_bases({fp: compute_basis(W, 4)})
-    next((tmp_path / "bases").rglob("*.safetensors")).unlink()
+def test_missing_blob_is_a_miss_and_the_row_goes(make_registry, tmp_path, caplog):
+    reg = make_registry()
+    fp, b = basis_of((8, 8), 4)
+    reg.put_bases({fp: b})
+    next((tmp_path / "registry" / "bases").rglob("*.safetensors")).unlink()
     assert reg.get_bases([fp], 4) == {}
+    assert "missing or fails its checksum" in caplog.text and reg.stats()["bases"] == 0
+
+
+def test_a_changed_blob_fails_its_checksum_is_dropped_and_recomputed(make_registry, tmp_path, caplog):
+    """Corruption end to end: a flipped bit in a stored basis is caught on read and logged, the basis is recomputed,
+    and the transfer gives exactly what a fresh registry gives."""
+    reg = make_registry()
+    source, target = toy.sd_pipeline(seed=0), toy.finetune(toy.sd_pipeline(seed=0), seed=1)
+    lora = toy.random_lora(source, rank=2, seed=4)
+    transfer_lora(source, target, lora, registry=reg, method="prolora")
+    blob = sorted((tmp_path / "registry" / "bases").rglob("*.safetensors"))[0]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01  # one bit of one float
+    blob.write_bytes(bytes(data))
+    assert not reg.verify().ok
+    other = {k: v * 2 if "lora_B" in k else v for k, v in lora.items()}  # not an adapter-cache hit
+    got, report = transfer_lora(source, target, other, registry=reg, method="prolora")
+    assert "fails its checksum" in caplog.text
+    assert report.bases_computed == 1 and reg.verify().ok
+    ref, _ = transfer_lora(source, target, other, registry=tmp_path / "fresh", method="prolora")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_a_file_that_is_not_a_registry(tmp_path):
@@ -67,62 +99,238 @@ def test_a_file_that_is_not_a_registry(tmp_path):
         Registry(tmp_path)
 
 
-def test_other_schema_version_is_rebuilt_with_a_warning(tmp_path, caplog):
-    reg = Registry(tmp_path)
-    W = torch.randn(8, 8)
-    fp = fingerprint(W)
-    reg.put_bases({fp: compute_basis(W, 4)})
+def test_a_database_of_something_else_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / "registry.sqlite") as db:
-        db.execute("update meta set value='1' where key='schema_version'")
-    reg = Registry(tmp_path)
+        db.execute("create table customers (id integer primary key)")
+    with pytest.raises(RegistryError, match="other tables"):
+        Registry(tmp_path)
+    with sqlite3.connect(tmp_path / "registry.sqlite") as db:
+        assert db.execute("select name from sqlite_master").fetchall() == [("customers",)]  # untouched
+
+
+def test_other_schema_version_is_rebuilt_with_a_warning(make_registry, tmp_path, caplog):
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from diffusers_lorax.registry import MetaRow
+
+    reg = make_registry()
+    fp, b = basis_of((8, 8), 4)
+    reg.put_bases({fp: b})
+    with Session(reg.engine) as session, session.begin():
+        session.execute(update(MetaRow).where(MetaRow.key == "schema_version").values(value="1"))
+    reg.engine.dispose()
+    reg = make_registry()
     assert "schema version 1" in caplog.text and "rebuilding" in caplog.text
     assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
-    assert not (tmp_path / "bases").exists()  # no orphan blobs of the old schema
-    reg.put_bases({fp: compute_basis(W, 4)})
-    assert Registry(tmp_path).stats()["bases"] == 1  # and the rebuilt registry is usable at once
+    assert not (tmp_path / "registry" / "bases").exists()  # no orphan blobs of the old schema
+    reg.put_bases({fp: b})
+    assert make_registry().stats()["bases"] == 1  # and the rebuilt registry is usable at once
 
 
-def test_a_changed_blob_fails_its_checksum_and_is_dropped(tmp_path, caplog):
-    reg = Registry(tmp_path)
-    W = torch.randn(12, 8)
-    fp = fingerprint(W)
-    reg.put_bases({fp: compute_basis(W, 4)})
-    blob = next((tmp_path / "bases").rglob("*.safetensors"))
-    data = bytearray(blob.read_bytes())
-    data[-5] ^= 0x01  # one bit of one float of V
-    blob.write_bytes(bytes(data))
-    assert reg.get_bases([fp], 4) == {}
-    assert "fails its checksum" in caplog.text
-    assert reg.stats()["bases"] == 0 and not blob.exists()
-
-
-def test_adapters_round_trip_with_their_info(tmp_path):
-    reg = Registry(tmp_path)
+def test_adapters_round_trip_with_their_info(make_registry, tmp_path):
+    reg = make_registry()
     sd = {"unet.x.lora_A.weight": torch.randn(4, 8), "unet.x.lora_B.weight": torch.randn(8, 4).half()}
     staged = reg.staging()
     reg.stage_adapter(staged, "ab" * 16, sd, {"layers": [{"phi_u": 0.5}]})
     assert reg.get_adapter("ab" * 16) is None  # staged is not visible
     reg.commit(staged)
-    got, info = Registry(tmp_path).get_adapter("ab" * 16)
+    got, info = make_registry().get_adapter("ab" * 16)
     assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
     assert info == {"layers": [{"phi_u": 0.5}]}
-    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+    assert not staged.directory.exists()
 
 
-def test_discarded_staging_leaves_nothing(tmp_path):
-    reg = Registry(tmp_path)
+def test_discarded_staging_leaves_nothing(make_registry):
+    reg = make_registry()
     before = reg.stats()
     staged = reg.staging()
-    W = torch.randn(8, 8)
-    reg.stage_basis(staged, fingerprint(W), compute_basis(W, 4))
+    fp, b = basis_of((8, 8), 4)
+    reg.stage_basis(staged, fp, b)
     reg.discard(staged)
     assert reg.stats() == before and not staged.directory.exists()
+
+
+def test_verify_and_prune(make_registry, tmp_path):
+    reg = make_registry()
+    fps = []
+    for seed in range(3):
+        fp, b = basis_of((16, 8), 4, seed)
+        reg.put_bases({fp: b})
+        fps.append(fp)
+    root = tmp_path / "registry"
+    assert reg.verify().ok and reg.verify().checked == 3
+    blobs = sorted((root / "bases").rglob("*.safetensors"))
+    blobs[0].write_bytes(b"damaged")
+    orphan = root / "bases" / "ff" / ("f" * 32 + "-0000000000000000.safetensors")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"x")
+    (root / "staging" / "dead").mkdir(parents=True)
+    found = reg.verify()
+    assert not found.ok and len(found.bad) == 1 and found.orphans == [orphan]
+    assert [p.name for p in found.leftovers] == ["dead"]
+    assert reg.prune(older_than=3600) == {"bad": 1, "garbage": 0, "evicted": 0}  # young garbage may be in use
+    assert reg.stats()["bases"] == 2 and orphan.exists()
+    assert reg.prune(older_than=0) == {"bad": 0, "garbage": 2, "evicted": 0}
+    found = reg.verify()
+    assert found.ok and found.orphans == [] and found.leftovers == [] and found.checked == 2
+
+
+def test_least_recently_used_entries_are_evicted_past_the_cap(make_registry):
+    reg = make_registry()
+    fps = []
+    for seed in range(4):
+        fp, b = basis_of((64, 64), 32, seed)
+        reg.put_bases({fp: b})
+        fps.append(fp)
+    size = reg.stats()["blob_bytes"] // 4
+    # Make the ages unambiguous: fps[0] oldest ... fps[3] newest, then use fps[0].
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from diffusers_lorax.registry import BasisRow
+
+    with Session(reg.engine) as session, session.begin():
+        for age, fp in enumerate(fps):
+            session.execute(update(BasisRow).where(BasisRow.fingerprint == fp).values(last_used=1000.0 + age))
+    assert reg.find_bases([fps[0]], 32)  # a read refreshes its last use
+    capped = make_registry(max_bytes=2 * size + size // 2)
+    fp, b = basis_of((64, 64), 32, 99)
+    capped.put_bases({fp: b})  # five entries past a cap of two and a half: the three least recently used go
+    assert set(e["key"] for e in capped.entries()) == {fps[0], fp}
+    assert capped.stats()["blob_bytes"] <= capped.max_bytes and capped.verify().ok and not capped.verify().orphans
+
+
+def test_registry_url_and_paths_never_show_a_password(tmp_path):
+    url = "postgresql+psycopg://lorax:s3cr3t-pw@127.0.0.1:1/registry"
+    assert redact(url) == "postgresql+psycopg://lorax:***@127.0.0.1:1/registry"
+    with pytest.raises(RegistryError) as err:
+        Registry(tmp_path, url=url)  # nothing listens on port 1
+    assert "s3cr3t" not in str(err.value) and "***" in str(err.value)
+    assert "s3cr3t" not in "".join(str(a) for a in err.value.args)
+
+
+def test_url_strings_select_a_database(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
+    reg = open_registry(url)
+    assert reg.url == url and (tmp_path / "elsewhere.sqlite").exists()
+    monkeypatch.setenv("LORAX_REGISTRY_URL", url)
+    assert Registry(tmp_path / "blobs").url == url
 
 
 def test_default_dir_env_and_platformdirs(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "x"))
     assert default_registry_dir() == tmp_path / "x"
     monkeypatch.delenv("LORAX_CACHE_DIR")
-    from platformdirs import user_cache_dir
+    assert "diffusers-lorax" in str(default_registry_dir())
 
-    assert str(default_registry_dir()) == user_cache_dir("diffusers-lorax")
+
+def test_cli_registry_commands(make_registry, tmp_path, capsys):
+    reg = make_registry()
+    fp, b = basis_of((16, 8), 4)
+    reg.put_bases({fp: b})
+    args = ["--registry", str(tmp_path / "registry")] + (["--url", reg.url] if not reg.url.startswith("sqlite") else [])
+    assert cli.main(["registry", "path", *args]) == 0
+    assert str(tmp_path / "registry") in capsys.readouterr().out
+    assert cli.main(["registry", "list", *args]) == 0
+    assert f"basis    {fp}" in capsys.readouterr().out
+    assert cli.main(["registry", "stats", *args]) == 0
+    assert "bases 1" in capsys.readouterr().out
+    assert cli.main(["registry", "verify", *args]) == 0
+    next((tmp_path / "registry" / "bases").rglob("*.safetensors")).write_bytes(b"damaged")
+    assert cli.main(["registry", "verify", *args]) == 1
+    assert f"bad: {fp}" in capsys.readouterr().out
+    assert cli.main(["registry", "prune", *args]) == 0
+    assert cli.main(["registry", "verify", *args]) == 0
+    reg.put_bases({fp: b})
+    assert cli.main(["registry", "clear", *args]) == 0
+    assert make_registry().stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+
+
+# -- many processes ----------------------------------------------------------------------------------------------------
+def _transfer_worker(folders, directory, url, start, out):
+    torch.set_num_threads(1)  # the same arithmetic in every process
+    start.wait()
+    state_dict, report = transfer_lora(folders["source"], folders["target"], folders["lora"], method="prolora",
+                                       registry=Registry(directory, url=url))
+    out.put({k: v.numpy() for k, v in state_dict.items()})
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    source = toy.sd_pipeline(seed=0)
+    source.save_pretrained(root / "source")
+    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    from safetensors.torch import save_file
+
+    save_file(toy.random_lora(source, rank=4, seed=5), root / "lora.safetensors")
+    return {"source": str(root / "source"), "target": str(root / "target"), "lora": str(root / "lora.safetensors")}
+
+
+def test_eight_processes_on_an_empty_registry(folders, tmp_path, registry_url):
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    directory = tmp_path / "registry"
+    procs = [ctx.Process(target=_transfer_worker, args=(folders, directory, registry_url, start, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    start.set()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    first = results[0]
+    assert all(r.keys() == first.keys() and all((r[k] == first[k]).all() for k in first) for r in results)
+    reg = Registry(directory, url=registry_url)
+    n = len(first) // 2
+    assert reg.stats()["bases"] == 2 * n and reg.stats()["adapters"] == 1  # each basis stored once
+    found = reg.verify()
+    assert found.ok and found.orphans == [] and found.leftovers == []  # no orphan blobs, no staging left
+    assert len(list((directory / "bases").rglob("*.safetensors"))) == 2 * n
+
+
+def _writer(directory, url, seed, ready):
+    torch.set_num_threads(1)
+    reg = Registry(directory, url=url)
+    i = 0
+    while True:  # write until killed
+        fp, b = basis_of((96, 64), 32, seed * 100_000 + i)
+        staged = reg.staging()
+        reg.stage_basis(staged, fp, b)
+        reg.stage_adapter(staged, fp, {"x.lora_A.weight": b.U.T.contiguous()}, {"layers": []})
+        reg.commit(staged, {(fp, fp, 32): (1.0, 1.0)})
+        ready.set()
+        i += 1
+
+
+def test_sigkill_during_writes_never_leaves_a_bad_registry(tmp_path, registry_url):
+    """20 writers killed with SIGKILL at random points of their write loop (staging, rename, transaction): each time
+    the registry opens, passes verify, and every entry serves what was written with it."""
+    ctx = multiprocessing.get_context("forkserver")  # children fork from a server that has imported torch: fast
+    ctx.set_forkserver_preload(["torch", "diffusers_lorax.registry"])
+    directory = tmp_path / "registry"
+    Registry(directory, url=registry_url)
+    rng = random.Random(0)
+    for trial in range(20):
+        ready = ctx.Event()
+        p = ctx.Process(target=_writer, args=(directory, registry_url, trial, ready))
+        p.start()
+        assert ready.wait(120), "the writer never committed"
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert p.exitcode == -signal.SIGKILL
+        reg = Registry(directory, url=registry_url)
+        found = reg.verify()
+        assert found.ok, f"trial {trial}: rows with bad blobs {found.bad}"
+        for entry in reg.entries():
+            if entry["kind"] == "basis":  # the basis and the adapter written with it agree
+                basis = reg.get_bases([entry["key"]], 32)[entry["key"]]
+                adapter, _ = reg.get_adapter(entry["key"])
+                assert torch.equal(adapter["x.lora_A.weight"], basis.U.T)
+                assert torch.allclose(basis.U.T @ basis.U, torch.eye(32), atol=1e-5)
+        reg.engine.dispose()
+    stats = Registry(directory, url=registry_url).stats()
+    assert stats["bases"] >= 20 and stats["bases"] == stats["adapters"] == stats["similarities"]
