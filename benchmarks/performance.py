@@ -1,6 +1,6 @@
 """Issue 4's three ratios, each against a baseline measured in the same run, on full-size SD 1.5 and SDXL pairs.
 
-    python benchmarks/performance.py [--arch sd15 sdxl] [--repeat 3] [--configs DIR]
+    python benchmarks/performance.py [--arch sd15 sdxl] [--repeat 3] [--configs DIR] [--no-svd]
 
 Per architecture: the source base model is built with random weights from a fixed seed (configs from
 ../shared/realcases/configs) and saved as a diffusers folder, which the transfer reads lazily as it would a local or
@@ -18,6 +18,8 @@ computes no basis and is reported against the plain load as well):
    the same source and target weights; and the largest relative Frobenius difference over layers between the
    transferred adapter and the one projected with those exact SVD bases;
 3. peak resident memory of the cold call above the resident memory before it (Linux VmHWM, reset before the call).
+
+``--no-svd`` skips the full-SVD baseline (minutes on SDXL conv layers) and the columns that need it.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def loras(target) -> dict[str, dict[str, torch.Tensor]]:
     return {"attn128": attn, "te+conv": mixed}
 
 
-def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, repeat: int) -> dict:
+def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, repeat: int, svd: bool) -> dict:
     dtype = next(target.unet.parameters()).dtype
     lora = {k: v.to(dtype) for k, v in lora.items()}
     registry = work / f"registry-{name}"
@@ -120,6 +122,11 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
     state_dict, warm_report = diffusers_lorax.transfer_lora(source, target, lora, method="prolora", registry=registry)
     assert warm_report.adapter_cached and warm_report.bases_computed == 0
 
+    row = dict(arch=arch, lora=name, layers=len(cold.layers), plain=plain_s, copy=copy_s, warm=warm_s, cold=cold_s,
+               peak=peak_gb, phases=cold.seconds, warm_phases=warm_report.seconds, computed=cold.bases_computed,
+               applied=len(cold.applied), svd=None, err=None)
+    if not svd:
+        return row
     # Baseline: the full thin SVD of the same source and target weights, then the exact-basis adapter.
     layers = read_lora(type(target), lora)
     src = folder_weights(source, sorted({layer.component for layer in layers}))
@@ -148,9 +155,7 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
     weights.clear()
     svds.clear()
     gc.collect()
-    return dict(arch=arch, lora=name, layers=len(layers), plain=plain_s, copy=copy_s, warm=warm_s, cold=cold_s,
-                svd=svd_s, err=worst, peak=peak_gb, phases=cold.seconds, warm_phases=warm_report.seconds,
-                computed=cold.bases_computed, applied=len(cold.applied))
+    return dict(row, svd=svd_s, err=worst)
 
 
 def main() -> None:
@@ -158,6 +163,7 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=sorted(CONFIG_DIRS))
     parser.add_argument("--configs", type=Path, default=SHARED)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-svd", action="store_true", help="skip the full-SVD baseline (cold/SVD and error)")
     args = parser.parse_args()
     from diffusers.utils import logging
 
@@ -169,7 +175,7 @@ def main() -> None:
         target = build_pair(arch, args.configs, work)
         print(f"{arch}: built and saved the full-size pair in {time.perf_counter() - t:.0f} s ({work})", flush=True)
         for name, lora in loras(target).items():
-            row = measure(arch, name, lora, target, work / "source", work, args.repeat)
+            row = measure(arch, name, lora, target, work / "source", work, args.repeat, not args.no_svd)
             print(json.dumps(row), flush=True)
             rows.append(row)
         del target
@@ -181,9 +187,10 @@ def main() -> None:
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
+        svd = (f"{r['svd']:>10.1f} | {r['cold']:>6.1f} | {r['cold'] / r['svd']:>8.2f} | {r['err']:>11.1e}" if r["svd"]
+               else f"{'-':>10} | {r['cold']:>6.1f} | {'-':>8} | {'-':>11}")
         print(f"| {r['arch']:<5} | {r['lora']:<8} | {r['layers']:>6} | {r['plain']:>12.2f} | {r['warm']:>6.2f} | "
-              f"{r['warm'] / r['plain']:>10.2f} | {r['svd']:>10.1f} | {r['cold']:>6.1f} | {r['cold'] / r['svd']:>8.2f} | "
-              f"{r['err']:>11.1e} | {r['peak']:>8.2f} | {r['copy'] / r['plain']:>10.2f} |")
+              f"{r['warm'] / r['plain']:>10.2f} | {svd} | {r['peak']:>8.2f} | {r['copy'] / r['plain']:>10.2f} |")
     print("targets: warm/plain ≤ 1.2, cold/SVD ≤ 0.25 with max rel err ≤ 1e-3, peak ≤ target + 1.5 GB")
 
 

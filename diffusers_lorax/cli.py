@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="min subspace similarity, 0..1 (prolora, lorax)")
     t.add_argument("--rank", type=_rank, default=DEFAULT_RANK, help="singular vectors kept: int or fraction (prolora, lorax)")
     t.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
-    t.add_argument("--registry", help="registry directory (default: $LORAX_CACHE_DIR or the user cache dir)")
+    t.add_argument("--registry", help="registry directory or database URL (default: $LORAX_REGISTRY_URL, "
+                   "$LORAX_CACHE_DIR or the user cache dir)")
     t.add_argument("--source-revision")
     t.add_argument("--target-revision")
     t.add_argument("--json", type=Path, help="also write the report as JSON to this file")

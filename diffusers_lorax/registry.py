@@ -332,6 +332,9 @@ class Registry:
         ``similarities`` are added in one transaction; then the least recently used entries past ``max_bytes`` are
         evicted. Raises :class:`RegistryError` if the database refuses the write; the staging area is removed
         either way, and a blob moved for a row that did not commit is removed again."""
+        if not similarities and (staged is None or not (staged.bases or staged.adapter)):
+            self.discard(staged)  # nothing to store (a request served from the cache): no lock, no transaction
+            return
         moved: list[Path] = []
         try:
             with self.lock:

@@ -102,7 +102,9 @@ def transfer_lora(
             (projections; see docs/quality.md for how they measure).
         rank: singular vectors kept per layer, an int or a fraction of ``min(m, n)`` (default 0.5).
         threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
-        registry: a :class:`Registry`, a directory, or ``None`` for ``$LORAX_CACHE_DIR`` / the user cache dir.
+        registry: for the projections: a :class:`Registry`, a directory, a database URL (blobs in the default
+            directory), or ``None`` for ``$LORAX_REGISTRY_URL`` / ``$LORAX_CACHE_DIR`` / the user cache dir. A request
+            answered before (same LoRA, base weights, method, k, threshold) is served from it without projecting.
         token, cache_dir: used for the LoRA and for both base models, as in diffusers.
 
     Returns:

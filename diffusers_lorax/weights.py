@@ -67,6 +67,13 @@ def fingerprint(weight: torch.Tensor) -> str:
 #: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
 #: within a process, a file that has not changed is not read or hashed again.
 _FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
+#: Tensor names and shapes of safetensors files, by (resolved path, size, mtime in ns).
+_FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 class PipelineWeights:
@@ -102,17 +109,42 @@ class PipelineWeights:
             self._shapes[component], self._names[component] = out, names
         return self._shapes[component]
 
-    def weight(self, component: str, module: str) -> torch.Tensor:
+    def _module(self, component: str, module: str) -> torch.nn.Module:
         self.shapes(component)
         name = self._names.get(component, {}).get(canonical_module(module))
         if name is None:
             raise SourceModelError(f"{self.label}: {component} has no Linear/Conv2d module {module!r}")
-        mod = self._component(component).get_submodule(name)
+        return self._component(component).get_submodule(name)
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        mod = self._module(component, module)
         return getattr(mod, "base_layer", mod).weight.detach()
 
     def fingerprint(self, component: str, module: str) -> str:
-        # Hashed on every call: in-place edits (fuse_lora writes through ``weight.data``) leave no version trace.
-        return fingerprint(self.weight(component, module))
+        """Memoised on the parameter itself while its storage, autograd version counter, PEFT merge state and a
+        probe of its values are unchanged (see :func:`_tensor_state`); hashed in full otherwise."""
+        mod = self._module(component, module)
+        param = getattr(mod, "base_layer", mod).weight
+        state = _tensor_state(param, tuple(getattr(mod, "merged_adapters", ())))
+        memo = getattr(param, "_lorax_fingerprint", None)
+        if memo is not None and memo[0] == state:
+            return memo[1]
+        value = fingerprint(param)
+        param._lorax_fingerprint = (state, value)
+        return value
+
+
+def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
+    """What tells, without reading all of ``param``, that it has not changed since it was hashed: its storage
+    (``data_ptr``, device, dtype, shape), its autograd version counter (bumped by every in-place op, ``copy_`` and
+    ``load_state_dict`` included), the PEFT adapters merged into it (``fuse_lora`` writes through ``weight.data``,
+    which bumps no counter) and an XXH3 of 4,096 evenly spaced values (which any dense change, such as a fused delta
+    or an EMA step through ``.data``, alters). Only a sparse write through ``.data`` that avoids every probed
+    position would go unseen."""
+    flat = param.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // 4096)].to("cpu").contiguous()
+    return (param.data_ptr(), str(param.device), param.dtype, tuple(param.shape), param._version, merged,
+            xxhash.xxh3_64(probe.view(torch.uint8).numpy().data).intdigest())
 
 
 class SafetensorsWeights:
@@ -126,29 +158,26 @@ class SafetensorsWeights:
 
     def _tensor_files(self, component: str) -> dict[str, Path]:
         if component not in self._where:
-            where: dict[str, Path] = {}
-            for path in self.files.get(component, []):
-                try:
-                    with safe_open(str(path), framework="pt") as f:
-                        for key in f.keys():
-                            where[key] = path
-                except Exception as err:  # safetensors raises its own error types for corrupt headers
-                    raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
-            self._where[component] = where
+            self._where[component] = {key: path for path in self.files.get(component, []) for key in self._index(path)}
         return self._where[component]
+
+    def _index(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape from the file's header, memoised per process like the fingerprints."""
+        memo = _file_identity(path)
+        if memo not in _FILE_INDEXES:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    _FILE_INDEXES[memo] = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
+        return _FILE_INDEXES[memo]
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         out: dict[str, tuple[int, ...]] = {}
-        by_file: dict[Path, list[str]] = {}
-        for key, path in self._tensor_files(component).items():
-            if key.endswith(".weight"):
-                by_file.setdefault(path, []).append(key)
-        for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if len(shape) in (2, 4):
-                        out[canonical_module(key.removesuffix(".weight"))] = shape
+        for path in self.files.get(component, []):
+            for key, shape in self._index(path).items():
+                if key.endswith(".weight") and len(shape) in (2, 4):
+                    out[canonical_module(key.removesuffix(".weight"))] = shape
         return out
 
     def _locate(self, component: str, module: str) -> tuple[Path, str]:
@@ -166,8 +195,7 @@ class SafetensorsWeights:
 
     def fingerprint(self, component: str, module: str) -> str:
         path, key = self._locate(component, module)
-        stat = path.stat()
-        memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, key)
+        memo = (*_file_identity(path), key)
         if memo not in _FILE_FINGERPRINTS:
             _FILE_FINGERPRINTS[memo] = fingerprint(self.weight(component, module))
         return _FILE_FINGERPRINTS[memo]

@@ -399,3 +399,32 @@ def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     transfer_lora(folders / "source", make_target(), folders / "lora.safetensors", registry=registry, method="prolora")
     assert {c for c, _ in read} == {"unet"}
+
+
+def test_pipeline_fingerprints_are_memoised_until_the_weight_changes(source, lora, monkeypatch):
+    from diffusers_lorax import weights
+
+    hashed = []
+    original = weights.fingerprint
+    monkeypatch.setattr(weights, "fingerprint", lambda t: hashed.append(t.shape) or original(t))
+    target = make_target()
+    reader = weights.PipelineWeights(target)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    param = target.unet.get_submodule(name).weight
+    first = reader.fingerprint("unet", name)
+    assert reader.fingerprint("unet", name) == first and len(hashed) == 1  # unchanged: not hashed again
+    assert weights.PipelineWeights(target).fingerprint("unet", name) == first and len(hashed) == 1
+
+    with torch.no_grad():
+        param[0, 0] += 1.0  # tracked in-place op: the version counter moves
+    assert reader.fingerprint("unet", name) == original(param) != first
+    param.data.mul_(1.001)  # a dense write through .data (an EMA step): caught by the probe
+    assert reader.fingerprint("unet", name) == original(param)
+    # fuse_lora writes through weight.data: caught by PEFT's merge state (and the probe)
+    target.load_lora_weights(lora, adapter_name="f")
+    before = reader.fingerprint("unet", name)
+    target.fuse_lora(adapter_names=["f"])
+    fused = reader.fingerprint("unet", name)
+    assert fused != before and fused == original(target.unet.get_submodule(name).base_layer.weight)
+    target.unfuse_lora()
+    assert reader.fingerprint("unet", name) == original(target.unet.get_submodule(name).base_layer.weight)
