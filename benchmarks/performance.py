@@ -13,7 +13,7 @@ Measured, for ``method="prolora"`` (the projection methods are what the registry
 computes no basis and is reported against the plain load as well):
 
 1. warm: ``load_lora_weights_cross`` with the registry filled / plain ``load_lora_weights`` of the same LoRA
-   (medians of ``--repeat``);
+   (medians of ``--repeat`` interleaved calls);
 2. cold: the first ``load_lora_weights_cross`` on an empty registry / a full thin ``torch.linalg.svd`` (float32) of
    the same source and target weights; and the largest relative Frobenius difference over layers between the
    transferred adapter and the one projected with those exact SVD bases;
@@ -107,8 +107,6 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
         return report
 
     plain()  # first-call imports and PEFT set-up are not part of either measure
-    plain_s = timed(plain, repeat)
-    copy_s = timed(lambda: cross("copy"), repeat)
 
     gc.collect()
     rss_before = memory_kb("VmRSS")
@@ -118,7 +116,12 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
     cold_s = time.perf_counter() - t
     peak_gb = (memory_kb("VmHWM") - rss_before) / 2**20
     assert cold.bases_computed > 0 and not cold.adapter_cached
-    warm_s = timed(lambda: cross("prolora"), repeat)
+    # Plain, copy and warm calls interleaved, so that drift (page cache, allocator) hits all three alike.
+    times: dict[str, list[float]] = {"plain": [], "copy": [], "warm": []}
+    for _ in range(repeat):
+        for measure_name, fn in (("plain", plain), ("copy", lambda: cross("copy")), ("warm", lambda: cross("prolora"))):
+            times[measure_name].append(timed(fn, 1))
+    plain_s, copy_s, warm_s = (statistics.median(times[m]) for m in ("plain", "copy", "warm"))
     state_dict, warm_report = diffusers_lorax.transfer_lora(source, target, lora, method="prolora", registry=registry)
     assert warm_report.adapter_cached and warm_report.bases_computed == 0
 
@@ -162,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=sorted(CONFIG_DIRS))
     parser.add_argument("--configs", type=Path, default=SHARED)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-svd", action="store_true", help="skip the full-SVD baseline (cold/SVD and error)")
     args = parser.parse_args()
     from diffusers.utils import logging

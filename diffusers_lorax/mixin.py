@@ -79,8 +79,7 @@ def load_lora_weights_cross(
     before = _adapter_names(self)
     name = adapter_name or _free_adapter_name(before)
     try:
-        # low_cpu_mem_usage: PEFT creates the LoRA layers empty instead of initialising weights that the state dict
-        # overwrites at once.
+        # low_cpu_mem_usage: the transferred tensors are assigned to the new LoRA layers rather than copied into them.
         self.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=True)
     except Exception as err:
         pending.discard()

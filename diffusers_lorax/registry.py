@@ -316,8 +316,7 @@ class Registry:
         """A basis staged earlier in this transfer (e.g. a weight shared by two layers), or ``None``."""
         if fp not in staged.bases:
             return None
-        path, row = staged.bases[fp]
-        data = load(path.read_bytes())
+        data = load(staged.bases[fp][0].read_bytes())
         return Basis(data["U"][:, :k].contiguous(), data["S"][:k].contiguous(), data["V"][:, :k].contiguous())
 
     def stage_adapter(self, staged: Staged, key: str, state_dict: dict[str, torch.Tensor], info: dict) -> None:
