@@ -26,3 +26,14 @@ def attn_procs(peft_lora):
         updown = "down" if part.startswith("A") else "up"
         out[f"{parent}.processor.{names[leaf]}.{updown}.weight"] = value
     return out
+
+
+def save_toy_pair(root):
+    """Save the tiny source pipeline (seed 0) and its fine-tune (seed 1) as diffusers folders ``root/source`` and
+    ``root/target``; return the source pipeline."""
+    from diffusers_lorax import toy
+
+    source = toy.sd_pipeline(seed=0)
+    source.save_pretrained(root / "source")
+    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    return source

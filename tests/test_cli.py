@@ -10,15 +10,13 @@ from diffusers_lorax import toy
 from diffusers_lorax.cli import main
 
 from conftest import latents
-from helpers import ALL_TARGETS, module_names
+from helpers import ALL_TARGETS, module_names, save_toy_pair
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    source = toy.sd_pipeline(seed=0)
-    source.save_pretrained(root / "source")
-    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    source = save_toy_pair(root)
     lora = toy.random_lora(source, rank=4, seed=8, targets=ALL_TARGETS, components=("unet", "text_encoder"))
     save_file(toy.to_kohya(lora, {m: 1.0 for m in module_names(lora)}), root / "lora.safetensors")
     return root

@@ -22,6 +22,16 @@ def basis_of(shape=(40, 24), k=12, seed=0):
     return fingerprint(W), compute_basis(W, k)
 
 
+def store_bases(reg, n, shape, k):
+    """Store ``n`` bases of random weights, one commit each; return their fingerprints in order."""
+    fps = []
+    for seed in range(n):
+        fp, b = basis_of(shape, k, seed)
+        reg.put_bases({fp: b})
+        fps.append(fp)
+    return fps
+
+
 def test_bases_round_trip_exactly_and_truncate(make_registry, tmp_path):
     reg = make_registry()
     fp, b = basis_of()
@@ -153,11 +163,7 @@ def test_discarded_staging_leaves_nothing(make_registry):
 
 def test_verify_and_prune(make_registry, tmp_path):
     reg = make_registry()
-    fps = []
-    for seed in range(3):
-        fp, b = basis_of((16, 8), 4, seed)
-        reg.put_bases({fp: b})
-        fps.append(fp)
+    store_bases(reg, 3, (16, 8), 4)
     root = tmp_path / "registry"
     assert reg.verify().ok and reg.verify().checked == 3
     blobs = sorted((root / "bases").rglob("*.safetensors"))
@@ -178,11 +184,7 @@ def test_verify_and_prune(make_registry, tmp_path):
 
 def test_least_recently_used_entries_are_evicted_past_the_cap(make_registry):
     reg = make_registry()
-    fps = []
-    for seed in range(4):
-        fp, b = basis_of((64, 64), 32, seed)
-        reg.put_bases({fp: b})
-        fps.append(fp)
+    fps = store_bases(reg, 4, (64, 64), 32)
     size = reg.stats()["blob_bytes"] // 4
     # Make the ages unambiguous: fps[0] oldest ... fps[3] newest, then use fps[0].
     from sqlalchemy import update
@@ -258,11 +260,12 @@ def _transfer_worker(folders, directory, url, start, out):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    source = toy.sd_pipeline(seed=0)
-    source.save_pretrained(root / "source")
-    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
     from safetensors.torch import save_file
+
+    from helpers import save_toy_pair
+
+    root = tmp_path_factory.mktemp("models")
+    source = save_toy_pair(root)
 
     save_file(toy.random_lora(source, rank=4, seed=5), root / "lora.safetensors")
     return {"source": str(root / "source"), "target": str(root / "target"), "lora": str(root / "lora.safetensors")}
