@@ -245,11 +245,8 @@ class Registry:
     def load_basis(self, stored: StoredBasis, k: int) -> Basis | None:
         """The first ``k`` vectors of a stored basis, or ``None`` when its blob is missing or fails its checksum (the
         entry is then dropped and a warning logged, so that the basis is recomputed)."""
-        tensors = self._read(BasisRow, BasisRow.fingerprint == stored.fingerprint, stored.blob, stored.checksum)
-        if tensors is None:
-            return None
-        data, _ = tensors
-        return Basis(data["U"][:, :k].contiguous(), data["S"][:k].contiguous(), data["V"][:, :k].contiguous())
+        data = self._read(BasisRow, BasisRow.fingerprint == stored.fingerprint, stored.blob, stored.checksum)
+        return None if data is None else _truncated(load(data), k)
 
     def get_bases(self, fingerprints: Iterable[str], k: int) -> dict[str, Basis]:
         """:meth:`find_bases` then :meth:`load_basis` for each: the stored bases, truncated to ``k`` vectors."""
@@ -290,12 +287,11 @@ class Registry:
             blob, checksum = (row.blob, row.checksum) if row is not None else (None, None)
         if blob is None:
             return None
-        found = self._read(AdapterRow, AdapterRow.key == key, blob, checksum)
-        if found is None:
+        data = self._read(AdapterRow, AdapterRow.key == key, blob, checksum)
+        if data is None:
             return None
         self._touch(AdapterRow, AdapterRow.key, [key])
-        tensors, metadata = found
-        return tensors, json.loads(metadata.get("lorax", "{}"))
+        return load(data), json.loads(_metadata(self.directory / blob).get("lorax", "{}"))
 
     # -- writing -----------------------------------------------------------------------------------------------------
     def staging(self) -> Staged:
@@ -316,8 +312,7 @@ class Registry:
         """A basis staged earlier in this transfer (e.g. a weight shared by two layers), or ``None``."""
         if fp not in staged.bases:
             return None
-        data = load(staged.bases[fp][0].read_bytes())
-        return Basis(data["U"][:, :k].contiguous(), data["S"][:k].contiguous(), data["V"][:, :k].contiguous())
+        return _truncated(load(staged.bases[fp][0].read_bytes()), k)
 
     def stage_adapter(self, staged: Staged, key: str, state_dict: dict[str, torch.Tensor], info: dict) -> None:
         path, checksum = _atomic_save(state_dict, staged.directory / f"adapter-{key}", {"lorax": json.dumps(info)})
@@ -397,7 +392,7 @@ class Registry:
                 name: session.scalar(select(func.count()).select_from(table))
                 for name, table in (("bases", BasisRow), ("similarities", SimilarityRow), ("adapters", AdapterRow))
             }
-            counts["blob_bytes"] = sum(session.scalar(select(func.coalesce(func.sum(t.bytes), 0))) for t in _BLOB_TABLES)
+            counts["blob_bytes"] = _blob_bytes(session)
         return counts
 
     def verify(self) -> VerifyReport:
@@ -434,8 +429,7 @@ class Registry:
             cutoff = time.time() - older_than
             with Session(self.engine) as session, session.begin():
                 for table in _BLOB_TABLES:
-                    pk = inspect(table).primary_key[0]
-                    session.execute(delete(table).where(pk.in_(found.bad)))
+                    session.execute(delete(table).where(_key(table).in_(found.bad)))
             for path in found.bad_blobs:
                 path.unlink(missing_ok=True)
             garbage = [p for p in found.orphans + found.leftovers if _mtime(p) < cutoff]
@@ -454,7 +448,8 @@ class Registry:
                 shutil.rmtree(self.directory / sub, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------------------------------------
-    def _read(self, table: type[_Base], where, blob: str, checksum: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def _read(self, table: type[_Base], where, blob: str, checksum: str) -> bytes | None:
+        """The checksummed bytes of a blob; ``None`` (and the entry dropped, with a warning) if missing or changed."""
         path = self.directory / blob
         data = _checked_bytes(path, checksum)
         if data is None:
@@ -466,7 +461,7 @@ class Registry:
             except (OSError, SQLAlchemyError) as err:
                 logger.warning(f"could not drop the damaged entry {path}: {_message(err, self.url)}")
             return None
-        return load(data), _metadata(path)
+        return data
 
     def _touch(self, table: type[_Base], column, keys: list[str]) -> None:
         """Record a use (for least-recently-used eviction). A cache statistic: a failure is not an error."""
@@ -484,19 +479,18 @@ class Registry:
         """Delete least recently used bases and adapters until their blobs fit in ``max_bytes``. Call under the
         lock. Returns how many entries were evicted."""
         with Session(self.engine) as session, session.begin():
-            total = sum(session.scalar(select(func.coalesce(func.sum(t.bytes), 0))) for t in _BLOB_TABLES)
+            total = _blob_bytes(session)
             if total <= max_bytes:
                 return 0
             entries = []
             for table in _BLOB_TABLES:
-                pk = inspect(table).primary_key[0]
                 entries += [(used, table, key, blob, size) for key, blob, size, used in
-                            session.execute(select(pk, table.blob, table.bytes, table.last_used))]
+                            session.execute(select(_key(table), table.blob, table.bytes, table.last_used))]
             evicted = []
             for used, table, key, blob, size in sorted(entries, key=lambda e: e[0]):
                 if total <= max_bytes:
                     break
-                session.execute(delete(table).where(inspect(table).primary_key[0] == key))
+                session.execute(delete(table).where(_key(table) == key))
                 evicted.append(blob)
                 total -= size
         for blob in evicted:
@@ -505,6 +499,21 @@ class Registry:
             logger.info(f"registry at {self.location}: evicted {len(evicted)} least recently used entries to stay "
                         f"within {max_bytes} bytes")
         return len(evicted)
+
+
+def _truncated(tensors: dict[str, torch.Tensor], k: int) -> Basis:
+    """The first ``k`` singular triplets of a stored basis's tensors."""
+    return Basis(tensors["U"][:, :k].contiguous(), tensors["S"][:k].contiguous(), tensors["V"][:, :k].contiguous())
+
+
+def _key(table: type[_Base]):
+    """The primary-key column of a blob table (fingerprint or request key)."""
+    return inspect(table).primary_key[0]
+
+
+def _blob_bytes(session: Session) -> int:
+    """Bytes of all stored blobs, from the rows."""
+    return sum(session.scalar(select(func.coalesce(func.sum(t.bytes), 0))) for t in _BLOB_TABLES)
 
 
 def _engine_options(url: str) -> dict:
