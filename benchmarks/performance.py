@@ -37,7 +37,7 @@ import torch
 import diffusers_lorax
 from diffusers_lorax import subspace, toy
 from diffusers_lorax.lora import read_lora
-from diffusers_lorax.weights import PipelineWeights, folder_weights
+from diffusers_lorax.models import BaseModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "realcases" / "configs"
 CONFIG_DIRS = {"sd15": "sd15", "sdxl": "sdxl_base_1.0"}
@@ -132,8 +132,8 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
         return row
     # Baseline: the full thin SVD of the same source and target weights, then the exact-basis adapter.
     layers = read_lora(type(target), lora)
-    src = folder_weights(source, sorted({layer.component for layer in layers}))
-    tgt = PipelineWeights(target)
+    components = sorted({layer.component for layer in layers})
+    src, tgt = BaseModel(source).weights(components), BaseModel(target).weights(components)
     weights = [(src.weight(*layer.key).float(), tgt.weight(*layer.key).float()) for layer in layers]
     svds = []
 
@@ -144,10 +144,10 @@ def measure(arch: str, name: str, lora: dict, target, source: Path, work: Path, 
 
     svd_s = timed(full_svd, 1)
     worst = 0.0
-    for layer, (s_svd, t_svd), row in zip(layers, svds, cold.layers):
-        if not row.applied:
+    for layer, (s_svd, t_svd), layer_row in zip(layers, svds, cold.layers):
+        if not layer_row.applied:
             continue
-        k = row.k
+        k = layer_row.k
         bs, bt = (subspace.Basis(U[:, :k], S[:k], Vh[:k].T) for U, S, Vh in (s_svd, t_svd))
         B, A = subspace.project_prolora(*layer.factors(), bs, bt)
         prefix = f"{layer.component}.{layer.module}"

@@ -2,35 +2,38 @@
 
 ``import diffusers_lorax`` makes ``pipe.load_lora_weights_cross(source, lora, adapter_name=...)`` available on every
 LoRA-capable diffusers pipeline; :func:`transfer_lora` is the functional form.
-Methods: LoRA-X (Farhadzadeh et al., ICLR 2025) and ProLoRA (Farhadzadeh et al., ICML 2025).
+Methods: LoRA-X (Farhadzadeh et al., ICLR 2025) and ProLoRA (Farhadzadeh et al., ICML 2025), and a plain copy.
 """
 
+from ._version import __version__
 from .errors import (
     ArchitectureMismatchError,
     InvalidLoraError,
+    InvalidOptionsError,
     LoraxError,
     NoMatchingLayersError,
     NothingTransferredError,
     RegistryError,
     SourceModelError,
 )
+from .methods import METHODS
+from .mixin import CrossLoraLoaderMixin, load_lora_weights_cross
 from .mixin import install as _install
-from .mixin import load_lora_weights_cross
+from .options import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferConfig
 from .registry import Registry
 from .report import LayerReport, TransferReport
-from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS
-from .transfer import DEFAULT_METHOD, transfer_lora
-
-__version__ = "0.1.0"
+from .transfer import transfer_lora
 
 _install()
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CrossLoraLoaderMixin",
     "DEFAULT_METHOD",
     "DEFAULT_RANK",
     "DEFAULT_THRESHOLD",
     "InvalidLoraError",
+    "InvalidOptionsError",
     "LayerReport",
     "LoraxError",
     "METHODS",
@@ -39,6 +42,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "SourceModelError",
+    "TransferConfig",
     "TransferReport",
     "load_lora_weights_cross",
     "transfer_lora",

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 from .errors import LoraxError
-from .subspace import DEFAULT_RANK, DEFAULT_THRESHOLD, METHODS
-from .transfer import DEFAULT_METHOD, save_transferred, transfer_lora
+from .methods import METHODS
+from .options import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD
+from .transfer import save_transferred, transfer_lora
 
 
 def _rank(text: str) -> int | float:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("target", help="base model to transfer to: local diffusers folder or Hub repo id")
     t.add_argument("lora", help="LoRA: file, folder or Hub repo id (any format diffusers reads)")
     t.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors file")
-    t.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
+    t.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD)
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="min subspace similarity, 0..1 (prolora, lorax)")
     t.add_argument("--rank", type=_rank, default=DEFAULT_RANK, help="singular vectors kept: int or fraction (prolora, lorax)")
     t.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             target_revision=args.target_revision,
         )
         save_transferred(state_dict, args.target, args.output, report)
-    except (LoraxError, ValueError) as err:
+    except LoraxError as err:
         print(f"lorax: error: {err}", file=sys.stderr)
         return 2
     print(report.summary() if args.summary else report)
@@ -107,7 +108,7 @@ def registry_command(args: argparse.Namespace) -> int:
     elif args.action == "list":
         for e in registry.entries():
             used = datetime.fromtimestamp(e["last_used"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            shape = "x".join(map(str, e["shape"])) + f" k={e['rank']}" if e["shape"] else ""
+            shape = "x".join(map(str, e["shape"])) + f" k={e['k']}" if e["shape"] else ""
             print(f"{e['kind']:<8} {e['key']}  {e['bytes']:>12,d} B  last used {used} UTC  {shape}")
     elif args.action == "stats":
         stats = registry.stats()

@@ -24,8 +24,8 @@ def run_demo(workdir: Path | None = None) -> list:
     rows (:class:`diffusers_lorax.quality.evaluate.Row`)."""
     from .quality.classifiers import Scorers
     from .quality.evaluate import evaluate_target, grid, quiet_logging, table
+    from .options import DEFAULT_METHOD
     from .registry import Registry
-    from .transfer import DEFAULT_METHOD
 
     quiet_logging()
     started = time.perf_counter()

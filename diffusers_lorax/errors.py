@@ -11,6 +11,11 @@ class LoraxError(Exception):
     """Base class of every diffusers-lorax error. Its message says what was wrong and what to do."""
 
 
+class InvalidOptionsError(LoraxError, ValueError):
+    """An option has a value it cannot take (an unknown ``method``, a ``rank`` or ``threshold`` out of range, an
+    unknown keyword argument)."""
+
+
 class InvalidLoraError(LoraxError, ValueError):
     """The LoRA could not be read or normalised (corrupt or truncated file, unknown key format, NaN/Inf values)."""
 

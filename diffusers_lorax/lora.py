@@ -39,8 +39,14 @@ class LoraLayer:
     scale: float
 
     @property
-    def rank(self) -> int:
+    def r(self) -> int:
+        """The LoRA rank."""
         return int(self.A.shape[0])
+
+    @property
+    def peft_key(self) -> str:
+        """``<component>.<module>``, the prefix of the layer's keys in a PEFT-format state dict."""
+        return f"{self.component}.{self.module}"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,7 +61,7 @@ class LoraLayer:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale · B, A)`` as float32 2-D matrices ``(out, r)`` and ``(r, in·kh·kw)``."""
         B, A = self.B.detach(), self.A.detach()
-        return B.reshape(B.shape[0], -1).float() * self.scale, A.reshape(self.rank, -1).float()
+        return B.reshape(B.shape[0], -1).float() * self.scale, A.reshape(self.r, -1).float()
 
 
 def read_lora(

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 
 @dataclass
 class LayerReport:
-    """One LoRA layer. ``phi_u``/``phi_v`` are the subspace similarities (None where not computed), ``kept`` is
-    ‖ΔW_t‖_F / ‖ΔW_s‖_F of the transferred update (None when skipped), ``k`` the number of singular vectors used."""
+    """One LoRA layer: ``r`` its rank, ``r_out`` the rank of the transferred factors (None when skipped), ``k`` the
+    number of singular vectors used, ``phi_u``/``phi_v`` the subspace similarities (None where not computed), ``kept``
+    ‖ΔW_t‖_F / ‖ΔW_s‖_F of the transferred update (None when skipped)."""
 
     component: str
     module: str
     shape: tuple[int, ...]
-    lora_rank: int
+    r: int
     applied: bool = False
     reason: str = ""
     k: int | None = None
     phi_u: float | None = None
     phi_v: float | None = None
-    out_rank: int | None = None
+    r_out: int | None = None
     kept: float | None = None
 
 
@@ -72,7 +74,7 @@ class TransferReport:
             + (f" as adapter {self.adapter_name!r}" if self.adapter_name else ""),
             f"  source: {self.source}",
             f"  target: {self.target} [{self.target_family or 'family not identified'}]",
-            f"  lora:   {self.lora} [fits {self.lora_family or 'no catalogued family'}]",
+            f"  lora:   {self.lora} [fits {self.lora_family or 'no known family'}]",
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; "
             f"similarities: {self.similarities_cached} from cache, {self.similarities_computed} computed"
             + ("; transferred adapter from cache" if self.adapter_cached else ""),
@@ -90,7 +92,7 @@ class TransferReport:
         rows = [f"  {'layer':<72} {'shape':>16} {'r':>7} {'k':>5} {'Φ_U':>6} {'Φ_V':>6} {'kept':>6}  status"]
         for r in self.layers:
             shape = "x".join(str(d) for d in r.shape)
-            ranks = f"{r.lora_rank}→{r.out_rank}" if r.out_rank is not None else str(r.lora_rank)
+            ranks = f"{r.r}→{r.r_out}" if r.r_out is not None else str(r.r)
             status = "applied" if r.applied else f"skipped: {r.reason}"
             rows.append(
                 f"  {r.component + ' ' + r.module:<72} {shape:>16} {ranks:>7} {r.k if r.k is not None else '-':>5} "
@@ -100,3 +102,15 @@ class TransferReport:
 
     def __str__(self) -> str:
         return self.summary() + "\n" + self.table()
+
+
+class PhaseClock:
+    """Adds the wall time since the last lap to ``report.seconds[phase]``."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, report: TransferReport, phase: str) -> None:
+        now = time.perf_counter()
+        report.seconds[phase] = report.seconds.get(phase, 0.0) + now - self.t
+        self.t = now

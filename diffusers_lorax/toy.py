@@ -59,21 +59,45 @@ TINY_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, projection_dim=32)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
 
 
-def byte_tokenizer(directory: str | Path | None = None) -> Any:
-    """A ``CLIPTokenizer`` whose vocabulary is the 256 byte symbols (and their word-final forms) plus start/end:
-    514 ids, no merges. Written to ``directory`` (a new temp dir by default)."""
+def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 77) -> dict[str, int]:
+    """Write a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) to ``folder``; the one
+    tokenizer writer of the tests, benchmarks and testbed.
+
+    The vocabulary is CLIP's 256 byte symbols and their word-final forms, then one token per word of ``words`` with
+    the byte-pair merges that build it left to right, then start/end (514 ids when ``words`` is empty). Returns the
+    vocabulary (token → id).
+    """
     from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in tokens:
+                tokens.append(parts[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
+    return vocab
+
+
+def byte_tokenizer(directory: str | Path | None = None) -> Any:
+    """A ``CLIPTokenizer`` of the 514 byte-level ids of :func:`write_tokenizer` (no merges), written to ``directory``
+    (a new temp dir by default)."""
     from transformers import CLIPTokenizer
 
     folder = Path(directory or tempfile.mkdtemp(prefix="lorax-tok-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = sorted(ByteLevel.alphabet())
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    write_tokenizer(folder)
     return CLIPTokenizer.from_pretrained(str(folder))
 
 

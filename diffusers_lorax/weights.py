@@ -1,13 +1,9 @@
-"""Read single base-model weights by (component, module) without loading a whole model.
+"""Read single base-model weights by (component, module) without loading a whole model, and fingerprint them.
 
-Three kinds of base model are accepted wherever a source or target is asked for:
-
-* a loaded diffusers pipeline (weights are read from its modules; an injected PEFT layer's ``base_layer`` is used);
-* a local diffusers folder (``unet/diffusion_pytorch_model.safetensors``, ``text_encoder/model.safetensors``, sharded
-  ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``: one tensor at a time;
-* a Hub repo id: only the weight files of the components the LoRA touches are fetched through
-  ``huggingface_hub.hf_hub_download`` (honouring ``revision``, ``subfolder``, ``token``, ``cache_dir`` and
-  ``HF_HUB_OFFLINE``), then read lazily as for a folder.
+Two readers: :class:`PipelineWeights` over a loaded pipeline's modules (an injected PEFT layer's ``base_layer`` is
+used), and :class:`SafetensorsWeights` over per-component safetensors files (a local diffusers folder or files
+fetched from the Hub; sharded ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``, one
+tensor at a time. ``models.py`` picks the reader for a source or target.
 
 Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
 """
@@ -15,8 +11,7 @@ Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -150,10 +145,9 @@ def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
 class SafetensorsWeights:
     """Lazy reader over per-component safetensors files (a local diffusers folder or files fetched from the Hub)."""
 
-    def __init__(self, label: str, files: dict[str, list[Path]], model_index: dict | None):
+    def __init__(self, label: str, files: dict[str, list[Path]]):
         self.label = label
         self.files = files
-        self.model_index = model_index
         self._where: dict[str, dict[str, Path]] = {}  # component -> tensor name -> file
 
     def _tensor_files(self, component: str) -> dict[str, Path]:
@@ -201,10 +195,11 @@ class SafetensorsWeights:
         return _FILE_FINGERPRINTS[memo]
 
 
-def _component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:
+def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:
     """Safetensors files of one component: a single file, or the shards named by an index; ``[]`` if none.
 
-    ``resolve`` maps a repo-relative file name to a local path (or ``None`` where there is no such file)."""
+    ``resolve`` maps a file name relative to the model's root to a local path (``None`` where there is no such file).
+    Raises ``SourceModelError`` if an index names a shard that is missing."""
     for stem in _WEIGHT_FILES:
         name = f"{component}/{stem}.{variant}.safetensors" if variant else f"{component}/{stem}.safetensors"
         index = resolve(f"{name}.index.json")
@@ -218,106 +213,3 @@ def _component_files(component: str, variant: str | None, resolve: Callable[[str
         if single is not None:
             return [single]
     return []
-
-
-def _safetensors_weights(
-    label: str, components: Iterable[str], variant: str | None, resolve: Callable[[str], Path | None]
-) -> SafetensorsWeights:
-    files = {c: _component_files(c, variant, resolve, label) for c in components}
-    index_file = resolve("model_index.json")
-    return SafetensorsWeights(label, files, json.loads(index_file.read_text()) if index_file is not None else None)
-
-
-def folder_weights(path: str | os.PathLike, components: Iterable[str], variant: str | None = None) -> SafetensorsWeights:
-    """Lazy weights of a local diffusers folder. A component folder that is absent has no weights; one that holds
-    only pickled weights raises ``SourceModelError`` (only safetensors are read)."""
-    root = Path(path)
-    weights = _safetensors_weights(str(root), components, variant, lambda name: _existing(root / name))
-    for component, found in weights.files.items():
-        if not found and (root / component).is_dir():
-            raise SourceModelError(
-                f"{root / component} has no safetensors weights (only .safetensors are read, lazily); "
-                "re-save the model with `save_pretrained(..., safe_serialization=True)`"
-            )
-    return weights
-
-
-def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
-
-
-def hub_weights(
-    repo_id: str,
-    components: Iterable[str],
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    variant: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> SafetensorsWeights:
-    """Fetch only ``model_index.json`` and the given components' safetensors files of a Hub repo through
-    ``huggingface_hub`` (which serves them from its cache when present, and only from it under ``HF_HUB_OFFLINE``).
-
-    Raises ``SourceModelError`` if the repo cannot be reached or is not a diffusers repo (no ``model_index.json``).
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    def fetch(filename: str) -> Path | None:
-        try:
-            return Path(
-                hf_hub_download(
-                    repo_id, filename, subfolder=subfolder or None, revision=revision, token=token, cache_dir=cache_dir
-                )
-            )
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            return None
-        except Exception as err:  # network errors, missing repo, gated repo: all surface as one typed error
-            raise SourceModelError(f"cannot fetch {filename!r} from the Hub repo {repo_id!r}: {err}") from err
-
-    weights = _safetensors_weights(repo_id, components, variant, fetch)
-    if weights.model_index is None:
-        raise SourceModelError(
-            f"no model_index.json in the Hub repo {repo_id!r} (revision={revision!r}, subfolder={subfolder!r}): "
-            "not a diffusers repo, or not in the local cache while offline (HF_HUB_OFFLINE)"
-        )
-    return weights
-
-
-def open_base_model(
-    model: Any,
-    components: Iterable[str],
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    variant: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> BaseModelWeights:
-    """A lazy weight reader for a pipeline object, a local diffusers folder, or a Hub repo id.
-
-    Raises ``SourceModelError`` for anything else (a file instead of a folder, a missing path that is not a repo id).
-    """
-    components = list(components)
-    if isinstance(model, (PipelineWeights, SafetensorsWeights)):
-        return model
-    if not isinstance(model, (str, os.PathLike)):
-        if any(isinstance(getattr(model, c, None), torch.nn.Module) for c in components):
-            return PipelineWeights(model)
-        raise SourceModelError(
-            f"cannot read base-model weights from a {type(model).__name__}; pass a pipeline, a local diffusers "
-            "folder or a Hub repo id"
-        )
-    path = Path(model)
-    if subfolder and path.is_dir():
-        path = path / subfolder
-    if path.is_dir():
-        return folder_weights(path, components, variant)
-    if path.exists():
-        raise SourceModelError(f"{path} is a file; a base model must be a diffusers folder, a Hub repo id or a pipeline")
-    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
-        raise SourceModelError(f"{model!r} is neither an existing folder nor a Hub repo id (owner/name)")
-    return hub_weights(
-        str(model), components, revision=revision, subfolder=subfolder, variant=variant, token=token, cache_dir=cache_dir
-    )

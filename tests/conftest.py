@@ -5,7 +5,6 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "realcases"
 
@@ -60,46 +59,3 @@ def realcases() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real LoRA files and configs not found at {SHARED} (../shared/realcases beside the checkout)")
     return SHARED
-
-
-def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
-    """Output latents of a 2-step run with a fixed seed (the VAE is skipped: it has no LoRA)."""
-    return pipe(
-        prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs
-    ).images
-
-
-def delta_weights(pipe, adapter_name):
-    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter."""
-    out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and adapter_name in module.lora_A:
-                A = module.lora_A[adapter_name].weight
-                B = module.lora_B[adapter_name].weight
-                d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1) * module.scaling[adapter_name]
-                out[(component, name.removeprefix("text_model."))] = d.detach().double()
-    return out
-
-
-def state_of(pipe):
-    """Copies of every parameter and the adapter list, to check that a failed call changed nothing."""
-    params = {
-        (c, k): v.detach().clone()
-        for c in ("unet", "text_encoder", "text_encoder_2")
-        if getattr(pipe, c, None) is not None
-        for k, v in getattr(pipe, c).state_dict().items()
-    }
-    return params, dict(pipe.get_list_adapters()) if hasattr(pipe, "get_list_adapters") else {}
-
-
-def assert_unchanged(pipe, before):
-    params, adapters = before
-    now_params, now_adapters = state_of(pipe)
-    assert {k: v for k, v in now_adapters.items() if v} == {k: v for k, v in adapters.items() if v}
-    assert now_params.keys() == params.keys()
-    for k, v in params.items():
-        assert torch.equal(v, now_params[k]), k

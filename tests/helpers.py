@@ -1,4 +1,7 @@
-"""Shared builders for the tests: tiny pipelines, LoRAs in several formats, and files on disk."""
+"""Shared builders and checks for the tests: LoRAs in several formats, files on disk, pipeline state, and the
+test-only registry shortcuts (store or read bases and similarities in one call)."""
+
+import torch
 
 ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -12,6 +15,85 @@ def intended_delta(peft_lora, component, module):
     A = peft_lora[f"{component}.{module}.lora_A.weight"].double()
     B = peft_lora[f"{component}.{module}.lora_B.weight"].double()
     return B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+
+
+def dense(state_dict, key):
+    """ΔW = B A (float64, conv flattened) of ``key`` (``component.module``) in a PEFT-format state dict."""
+    A = state_dict[f"{key}.lora_A.weight"].double()
+    B = state_dict[f"{key}.lora_B.weight"].double()
+    return B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
+
+
+def _folder_weights(folder):
+    from safetensors.torch import load_file
+
+    return {
+        "unet": load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")),
+        "text_encoder": load_file(str(folder / "text_encoder" / "model.safetensors")),
+    }
+
+
+def _weight(weights, component, module):
+    """A saved weight as float64 ``(m, n)`` (conv flattened), under either CLIP naming (with ``text_model.``)."""
+    found, bare = weights[component], module.removeprefix("text_model.")
+    key = next(k for k in (f"{module}.weight", f"text_model.{bare}.weight", f"{bare}.weight") if k in found)
+    W = found[key].double()
+    return W.reshape(W.shape[0], -1)
+
+
+def reference_transfer(source_dir, target_dir, deltas, method, rank=0.5, threshold=0.0):
+    """The transfer computed independently, in float64, from two saved diffusers folders: ``{key: (k, Φ_U, Φ_V,
+    ΔW_t or None)}`` for ``deltas`` ``{"component.module": ΔW_s (m, n) float64}``. Exact SVDs, the dense LoRA-X and
+    ProLoRA formulas, and the threshold on both Φ; nothing from diffusers_lorax's math."""
+    src, tgt = _folder_weights(source_dir), _folder_weights(target_dir)
+    out = {}
+    for key, dW in deltas.items():
+        component, module = key.split(".", 1)
+        if method == "copy":
+            out[key] = (None, None, None, dW)
+            continue
+        Ws, Wt = _weight(src, component, module), _weight(tgt, component, module)
+        k = min(min(Ws.shape), rank) if isinstance(rank, int) else max(1, round(rank * min(Ws.shape)))
+        (Us, _, Vhs), (Ut, _, Vht) = (torch.linalg.svd(W, full_matrices=False) for W in (Ws, Wt))
+        Us, Vs, Ut, Vt = Us[:, :k], Vhs[:k].T, Ut[:, :k], Vht[:k].T
+        phi_u, phi_v = (float((Qs.T @ Qt).norm() ** 2 / k) for Qs, Qt in ((Us, Ut), (Vs, Vt)))
+        if min(phi_u, phi_v) < threshold:
+            out[key] = (k, phi_u, phi_v, None)
+            continue
+        Pu_s, Pv_s, Pu_t, Pv_t = Us @ Us.T, Vs @ Vs.T, Ut @ Ut.T, Vt @ Vt.T
+        if method == "lorax":  # LoRA-X, Eq. 3
+            dWt = Pu_t @ dW @ Pv_t
+        else:  # ProLoRA: subspace part onto the target's subspace, null-space part onto the target's null space
+            Iu, Iv = torch.eye(Pu_s.shape[0], dtype=dW.dtype), torch.eye(Pv_s.shape[0], dtype=dW.dtype)
+            dWt = Pu_t @ (Pu_s @ dW @ Pv_s) @ Pv_t + (Iu - Pu_t) @ ((Iu - Pu_s) @ dW @ (Iv - Pv_s)) @ (Iv - Pv_t)
+        out[key] = (k, phi_u, phi_v, dWt)
+    return out
+
+
+def assert_matches_reference(state_dict, report, ref, deltas, tol):
+    """A transfer's state dict and report agree with :func:`reference_transfer`'s ``ref`` layer by layer: the keys,
+    k, Φ_U and Φ_V (within ``tol``), which layers apply, ΔW_t (relative Frobenius error below ``tol``) and ``kept``
+    (‖ΔW_t‖ / ‖ΔW_s‖ of ``deltas``)."""
+    import pytest
+
+    rows = {f"{r.component}.{r.module}": r for r in report.layers}
+    assert rows.keys() == ref.keys()
+    expected_keys = {f"{key}.lora_{p}.weight" for key, (*_, d) in ref.items() if d is not None for p in "AB"}
+    assert set(state_dict) == expected_keys
+    for key, (k, phi_u, phi_v, dWt) in ref.items():
+        row = rows[key]
+        assert row.k == k, key
+        if phi_u is None:
+            assert row.phi_u is None and row.phi_v is None
+        else:
+            assert row.phi_u == pytest.approx(phi_u, abs=tol) and row.phi_v == pytest.approx(phi_v, abs=tol), key
+        assert row.applied == (dWt is not None), key
+        if dWt is None:
+            assert "below threshold" in row.reason and row.kept is None
+            continue
+        got = dense(state_dict, key)
+        assert float((got - dWt).norm() / dWt.norm()) < tol, key
+        assert row.kept == pytest.approx(float(dWt.norm()) / float(deltas[key].norm()), rel=tol), key
 
 
 def attn_procs(peft_lora):
@@ -28,12 +110,123 @@ def attn_procs(peft_lora):
     return out
 
 
-def save_toy_pair(root):
-    """Save the tiny source pipeline (seed 0) and its fine-tune (seed 1) as diffusers folders ``root/source`` and
-    ``root/target``; return the source pipeline."""
+def save_toy_pair(root, **finetune):
+    """Save the tiny source pipeline (seed 0) and its fine-tune (seed 1; ``finetune`` are ``toy.finetune``'s options)
+    as diffusers folders ``root/source`` and ``root/target``; return the source pipeline."""
     from diffusers_lorax import toy
 
     source = toy.sd_pipeline(seed=0)
     source.save_pretrained(root / "source")
-    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    toy.finetune(toy.sd_pipeline(seed=0), seed=1, **finetune).save_pretrained(root / "target")
     return source
+
+
+def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
+    """Output latents of a 2-step run with a fixed seed (the VAE is skipped: it has no LoRA)."""
+    return pipe(
+        prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs
+    ).images
+
+
+def delta_weights(pipe, adapter_name):
+    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter."""
+    out = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and adapter_name in module.lora_A:
+                A = module.lora_A[adapter_name].weight
+                B = module.lora_B[adapter_name].weight
+                d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1) * module.scaling[adapter_name]
+                out[(component, name.removeprefix("text_model."))] = d.detach().double()
+    return out
+
+
+def state_of(pipe):
+    """Copies of every parameter and the adapter list, to check that a failed call changed nothing."""
+    params = {
+        (c, k): v.detach().clone()
+        for c in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe, c, None) is not None
+        for k, v in getattr(pipe, c).state_dict().items()
+    }
+    return params, dict(pipe.get_list_adapters()) if hasattr(pipe, "get_list_adapters") else {}
+
+
+def assert_unchanged(pipe, before):
+    params, adapters = before
+    now_params, now_adapters = state_of(pipe)
+    assert {k: v for k, v in now_adapters.items() if v} == {k: v for k, v in adapters.items() if v}
+    assert now_params.keys() == params.keys()
+    for k, v in params.items():
+        assert torch.equal(v, now_params[k]), k
+
+
+def family_pipeline(name):
+    """A ``StableDiffusionPipeline`` subclass instance whose components hold meta-device Linear/Conv2d modules of
+    exactly the catalogued family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_lorax.registry.families import families
+
+    family = next(f for f in families() if f.name == name)
+
+    class MetaPipeline(StableDiffusionPipeline):
+        def __init__(self, components):
+            for component, module in components.items():
+                object.__setattr__(self, component, module)
+
+    components = {}
+    for component, shapes in family.shapes.items():
+        root = torch.nn.Module()
+        with torch.device("meta"):
+            for module, shape in shapes.items():
+                parent = root
+                *path, leaf = module.split(".")
+                for part in path:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, torch.nn.Module())
+                    parent = getattr(parent, part)
+                layer = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(
+                    shape[1], shape[0], shape[2:])
+                parent.add_module(leaf, layer)
+        root.config = None  # no diffusers config: LoRAs are read without the UNet's block layout
+        components[component] = root
+    return MetaPipeline(components)
+
+
+def family_lora(name, component="unet", rank=4, count=8, seed=0):
+    """A random PEFT-format LoRA on the first ``count`` attention projections of a catalogued family's ``component``."""
+    from diffusers_lorax.registry.families import families
+
+    family = next(f for f in families() if f.name == name)
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    modules = [m for m in family.shapes[component] if m.endswith(("to_q", "to_k", "to_v", "to_out.0"))][:count]
+    for module in modules:
+        out, inp = family.shapes[component][module]
+        lora[f"{component}.{module}.lora_A.weight"] = torch.randn(rank, inp, generator=g)
+        lora[f"{component}.{module}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+    return lora
+
+
+# -- test-only registry shortcuts (the production API stages writes in a transaction) -------------------------------
+def put_bases(registry, bases):
+    """Store ``{fingerprint: Basis}`` now, in one transaction."""
+    with registry.begin() as txn:
+        for fp, basis in bases.items():
+            txn.stage_basis(fp, basis)
+
+
+def get_bases(registry, fingerprints, k):
+    """The stored bases of ``fingerprints`` holding at least ``k`` vectors, truncated to ``k``."""
+    found = {fp: registry.load_basis(ref, k) for fp, ref in registry.find_bases(fingerprints, k).items()}
+    return {fp: basis for fp, basis in found.items() if basis is not None}
+
+
+def put_similarities(registry, values):
+    """Store ``{(source fp, target fp, k): (Φ_U, Φ_V)}`` now."""
+    with registry.begin() as txn:
+        txn.similarities.update(values)

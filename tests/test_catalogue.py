@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusers_lorax import ArchitectureMismatchError, Registry, transfer_lora
-from diffusers_lorax.catalogue import families, family_of_hub_id, identify_layers, identify_model
+from diffusers_lorax.registry.families import families, family_of_hub_id, identify_layers, identify_model
 from diffusers_lorax.lora import read_lora
 from diffusers_lorax.weights import PipelineWeights
 
@@ -106,3 +106,22 @@ def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):
     with pytest.raises(ArchitectureMismatchError, match="'stable-diffusion-v1-5/stable-diffusion-v1-5' is Stable Diffusion 1.x"):
         transfer_lora("stabilityai/stable-diffusion-xl-base-1.0", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                       _sdxl_lora(), registry=tmp_path, method="prolora")
+
+
+@pytest.mark.parametrize("lora_family, target_family, label", [
+    ("sdxl", "sd1", "Stable Diffusion XL .* the target .* is Stable Diffusion 1.x"),
+    ("sd1", "sdxl", "Stable Diffusion 1.x .* the target .* is Stable Diffusion XL"),
+])
+def test_family_check_refuses_another_architecture_everywhere(tmp_path, lora_family, target_family, label):
+    """Pre-flight on the catalogue's own shapes (meta-device models, no ../shared needed): an SDXL LoRA on an SD 1.x
+    target (and the reverse) is an ArchitectureMismatchError, not a per-layer skip or a NoMatchingLayersError."""
+    from helpers import family_lora, family_pipeline
+
+    source, target = family_pipeline(lora_family), family_pipeline(target_family)
+    lora = family_lora(lora_family)
+    for method in ("copy", "prolora"):
+        with pytest.raises(ArchitectureMismatchError, match=label):
+            transfer_lora(source, target, lora, registry=tmp_path, method=method)
+    # the same LoRA on a target of its own family passes the check
+    state_dict, report = transfer_lora(source, family_pipeline(lora_family), lora, registry=tmp_path)
+    assert len(report.applied) == len(report.layers) == 8 and report.target_family.startswith(report.lora_family[:8])

@@ -9,8 +9,7 @@ from safetensors.torch import save_file
 from diffusers_lorax import toy
 from diffusers_lorax.cli import main
 
-from conftest import latents
-from helpers import ALL_TARGETS, module_names, save_toy_pair
+from helpers import ALL_TARGETS, latents, module_names, save_toy_pair
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +71,20 @@ def test_demo_runs_offline(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "lorax_demo_grid.png").size[1] > 0
+
+
+def test_only_user_errors_are_caught(files, tmp_path, monkeypatch, capsys):
+    """A LoraxError is a one-line exit 2; anything else is a bug and keeps its traceback."""
+    from diffusers_lorax import cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cli, "transfer_lora", broken)
+    args = ["transfer", str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o",
+            str(tmp_path / "o.safetensors")]
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(args)
+    monkeypatch.undo()
+    assert main(["transfer", str(tmp_path / "missing"), *args[2:]]) == 2
+    assert "lorax: error: " in capsys.readouterr().err

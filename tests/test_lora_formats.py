@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 from diffusers_lorax import InvalidLoraError, toy
 from diffusers_lorax.lora import read_lora
 
-from conftest import delta_weights
-from helpers import ALL_TARGETS, attn_procs, intended_delta, module_names
+from helpers import ALL_TARGETS, attn_procs, delta_weights, intended_delta, module_names
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +150,46 @@ def test_pickled_bin_is_never_unpickled_beyond_tensors(tmp_path, peft_lora):
     # a plain tensor-only .bin is read
     torch.save(dict(peft_lora), tmp_path / "ok.bin")
     assert len(read_lora(StableDiffusionPipeline, str(tmp_path / "ok.bin"))) == len(module_names(peft_lora))
+
+
+TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.mark.parametrize("config, scales", [
+    (dict(r=4), {"default": 8 / 4}),  # PEFT's default lora_alpha
+    (dict(r=4, lora_alpha=16), {"default": 16 / 4}),
+    (dict(r=4, lora_alpha=16, alpha_pattern={TO_Q: 2}), {"default": 16 / 4, TO_Q: 2 / 4}),
+])
+def test_peft_adapter_metadata_is_read_as_peft_reads_it(pipe, tmp_path, config, scales):
+    from peft import LoraConfig
+
+    peft = toy.random_lora(pipe, rank=4, seed=6, targets=("to_q", "to_k"), components=("unet",))
+    metadata = LoraConfig(target_modules=["to_q", "to_k"], **config).to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers={k.removeprefix("unet."): v for k, v in peft.items()},
+        unet_lora_adapter_metadata=metadata, safe_serialization=True,
+    )
+    layers = read_lora(StableDiffusionPipeline, str(tmp_path))
+    assert len(layers) == len(module_names(peft))
+    for layer in layers:
+        assert layer.scale == pytest.approx(scales.get(layer.module, scales["default"])), layer.module
+    # and diffusers/PEFT applies exactly these scales when it loads the same file
+    plain = toy.sd_pipeline(seed=0)
+    plain.load_lora_weights(str(tmp_path), adapter_name="p")
+    applied = delta_weights(plain, "p")
+    for layer in layers:
+        B, A = layer.factors()
+        mine = B.double() @ A.double()
+        assert float((applied[(layer.component, layer.module)] - mine).norm() / mine.norm()) < 1e-6, layer.module
+
+
+def test_peft_metadata_without_alpha_takes_peft_default(pipe, tmp_path):
+    from peft import LoraConfig
+
+    peft = toy.random_lora(pipe, rank=4, seed=6, targets=("to_q",), components=("unet",))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers={k.removeprefix("unet."): v for k, v in peft.items()},
+        unet_lora_adapter_metadata={"r": 4, "target_modules": ["to_q"]}, safe_serialization=True,
+    )
+    layers = read_lora(StableDiffusionPipeline, str(tmp_path))
+    assert layers and all(layer.scale == LoraConfig().lora_alpha / 4 for layer in layers)

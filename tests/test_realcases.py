@@ -12,7 +12,7 @@ import torch
 
 from diffusers_lorax import ArchitectureMismatchError, InvalidLoraError, Registry, toy
 
-from conftest import assert_unchanged, latents, state_of
+from helpers import assert_unchanged, latents, state_of
 
 pytestmark = pytest.mark.slow
 

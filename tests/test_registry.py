@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from diffusers_lorax import Registry, RegistryError, cli, toy, transfer_lora
-from diffusers_lorax.registry import default_registry_dir, open_registry, redact
+from diffusers_lorax.registry import default_registry_dir, open_registry
+from diffusers_lorax.registry.database import redact
 from diffusers_lorax.subspace import compute_basis
 from diffusers_lorax.weights import fingerprint
+
+from helpers import get_bases, put_bases, put_similarities
 
 
 def basis_of(shape=(40, 24), k=12, seed=0):
@@ -27,7 +30,7 @@ def store_bases(reg, n, shape, k):
     fps = []
     for seed in range(n):
         fp, b = basis_of(shape, k, seed)
-        reg.put_bases({fp: b})
+        put_bases(reg, {fp: b})
         fps.append(fp)
     return fps
 
@@ -35,13 +38,14 @@ def store_bases(reg, n, shape, k):
 def test_bases_round_trip_exactly_and_truncate(make_registry, tmp_path):
     reg = make_registry()
     fp, b = basis_of()
-    assert reg.get_bases([fp], 12) == {}
-    reg.put_bases({fp: b})
-    got = make_registry().get_bases([fp], 12)[fp]  # a new instance reads what the first wrote
+    assert get_bases(reg, [fp], 12) == {}
+    put_bases(reg, {fp: b})
+    got = get_bases(make_registry(), [fp], 12)[fp]  # a new instance reads what the first wrote
     assert torch.equal(got.U, b.U) and torch.equal(got.S, b.S) and torch.equal(got.V, b.V)
-    small = reg.get_bases([fp], 5)[fp]
-    assert torch.equal(small.U, b.U[:, :5]) and torch.equal(small.V, b.V[:, :5])
-    assert reg.get_bases([fp], 13) == {}  # more vectors than stored is a miss
+    small = get_bases(reg, [fp], 5)[fp]
+    assert torch.equal(small.U, b.U[:, :5]) and torch.equal(small.V, b.V[:, :5]) and torch.equal(small.S, b.S[:5])
+    assert small.k == 5
+    assert get_bases(reg, [fp], 13) == {}  # more vectors than stored is a miss
     assert list((tmp_path / "registry").rglob("*.tmp")) == []
     stats = reg.stats()
     assert stats["bases"] == 1 and stats["blob_bytes"] == sum(
@@ -51,7 +55,7 @@ def test_bases_round_trip_exactly_and_truncate(make_registry, tmp_path):
 def test_blob_names_come_from_hashes_only(make_registry, tmp_path):
     reg = make_registry()
     fp, b = basis_of((8, 8), 4)
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     [blob] = list((tmp_path / "registry" / "bases").rglob("*.safetensors"))
     name, checksum = blob.stem.split("-")
     assert name == fp and len(checksum) == 16 and int(checksum, 16) >= 0 and blob.parent.name == fp[:2]
@@ -59,7 +63,7 @@ def test_blob_names_come_from_hashes_only(make_registry, tmp_path):
 
 def test_similarities_round_trip(make_registry):
     reg = make_registry()
-    reg.put_similarities({("a" * 32, "b" * 32, 4): (0.5, 0.25)})
+    put_similarities(reg, {("a" * 32, "b" * 32, 4): (0.5, 0.25)})
     assert reg.get_similarities([("a" * 32, "b" * 32, 4), ("a" * 32, "b" * 32, 5)]) == {("a" * 32, "b" * 32, 4): (0.5, 0.25)}
 
 
@@ -77,9 +81,9 @@ def test_fingerprint_is_content_only():
 def test_missing_blob_is_a_miss_and_the_row_goes(make_registry, tmp_path, caplog):
     reg = make_registry()
     fp, b = basis_of((8, 8), 4)
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     next((tmp_path / "registry" / "bases").rglob("*.safetensors")).unlink()
-    assert reg.get_bases([fp], 4) == {}
+    assert get_bases(reg, [fp], 4) == {}
     assert "missing or fails its checksum" in caplog.text and reg.stats()["bases"] == 0
 
 
@@ -122,11 +126,11 @@ def test_other_schema_version_is_rebuilt_with_a_warning(make_registry, tmp_path,
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
-    from diffusers_lorax.registry import MetaRow
+    from diffusers_lorax.registry.database import MetaRow
 
     reg = make_registry()
     fp, b = basis_of((8, 8), 4)
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     with Session(reg.engine) as session, session.begin():
         session.execute(update(MetaRow).where(MetaRow.key == "schema_version").values(value="1"))
     reg.engine.dispose()
@@ -134,31 +138,59 @@ def test_other_schema_version_is_rebuilt_with_a_warning(make_registry, tmp_path,
     assert "schema version 1" in caplog.text and "rebuilding" in caplog.text
     assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
     assert not (tmp_path / "registry" / "bases").exists()  # no orphan blobs of the old schema
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     assert make_registry().stats()["bases"] == 1  # and the rebuilt registry is usable at once
 
 
 def test_adapters_round_trip_with_their_info(make_registry, tmp_path):
     reg = make_registry()
     sd = {"unet.x.lora_A.weight": torch.randn(4, 8), "unet.x.lora_B.weight": torch.randn(8, 4).half()}
-    staged = reg.staging()
-    reg.stage_adapter(staged, "ab" * 16, sd, {"layers": [{"phi_u": 0.5}]})
+    txn = reg.begin()
+    txn.stage_adapter("ab" * 16, sd, {"layers": [{"phi_u": 0.5}]})
     assert reg.get_adapter("ab" * 16) is None  # staged is not visible
-    reg.commit(staged)
+    txn.commit()
     got, info = make_registry().get_adapter("ab" * 16)
     assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
     assert info == {"layers": [{"phi_u": 0.5}]}
-    assert not staged.directory.exists()
+    assert not txn.directory.exists()
+
+
+def test_a_failed_commit_removes_the_blobs_it_moved(make_registry, tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    reg = make_registry()
+    merged = []
+
+    def fail_second(self, row, *args, **kwargs):
+        merged.append(row)
+        if len(merged) == 2:  # the first blob has been moved into place by now
+            raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    txn = reg.begin()
+    for seed in range(3):
+        txn.stage_basis(*basis_of((8, 8), 4, seed))
+    monkeypatch.setattr(Session, "merge", fail_second)
+    with pytest.raises(RegistryError, match="disk is full"):
+        txn.commit()
+    monkeypatch.undo()
+    assert len(merged) == 2
+    assert list((tmp_path / "registry").rglob("*.safetensors")) == []  # neither moved nor staged blobs remain
+    assert reg.stats()["bases"] == 0 and reg.verify().ok
 
 
 def test_discarded_staging_leaves_nothing(make_registry):
     reg = make_registry()
     before = reg.stats()
-    staged = reg.staging()
     fp, b = basis_of((8, 8), 4)
-    reg.stage_basis(staged, fp, b)
-    reg.discard(staged)
-    assert reg.stats() == before and not staged.directory.exists()
+    txn = reg.begin()
+    txn.stage_basis(fp, b)
+    txn.discard()
+    assert reg.stats() == before and not txn.directory.exists()
+    with pytest.raises(RuntimeError, match="boom"), reg.begin() as txn:  # as a context manager: an exception discards
+        txn.stage_basis(fp, b)
+        raise RuntimeError("boom")
+    assert reg.stats() == before and not txn.directory.exists()
 
 
 def test_verify_and_prune(make_registry, tmp_path):
@@ -190,7 +222,7 @@ def test_least_recently_used_entries_are_evicted_past_the_cap(make_registry):
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
-    from diffusers_lorax.registry import BasisRow
+    from diffusers_lorax.registry.database import BasisRow
 
     with Session(reg.engine) as session, session.begin():
         for age, fp in enumerate(fps):
@@ -198,7 +230,7 @@ def test_least_recently_used_entries_are_evicted_past_the_cap(make_registry):
     assert reg.find_bases([fps[0]], 32)  # a read refreshes its last use
     capped = make_registry(max_bytes=2 * size + size // 2)
     fp, b = basis_of((64, 64), 32, 99)
-    capped.put_bases({fp: b})  # five entries past a cap of two and a half: the three least recently used go
+    put_bases(capped, {fp: b})  # five entries past a cap of two and a half: the three least recently used go
     assert set(e["key"] for e in capped.entries()) == {fps[0], fp}
     assert capped.stats()["blob_bytes"] <= capped.max_bytes and capped.verify().ok and not capped.verify().orphans
 
@@ -230,7 +262,7 @@ def test_default_dir_env_and_platformdirs(monkeypatch, tmp_path):
 def test_cli_registry_commands(make_registry, tmp_path, capsys):
     reg = make_registry()
     fp, b = basis_of((16, 8), 4)
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     args = ["--registry", str(tmp_path / "registry")] + (["--url", reg.url] if not reg.url.startswith("sqlite") else [])
     assert cli.main(["registry", "path", *args]) == 0
     assert str(tmp_path / "registry") in capsys.readouterr().out
@@ -244,7 +276,7 @@ def test_cli_registry_commands(make_registry, tmp_path, capsys):
     assert f"bad: {fp}" in capsys.readouterr().out
     assert cli.main(["registry", "prune", *args]) == 0
     assert cli.main(["registry", "verify", *args]) == 0
-    reg.put_bases({fp: b})
+    put_bases(reg, {fp: b})
     assert cli.main(["registry", "clear", *args]) == 0
     assert make_registry().stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
 
@@ -300,10 +332,10 @@ def _writer(directory, url, seed, ready):
     i = 0
     while True:  # write until killed
         fp, b = basis_of((96, 64), 32, seed * 100_000 + i)
-        staged = reg.staging()
-        reg.stage_basis(staged, fp, b)
-        reg.stage_adapter(staged, fp, {"x.lora_A.weight": b.U.T.contiguous()}, {"layers": []})
-        reg.commit(staged, {(fp, fp, 32): (1.0, 1.0)})
+        with reg.begin() as txn:
+            txn.stage_basis(fp, b)
+            txn.stage_adapter(fp, {"x.lora_A.weight": b.U.T.contiguous()}, {"layers": []})
+            txn.similarities[(fp, fp, 32)] = (1.0, 1.0)
         ready.set()
         i += 1
 
@@ -330,7 +362,7 @@ def test_sigkill_during_writes_never_leaves_a_bad_registry(tmp_path, registry_ur
         assert found.ok, f"trial {trial}: rows with bad blobs {found.bad}"
         for entry in reg.entries():
             if entry["kind"] == "basis":  # the basis and the adapter written with it agree
-                basis = reg.get_bases([entry["key"]], 32)[entry["key"]]
+                basis = get_bases(reg, [entry["key"]], 32)[entry["key"]]
                 adapter, _ = reg.get_adapter(entry["key"])
                 assert torch.equal(adapter["x.lora_A.weight"], basis.U.T)
                 assert torch.allclose(basis.U.T @ basis.U, torch.eye(32), atol=1e-5)

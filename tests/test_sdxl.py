@@ -5,8 +5,7 @@ import torch
 
 from diffusers_lorax import Registry, toy, transfer_lora
 
-from conftest import delta_weights, latents
-from helpers import ALL_TARGETS, module_names
+from helpers import ALL_TARGETS, delta_weights, latents, module_names
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """The transfer math against float64 dense references on fresh random inputs."""
 
+import math
+
 import pytest
 import torch
 
-from diffusers_lorax import subspace
+from diffusers_lorax import DEFAULT_RANK, DEFAULT_THRESHOLD, subspace
 
 
 def dense_basis(W: torch.Tensor, k: int):
@@ -24,21 +26,21 @@ def rel(a, b):
     [(0.5, (320, 320), 160), (0.5, (320, 768), 160), (64, (320, 768), 64), (10_000, (40, 30), 30),
      (1.0, (64, 32, 3, 3), 64), (0.001, (8, 8), 1), (0.5, (64, 32, 3, 3), 32)],
 )
-def test_resolve_rank(rank, shape, k):
-    assert subspace.resolve_rank(rank, shape) == k
+def test_resolve_k(rank, shape, k):
+    assert subspace.resolve_k(rank, shape) == k
 
 
 @pytest.mark.parametrize("bad", [0, -3, 0.0, 1.5, "8", True, None])
-def test_resolve_rank_rejects(bad):
+def test_resolve_k_rejects(bad):
     with pytest.raises(ValueError):
-        subspace.resolve_rank(bad, (8, 8))
+        subspace.resolve_k(bad, (8, 8))
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (40, 72), (72, 40), (24, 8, 3, 3)])
 def test_basis_matches_float64_svd(shape):
     torch.manual_seed(sum(shape))
     W = torch.randn(*shape)
-    k = subspace.resolve_rank(0.5, shape)
+    k = subspace.resolve_k(0.5, shape)
     b = subspace.compute_basis(W, k)
     U, S, V = dense_basis(W, k)
     assert b.U.shape == (shape[0], k) and b.V.shape == (W[0].numel(), k) and b.S.shape == (k,)
@@ -76,7 +78,7 @@ def test_transferred_adapter_within_1e3_of_float64_exact(kind, m, n):
     Wt = Ws + 0.2 * _with_spectrum(m, n, kind, seed + 1)
     g = torch.Generator().manual_seed(seed)
     B, A = torch.randn(m, 16, generator=g), torch.randn(16, n, generator=g)
-    k = subspace.resolve_rank(0.5, (m, n))
+    k = subspace.resolve_k(0.5, (m, n))
     fast = [subspace.compute_basis(W.float(), k) for W in (Ws, Wt)]
     exact = [subspace.Basis(*dense_basis(W, k)) for W in (Ws, Wt)]
     for project in (lambda b: subspace.project_lorax(B.double(), A.double(), b[1]),
@@ -175,3 +177,36 @@ def test_frobenius_norm_from_factors():
     g = torch.Generator().manual_seed(7)
     B, A = torch.randn(50, 6, generator=g), torch.randn(6, 70, generator=g)
     assert subspace.frobenius_norm(B, A) == pytest.approx(float((B.double() @ A.double()).norm()), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (6, 2, 2, 2)])
+@pytest.mark.parametrize("kind", ["zero", "rank2"])
+def test_zero_and_rank_deficient_weights_at_full_k_give_finite_orthonormal_bases(shape, kind):
+    """k = min(m, n) on a weight of lower rank: Σ_k has zeros, and the Gram route's Σ_k⁻¹ would give NaN; the basis
+    must come out finite, orthonormal, and reproduce W."""
+    g = torch.Generator().manual_seed(len(shape))
+    m, n = shape[0], math.prod(shape[1:])
+    W = torch.zeros(m, n) if kind == "zero" else torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)
+    k = min(m, n)
+    b = subspace.compute_basis(W.reshape(shape), k)
+    for Q in (b.U, b.V):
+        assert torch.isfinite(Q).all()
+        assert torch.allclose(Q.T.double() @ Q.double(), torch.eye(k, dtype=torch.float64), atol=1e-5)
+    assert torch.isfinite(b.S).all() and b.S.shape == (k,)
+    assert torch.allclose((b.U * b.S) @ b.V.T, W, atol=1e-5)
+    # and the projections of a LoRA through it stay finite
+    B, A = torch.randn(m, 3, generator=g), torch.randn(3, n, generator=g)
+    assert all(torch.isfinite(t).all() for t in subspace.project_prolora(B, A, b, b))
+
+
+def test_random_pairs_score_about_half_at_the_default_rank():
+    """The README's claim: unrelated square weights score Φ ≈ 0.5 at rank 0.5 (k/d in expectation), far below the
+    default threshold."""
+    values = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        Ws, Wt = torch.randn(96, 96, generator=g), torch.randn(96, 96, generator=g)
+        k = subspace.resolve_k(DEFAULT_RANK, (96, 96))
+        values.append(subspace.subspace_similarity(subspace.compute_basis(Ws, k).U, subspace.compute_basis(Wt, k).U))
+    mean = sum(values) / len(values)
+    assert 0.45 < mean < 0.55 and max(values) < DEFAULT_THRESHOLD - 0.2

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import diffusers_lorax
 from diffusers_lorax import (
     InvalidLoraError,
+    InvalidOptionsError,
     LoraxError,
     NoMatchingLayersError,
     NothingTransferredError,
@@ -20,8 +21,7 @@ from diffusers_lorax import (
     transfer_lora,
 )
 
-from conftest import assert_unchanged, delta_weights, latents, state_of
-from helpers import ALL_TARGETS, intended_delta, module_names
+from helpers import ALL_TARGETS, assert_unchanged, delta_weights, intended_delta, latents, module_names, state_of
 
 
 def make_target():
@@ -66,7 +66,7 @@ def test_cross_load_is_a_normal_adapter(source, lora, registry, tmp_path):
     n = len(module_names(lora))
     assert len(report.layers) == n and len(report.applied) == n
     assert report.adapter_name == "style" and report.method == "prolora"
-    assert all(r.out_rank == 8 and r.k is not None and r.phi_u >= 0.9 and r.phi_v >= 0.9 for r in report.applied)
+    assert all(r.r_out == 8 and r.k is not None and r.phi_u >= 0.9 and r.phi_v >= 0.9 for r in report.applied)
     assert target.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
 
     styled = latents(target)
@@ -117,17 +117,17 @@ def test_adapter_equals_factors_of_the_returned_state_dict(source, lora, registr
 
 def test_identical_models_and_update_in_source_subspace_is_unchanged(source, registry):
     """ΔW = U_s M V_sᵀ transferred between identical weights comes back unchanged (≤ 1e-5), both projections."""
-    from diffusers_lorax.subspace import compute_basis, resolve_rank
+    from diffusers_lorax.subspace import compute_basis, resolve_k
 
     g = torch.Generator().manual_seed(11)
     lora = {}
     for name in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0.conv1",
                  "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"):
         W = source.unet.get_submodule(name).weight
-        b = compute_basis(W, resolve_rank(0.5, tuple(W.shape)))
-        M = torch.randn(b.rank, 3, generator=g)
+        b = compute_basis(W, resolve_k(0.5, tuple(W.shape)))
+        M = torch.randn(b.k, 3, generator=g)
         lora[f"unet.{name}.lora_B.weight"] = (b.U @ M).reshape(W.shape[0], 3, *([1, 1] if W.ndim == 4 else []))
-        lora[f"unet.{name}.lora_A.weight"] = (torch.randn(3, b.rank, generator=g) @ b.V.T).reshape(3, *W.shape[1:])
+        lora[f"unet.{name}.lora_A.weight"] = (torch.randn(3, b.k, generator=g) @ b.V.T).reshape(3, *W.shape[1:])
     for method in ("lorax", "prolora"):
         sd, report = transfer_lora(source, source, lora, method=method, registry=registry)
         assert len(report.applied) == 3
@@ -311,10 +311,55 @@ def test_default_copy_computes_no_basis_and_leaves_the_registry_alone(source, lo
         assert torch.allclose(loaded[key], intended_delta(lora, r.component, r.module), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs", [dict(method="svd"), dict(rank=0), dict(rank=2.0), dict(threshold=1.5)])
-def test_bad_options(source, lora, registry, kwargs):
-    with pytest.raises(ValueError):
-        transfer_lora(source, make_target(), lora, registry=registry, **{"method": "prolora", **kwargs})
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="svd"), "method must be one of"),
+    (dict(rank=0), "rank must be at least 1"),
+    (dict(rank=-2), "rank must be at least 1"),
+    (dict(rank=2.0), r"fractional rank must lie in \(0, 1\]"),
+    (dict(rank="8"), "rank must be an int or a float"),
+    (dict(threshold=1.5), r"threshold is a subspace similarity in \[0, 1\]"),
+    (dict(threshold=-0.1), r"threshold is a subspace similarity in \[0, 1\]"),
+])
+def test_bad_options_are_refused_before_anything_is_read(lora, registry, kwargs, message, tmp_path):
+    """Checked first: a source that does not exist would fail later, with another error."""
+    target = make_target()
+    before = state_of(target)
+    with pytest.raises(InvalidOptionsError, match=message):
+        transfer_lora(tmp_path / "missing", target, lora, registry=registry, **{"method": "prolora", **kwargs})
+    with pytest.raises(InvalidOptionsError, match=message):
+        target.load_lora_weights_cross(tmp_path / "missing", lora, registry=registry, **{"method": "prolora", **kwargs})
+    assert_unchanged(target, before)
+    assert not (registry.directory / "bases").exists() or not any((registry.directory / "bases").iterdir())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mehtod="lorax"), "unexpected keyword arguments \\['mehtod'\\]"),
+    (dict(target_revision="main"), "unexpected keyword arguments \\['target_revision'\\].*the target is this pipeline"),
+])
+def test_unknown_keywords_of_the_mixin_are_refused(source, lora, registry, kwargs, message):
+    target = make_target()
+    before = state_of(target)
+    with pytest.raises(InvalidOptionsError, match=message):
+        target.load_lora_weights_cross(source, lora, registry=registry, **kwargs)
+    assert_unchanged(target, before)
+
+
+def test_layers_whose_shape_differs_in_the_target_are_skipped_with_the_shape(source, lora, registry):
+    """A target whose cross-attention keys/values take 48 inputs instead of 32: those layers are skipped, by name."""
+    target = toy.sd_pipeline(unet=dict(toy.TINY_SD_UNET, cross_attention_dim=48), seed=0)
+    state_dict, report = transfer_lora(source, target, lora, registry=registry)
+    differs = {f"{r.component}.{r.module}" for r in report.layers if "attn2.to_k" in r.module or "attn2.to_v" in r.module}
+    assert differs and {f"{r.component}.{r.module}" for r in report.skipped} == differs
+    for r in report.skipped:
+        assert r.reason == f"shape differs in the target: ({r.shape[0]}, 48)" and r.r_out is None and r.kept is None
+    assert {k.rsplit(".lora_", 1)[0] for k in state_dict} == {f"{r.component}.{r.module}" for r in report.applied}
+    assert len(report.applied) == len(report.layers) - len(differs)
+
+
+def test_nothing_transferred_is_an_error_in_the_functional_form_too(source, lora, registry):
+    with pytest.raises(NothingTransferredError, match="no layer passed the subspace-similarity threshold 0.9"):
+        transfer_lora(source, toy.sd_pipeline(seed=99), lora, registry=registry, method="lorax")
+    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
 
 
 def test_source_and_target_as_folders(folders, registry):
@@ -371,6 +416,7 @@ def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, regi
     stats = registry.stats()
     assert (stats["bases"], stats["similarities"], stats["adapters"]) == (0, 0, 0)
     assert not any((registry.directory / "staging").iterdir())  # the staged blobs are gone too
+    assert not [p for p in registry.directory.rglob("*.safetensors")]  # and none was left where it was moved
 
 
 def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):

@@ -18,7 +18,7 @@ What it trains, in order, on scikit-learn's 1 797 handwritten digits at 16×16 (
    "a handwritten digit <word> in lrx style"; saved in kohya format (``lora_unet_…``, ``lora_te_…``, ``.alpha``).
 6. Two small CNNs (digit and slant) on real and VAE-reconstructed digits.
 
-Weights are rounded to float16 as soon as a model is trained, and saved in float16 (9 MB in all); the LoRAs are
+Weights are rounded to float16 as soon as a model is trained, and saved in float16 (11 MB in all); the LoRAs are
 trained on the rounded models, so the shipped files are exactly what they were trained against.
 """
 
@@ -83,7 +83,7 @@ def build(out: Path, steps: dict[str, int], resume: bool = False) -> None:
     kept = {name: StableDiffusionPipeline.from_pretrained(out / name, dtype=torch.float32) for name in MODELS
             if saved[name]}
     with tempfile.TemporaryDirectory() as folder:
-        vocab = data.write_tokenizer(folder)
+        vocab = toy.write_tokenizer(folder, data.VOCABULARY, data.MAX_TOKENS)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
 
     # 1. VAE

@@ -10,8 +10,6 @@ pipeline images are ``(N, 3, 16, 16)`` in [-1, 1], dark ink on white paper.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -105,33 +103,3 @@ SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     clip_sample=False, steps_offset=1,
 )
-
-
-def write_tokenizer(folder: str | Path) -> dict[str, int]:
-    """Write a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) to ``folder``.
-
-    The vocabulary is CLIP's byte alphabet (and its word-final forms), start/end tokens, and one token per word of
-    ``VOCABULARY`` with the byte-pair merges that build it left to right. Returns the vocabulary (token → id).
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    symbols = sorted(ByteLevel.alphabet())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
-    for word in VOCABULARY:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in merges:
-                merges.append(pair)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            if parts[0] not in tokens:
-                tokens.append(parts[0])
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": MAX_TOKENS}))
-    return vocab

@@ -1,4 +1,4 @@
-"""The shipped catalogue of known base-model families (``registry/families.json`` in the repository).
+"""Known base-model families: the registry's shipped entries (``registry/families.json`` in the repository).
 
 Each family (SD 1.x, SD 2.x, SDXL) lists its Hub ids and a layer-shape signature: the weight shape of every Linear
 and Conv2d module of each LoRA-capable component, by canonical module name. It is used before any SVD to tell a
@@ -38,8 +38,8 @@ class FamilyMatch:
 
 @lru_cache(maxsize=1)
 def families() -> tuple[Family, ...]:
-    """All catalogued families, loaded once from the package data."""
-    data = json.loads(resources.files("diffusers_lorax.shipped_registry").joinpath("families.json").read_text())
+    """All known families, loaded once from the shipped entries (package data)."""
+    data = json.loads(resources.files("diffusers_lorax.registry.shipped").joinpath("families.json").read_text())
     return tuple(
         Family(
             name=name,
@@ -53,7 +53,7 @@ def families() -> tuple[Family, ...]:
 
 
 def family_of_hub_id(repo_id: str) -> Family | None:
-    """The family whose catalogue lists ``repo_id`` (case-insensitive), or ``None``."""
+    """The known family that lists ``repo_id`` among its Hub ids (case-insensitive), or ``None``."""
     key = repo_id.lower()
     return next((f for f in families() if key in (h.lower() for h in f.hub_ids)), None)
 

@@ -1,0 +1,192 @@
+"""Transfer the matched LoRA layers with the method's strategy, through the registry.
+
+For a method that needs bases: fingerprint both base weights of every matched layer; serve the whole transferred
+adapter from the registry when the same request was answered before; else, per layer, read the subspace similarity
+(or compute it from the bases, read or computed once and staged), skip the layer below the threshold, and apply the
+strategy. The result is a PEFT-format state dict with alpha folded into ``lora_B``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+
+import torch
+import xxhash
+
+from . import _version, subspace
+from .errors import SourceModelError
+from .lora import LoraLayer
+from .options import TransferConfig
+from .registry import Registry, Transaction
+from .registry.store import StoredBasis
+from .report import PhaseClock, TransferReport
+from .subspace import Basis
+from .weights import BaseModelWeights, PipelineWeights, fingerprint
+
+#: The per-layer report fields a cached adapter restores.
+_ROW_FIELDS = ("applied", "reason", "k", "phi_u", "phi_v", "r_out", "kept")
+
+
+def transfer_layers(
+    layers: list[LoraLayer],
+    matched: list[int],
+    weights: dict[str, BaseModelWeights],
+    config: TransferConfig,
+    report: TransferReport,
+    registry: Registry | None,
+    txn: Transaction | None,
+    clock: PhaseClock,
+) -> dict[str, torch.Tensor]:
+    """The transferred adapter as a PEFT state dict (``<component>.<module>.lora_A/B.weight``), filling ``report``.
+    ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
+    that needs no bases. Raises :class:`SourceModelError` if a base weight holds NaN or Inf."""
+    strategy = config.strategy
+    if not strategy.needs_bases:
+        return peft_state_dict(layers, {i: strategy.transfer(*layers[i].factors(), None) for i in matched}, report)
+    fps = _fingerprints(layers, matched, weights)
+    ks = {i: config.k(layers[i].weight_shape) for i in matched}
+    key = adapter_key(layers, matched, fps, ks, config)
+    cached = registry.get_adapter(key)
+    if cached is not None:
+        state_dict, info = cached
+        for i, fields in zip(sorted(matched, key=lambda i: layers[i].peft_key), info["layers"]):
+            for name in _ROW_FIELDS:
+                setattr(report.layers[i], name, fields[name])
+        report.adapter_cached = True
+        clock.lap(report, "bases")
+        return state_dict
+    bases = Bases(registry, txn, layers, matched, fps, ks, weights, report)
+    factors = _project(layers, matched, bases, config, report, registry, txn)
+    clock.lap(report, "bases")
+    state_dict = peft_state_dict(layers, factors, report)
+    if state_dict:
+        ordered = sorted(matched, key=lambda i: layers[i].peft_key)
+        txn.stage_adapter(key, state_dict, {"layers": [{n: getattr(report.layers[i], n) for n in _ROW_FIELDS}
+                                                       for i in ordered]})
+    return state_dict
+
+
+def _project(layers, matched, bases: Bases, config, report, registry, txn) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    from diffusers.utils.logging import tqdm
+
+    sims = registry.get_similarities({(*bases.fps[i], bases.ks[i]) for i in matched})
+    report.similarities_cached = len(sims)
+    factors = {}
+    for i in tqdm(matched, desc="bases and projection", disable=bases.missing < 8):
+        row, pair, layer_bases = report.layers[i], (*bases.fps[i], bases.ks[i]), LayerBases(bases, i)
+        if pair not in sims:
+            sims[pair] = txn.similarities[pair] = (
+                subspace.subspace_similarity(layer_bases.source.U, layer_bases.target.U),
+                subspace.subspace_similarity(layer_bases.source.V, layer_bases.target.V),
+            )
+        row.k, (row.phi_u, row.phi_v) = bases.ks[i], sims[pair]
+        if row.phi_u < config.threshold or row.phi_v < config.threshold:
+            row.reason = f"subspace similarity below threshold {config.threshold}"
+            continue
+        factors[i] = config.strategy.transfer(*layers[i].factors(), layer_bases)
+    report.similarities_computed = len(txn.similarities)
+    return factors
+
+
+def _fingerprints(layers, matched, weights) -> dict[int, tuple[str, str]]:
+    """(source, target) fingerprints per matched layer, on every core (XXH3 at memory speed; each thread holds one
+    weight at a time; unchanged source files are not read again within a process)."""
+    from diffusers.utils.logging import tqdm
+
+    def both(i: int) -> tuple[str, str]:
+        return weights["source"].fingerprint(*layers[i].key), weights["target"].fingerprint(*layers[i].key)
+
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        jobs = tqdm(pool.map(both, matched), total=len(matched), desc="fingerprints", disable=len(matched) < 64)
+        return dict(zip(matched, jobs))
+
+
+def adapter_key(
+    layers: list[LoraLayer], matched: list[int], fps: dict[int, tuple[str, str]], ks: dict[int, int],
+    config: TransferConfig,
+) -> str:
+    """XXH3-128 of everything a transferred adapter depends on: this package's version (the math), the method and
+    threshold, and per matched layer (in PEFT-key order) its PEFT key, the LoRA's factors and scale, both base
+    weights' fingerprints and k."""
+    digest = xxhash.xxh3_128(f"{_version.__version__}|{config.method}|{float(config.threshold)!r}".encode())
+    for i in sorted(matched, key=lambda i: layers[i].peft_key):
+        layer = layers[i]
+        digest.update(
+            f"|{layer.peft_key}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}|"
+            f"{fps[i][0]}|{fps[i][1]}|{ks[i]}".encode()
+        )
+    return digest.hexdigest()
+
+
+class Bases:
+    """Bases of the matched layers, each from (in order) this transaction's staging area, the registry, or computed
+    on the target pipeline's accelerator (when it has one) and staged at once, so memory holds one layer's bases."""
+
+    def __init__(self, registry, txn, layers, matched, fps, ks, weights, report):
+        self.registry, self.txn, self.layers, self.fps, self.ks = registry, txn, layers, fps, ks
+        self.weights, self.report = weights, report
+        # One registry query per k for all stored bases; blobs are read (checksummed) only when a layer needs them.
+        self.stored: dict[tuple[str, int], StoredBasis] = {}
+        for k in sorted(set(ks.values())):
+            wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
+            self.stored.update({(fp, k): ref for fp, ref in registry.find_bases(wanted, k).items()})
+        self.missing = sum((fp, ks[i]) not in self.stored for i in matched for fp in set(fps[i]))
+        self.device = _compute_device(weights["target"], layers[matched[0]].key)
+
+    def get(self, side: str, i: int) -> Basis:
+        fp, k = self.fps[i][0 if side == "source" else 1], self.ks[i]
+        found = self.txn.staged_basis(fp, k)
+        if found is None and (fp, k) in self.stored:
+            found = self.registry.load_basis(self.stored[(fp, k)], k)
+            self.report.bases_cached += found is not None
+        if found is None:
+            layer = self.layers[i]
+            try:
+                found = subspace.compute_basis(self.weights[side].weight(*layer.key), k, device=self.device)
+            except ValueError as err:
+                raise SourceModelError(f"{side} weight of {layer.component}.{layer.module}: {err}") from err
+            self.txn.stage_basis(fp, found)
+            self.report.bases_computed += 1
+        return found
+
+
+class LayerBases:
+    """The source and target bases of one layer, fetched from :class:`Bases` on first use (a strategy that needs one
+    side only never reads the other)."""
+
+    def __init__(self, bases: Bases, i: int):
+        self.bases, self.i = bases, i
+
+    @cached_property
+    def source(self) -> Basis:
+        return self.bases.get("source", self.i)
+
+    @cached_property
+    def target(self) -> Basis:
+        return self.bases.get("target", self.i)
+
+
+def peft_state_dict(
+    layers: list[LoraLayer], factors: dict[int, tuple[torch.Tensor, torch.Tensor]], report: TransferReport
+) -> dict[str, torch.Tensor]:
+    """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
+    dtype and shape; fills the report's per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F)."""
+    state_dict = {}
+    for i, (B, A) in factors.items():
+        layer, row = layers[i], report.layers[i]
+        source_norm = subspace.frobenius_norm(*layer.factors())
+        row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
+        row.applied, row.r_out = True, B.shape[1]
+        state_dict[f"{layer.peft_key}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
+        state_dict[f"{layer.peft_key}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+    return state_dict
+
+
+def _compute_device(target_w: BaseModelWeights, key: tuple[str, str]) -> torch.device | None:
+    """The target pipeline's device when it is an accelerator (bases are computed there), else ``None``."""
+    if isinstance(target_w, PipelineWeights):
+        device = target_w.weight(*key).device
+        if device.type != "cpu":
+            return device
+    return None

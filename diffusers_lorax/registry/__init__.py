@@ -1,0 +1,17 @@
+"""The registry: what diffusers-lorax knows about base models.
+
+- **Shipped entries** (read-only): base-model families with their Hub ids and layer shapes, generated into the
+  repository's top-level ``registry/`` folder and installed as ``diffusers_lorax.registry.shipped``; read by
+  :mod:`~diffusers_lorax.registry.families`.
+- **Local entries**, computed once and cached: SVD bases, subspace similarities and transferred adapters, in SQLite
+  or a database URL with blobs in a directory (:class:`Registry`).
+
+Modules, one job each: ``families`` (the shipped families), ``database`` (tables, schema, URLs), ``blobs`` (blob
+files), ``store`` (:class:`Registry`: what a transfer reads), ``transaction`` (what a transfer writes: staged, then
+committed or discarded), ``maintenance`` (list, stats, verify, prune, clear: the ``lorax registry`` command).
+"""
+
+from .store import Registry, default_registry_dir, open_registry
+from .transaction import NullTransaction, Transaction
+
+__all__ = ["NullTransaction", "Registry", "Transaction", "default_registry_dir", "open_registry"]

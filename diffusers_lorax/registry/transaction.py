@@ -1,0 +1,143 @@
+"""One transfer's registry writes: staged as they are computed, made visible together by :meth:`Transaction.commit`
+or dropped by :meth:`Transaction.discard`.
+
+A transaction is a context manager: it commits when its block ends normally and discards when the block raises, so
+a failed call leaves the registry exactly as it was. A commit that fails after the block has succeeded is logged,
+not raised: the registry is a cache, and an adapter that has loaded must not be undone by it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.utils import logging
+from safetensors.torch import load
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ..errors import RegistryError
+from ..subspace import Basis
+from .blobs import atomic_save, basis_tensors, blob_path, truncated
+from .database import AdapterRow, Base, BasisRow, SimilarityRow, error_message
+
+if TYPE_CHECKING:
+    from .store import Registry
+
+logger = logging.get_logger(__name__)
+
+#: ``(source fingerprint, target fingerprint, k) -> (Φ_U, Φ_V)``
+Similarities = dict[tuple[str, str, int], tuple[float, float]]
+
+
+class Transaction:
+    """Blobs written under ``staging/<random>/`` and the rows (bases, similarities, one adapter) to add with them."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.directory = registry.directory / "staging" / secrets.token_hex(8)
+        self.bases: dict[str, tuple[Path, BasisRow]] = {}
+        self.adapter: tuple[Path, AdapterRow] | None = None
+        self.similarities: Similarities = {}
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+            return
+        try:
+            self.commit()
+        except RegistryError as err:
+            logger.warning(f"could not store the transfer's results in the registry: {err}")
+
+    def stage_basis(self, fp: str, basis: Basis) -> None:
+        """Write ``basis`` (of the weight with fingerprint ``fp``) to the staging area now; memory can drop it."""
+        path = self.directory / fp
+        checksum = atomic_save(basis_tensors(basis), path)
+        now = time.time()
+        self.bases[fp] = (path, BasisRow(
+            fingerprint=fp, rows=basis.U.shape[0], cols=basis.V.shape[0], k=basis.k, blob=blob_path("bases", fp, checksum),
+            checksum=checksum, bytes=path.stat().st_size, created_at=now, last_used=now))
+
+    def staged_basis(self, fp: str, k: int) -> Basis | None:
+        """A basis staged earlier in this transaction (a weight shared by two layers), truncated to ``k``, or
+        ``None``."""
+        if fp not in self.bases:
+            return None
+        return truncated(load(self.bases[fp][0].read_bytes()), k)
+
+    def stage_adapter(self, key: str, state_dict: dict[str, torch.Tensor], info: dict) -> None:
+        """Write a transferred adapter (PEFT state dict) with its per-layer report ``info`` (JSON) in the metadata."""
+        path = self.directory / f"adapter-{key}"
+        checksum = atomic_save(state_dict, path, {"lorax": json.dumps(info)})
+        now = time.time()
+        self.adapter = (path, AdapterRow(key=key, blob=blob_path("adapters", key, checksum), checksum=checksum,
+                                         bytes=path.stat().st_size, created_at=now, last_used=now))
+
+    def commit(self) -> None:
+        """Make the writes visible, under the registry lock: each staged blob whose entry is not stored yet (by another
+        process meanwhile, say) is moved into place (an atomic rename), then all rows and similarities are added in
+        one database transaction; then the least recently used entries past the registry's cap are evicted.
+
+        Raises :class:`RegistryError` if the database refuses the write; the staging area is removed either way, and a
+        blob moved for a row that did not commit is removed again."""
+        if not self.similarities and not self.bases and self.adapter is None:
+            self.discard()  # nothing to store (a request served from the cache): no lock, no transaction
+            return
+        registry, moved = self.registry, []
+        try:
+            with registry.lock:
+                with Session(registry.engine) as session, session.begin():
+                    for path, row in self._new_entries(session):
+                        final = registry.directory / row.blob
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(path, final)
+                        moved.append(final)
+                        session.merge(row)
+                    for (s, t, k), (phi_u, phi_v) in self.similarities.items():
+                        session.merge(SimilarityRow(source=s, target=t, k=k, phi_u=phi_u, phi_v=phi_v))
+                moved.clear()
+                registry.evict(registry.max_bytes)
+        except (OSError, SQLAlchemyError) as err:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise RegistryError(f"cannot write to the registry at {registry.location}: "
+                                f"{error_message(err, registry.url)}") from err
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging area and whatever is in it."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _new_entries(self, session: Session) -> list[tuple[Path, Base]]:
+        out: list[tuple[Path, Base]] = []
+        for fp, (path, row) in self.bases.items():
+            stored = session.get(BasisRow, fp)
+            if stored is None or stored.k < row.k:
+                if stored is not None:  # a larger k replaces it: its blob goes once the rows have committed
+                    old = self.registry.directory / stored.blob
+                    event.listen(session, "after_commit", lambda _, old=old: old.unlink(missing_ok=True), once=True)
+                out.append((path, row))
+        if self.adapter is not None and session.get(AdapterRow, self.adapter[1].key) is None:
+            out.append(self.adapter)
+        return out
+
+
+class NullTransaction:
+    """The transaction of a method that needs no bases (``copy``): nothing to stage, commit or discard."""
+
+    def __enter__(self) -> NullTransaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
