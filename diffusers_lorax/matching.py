@@ -1,6 +1,9 @@
 """Pre-flight, before any SVD: check that the LoRA, the source and the target are of one architecture family, that
 every LoRA layer fits the source, and find the target module each LoRA layer goes to (today: the module of the same
-name and shape; the others are skipped with the reason)."""
+name and shape; the others are skipped with the reason).
+
+The result is a :data:`Matches` map, LoRA layer index → target ``(component, canonical module)``, which the rest of
+the transfer follows (the target weight read, the key the transferred layer is saved under)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from .models import BaseModel
 from .registry.families import FamilyMatch, family_of_hub_id, identify_model
 from .report import TransferReport
 from .weights import BaseModelWeights
+
+#: LoRA layer index → the target's ``(component, canonical module name)`` it is transferred to.
+Matches = dict[int, tuple[str, str]]
 
 
 def check_known_hub_ids(lora_family: FamilyMatch | None, *models: BaseModel) -> None:
@@ -31,9 +37,9 @@ def match_layers(
     source_w: BaseModelWeights,
     target_w: BaseModelWeights,
     report: TransferReport,
-) -> list[int]:
-    """The indices of the LoRA layers that have a module of the same name and shape in the target; the others are
-    marked skipped in ``report`` with the reason.
+) -> Matches:
+    """The target module of every LoRA layer that has a module of the same name and shape in the target; the others
+    are marked skipped in ``report`` with the reason.
 
     Raises :class:`ArchitectureMismatchError` when the LoRA and the target are of different known families,
     :class:`SourceModelError` when a LoRA layer does not fit the source, :class:`NoMatchingLayersError` when no layer
@@ -42,7 +48,7 @@ def match_layers(
     target_shapes = {c: target_w.shapes(c) for c in components}
     _check_target_family(lora_family, target_shapes, report)
     _check_source_fit(layers, {c: source_w.shapes(c) for c in components}, report)
-    matched = []
+    matched: Matches = {}
     for i, layer in enumerate(layers):
         shape = target_shapes[layer.component].get(layer.key[1])
         if shape is None:
@@ -50,7 +56,8 @@ def match_layers(
         elif shape != layer.weight_shape:
             report.layers[i].reason = f"shape differs in the target: {shape}"
         else:
-            matched.append(i)
+            matched[i] = layer.key
+            report.layers[i].target_module = layer.key[1]
     if not matched:
         raise NoMatchingLayersError(
             f"none of the LoRA's {len(layers)} layers has a module of the same name and shape in the target "

@@ -17,6 +17,7 @@ import xxhash
 from . import _version, subspace
 from .errors import SourceModelError
 from .lora import LoraLayer
+from .matching import Matches
 from .options import TransferConfig
 from .registry import Registry, Transaction
 from .registry.store import StoredBasis
@@ -30,7 +31,7 @@ _ROW_FIELDS = ("applied", "reason", "k", "phi_u", "phi_v", "r_out", "kept")
 
 def transfer_layers(
     layers: list[LoraLayer],
-    matched: list[int],
+    matched: Matches,
     weights: dict[str, BaseModelWeights],
     config: TransferConfig,
     report: TransferReport,
@@ -38,12 +39,13 @@ def transfer_layers(
     txn: Transaction | None,
     clock: PhaseClock,
 ) -> dict[str, torch.Tensor]:
-    """The transferred adapter as a PEFT state dict (``<component>.<module>.lora_A/B.weight``), filling ``report``.
-    ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
+    """The transferred adapter as a PEFT state dict (``<component>.<module>.lora_A/B.weight``, under each layer's
+    target module from ``matched``), filling ``report``. ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
     that needs no bases. Raises :class:`SourceModelError` if a base weight holds NaN or Inf."""
     strategy = config.strategy
     if not strategy.needs_bases:
-        return peft_state_dict(layers, {i: strategy.transfer(*layers[i].factors(), None) for i in matched}, report)
+        factors = {i: strategy.transfer(*layers[i].factors(), None) for i in matched}
+        return peft_state_dict(layers, matched, factors, report)
     fps = _fingerprints(layers, matched, weights)
     ks = {i: config.k(layers[i].weight_shape) for i in matched}
     key = adapter_key(layers, matched, fps, ks, config)
@@ -59,7 +61,7 @@ def transfer_layers(
     bases = Bases(registry, txn, layers, matched, fps, ks, weights, report)
     factors = _project(layers, matched, bases, config, report, registry, txn)
     clock.lap(report, "bases")
-    state_dict = peft_state_dict(layers, factors, report)
+    state_dict = peft_state_dict(layers, matched, factors, report)
     if state_dict:
         ordered = sorted(matched, key=lambda i: layers[i].peft_key)
         txn.stage_adapter(key, state_dict, {"layers": [{n: getattr(report.layers[i], n) for n in _ROW_FIELDS}
@@ -95,7 +97,7 @@ def _fingerprints(layers, matched, weights) -> dict[int, tuple[str, str]]:
     from diffusers.utils.logging import tqdm
 
     def both(i: int) -> tuple[str, str]:
-        return weights["source"].fingerprint(*layers[i].key), weights["target"].fingerprint(*layers[i].key)
+        return weights["source"].fingerprint(*layers[i].key), weights["target"].fingerprint(*matched[i])
 
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         jobs = tqdm(pool.map(both, matched), total=len(matched), desc="fingerprints", disable=len(matched) < 64)
@@ -103,17 +105,17 @@ def _fingerprints(layers, matched, weights) -> dict[int, tuple[str, str]]:
 
 
 def adapter_key(
-    layers: list[LoraLayer], matched: list[int], fps: dict[int, tuple[str, str]], ks: dict[int, int],
+    layers: list[LoraLayer], matched: Matches, fps: dict[int, tuple[str, str]], ks: dict[int, int],
     config: TransferConfig,
 ) -> str:
     """XXH3-128 of everything a transferred adapter depends on: this package's version (the math), the method and
-    threshold, and per matched layer (in PEFT-key order) its PEFT key, the LoRA's factors and scale, both base
-    weights' fingerprints and k."""
+    threshold, and per matched layer (in PEFT-key order) its PEFT key and target module, the LoRA's factors and
+    scale, both base weights' fingerprints and k."""
     digest = xxhash.xxh3_128(f"{_version.__version__}|{config.method}|{float(config.threshold)!r}".encode())
     for i in sorted(matched, key=lambda i: layers[i].peft_key):
         layer = layers[i]
         digest.update(
-            f"|{layer.peft_key}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}|"
+            f"|{layer.peft_key}>{'.'.join(matched[i])}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}|"
             f"{fps[i][0]}|{fps[i][1]}|{ks[i]}".encode()
         )
     return digest.hexdigest()
@@ -132,7 +134,8 @@ class Bases:
             wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
             self.stored.update({(fp, k): ref for fp, ref in registry.find_bases(wanted, k).items()})
         self.missing = sum((fp, ks[i]) not in self.stored for i in matched for fp in set(fps[i]))
-        self.device = _compute_device(weights["target"], layers[matched[0]].key)
+        self.device = _compute_device(weights["target"], next(iter(matched.values())))
+        self.matched = matched
 
     def get(self, side: str, i: int) -> Basis:
         fp, k = self.fps[i][0 if side == "source" else 1], self.ks[i]
@@ -142,8 +145,9 @@ class Bases:
             self.report.bases_cached += found is not None
         if found is None:
             layer = self.layers[i]
+            key = layer.key if side == "source" else self.matched[i]
             try:
-                found = subspace.compute_basis(self.weights[side].weight(*layer.key), k, device=self.device)
+                found = subspace.compute_basis(self.weights[side].weight(*key), k, device=self.device)
             except ValueError as err:
                 raise SourceModelError(f"{side} weight of {layer.component}.{layer.module}: {err}") from err
             self.txn.stage_basis(fp, found)
@@ -168,18 +172,21 @@ class LayerBases:
 
 
 def peft_state_dict(
-    layers: list[LoraLayer], factors: dict[int, tuple[torch.Tensor, torch.Tensor]], report: TransferReport
+    layers: list[LoraLayer], matched: Matches, factors: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    report: TransferReport,
 ) -> dict[str, torch.Tensor]:
     """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
-    dtype and shape; fills the report's per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F)."""
+    dtype and shape, under its target module (the LoRA's own module name where they coincide); fills the report's
+    per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F)."""
     state_dict = {}
     for i, (B, A) in factors.items():
         layer, row = layers[i], report.layers[i]
         source_norm = subspace.frobenius_norm(*layer.factors())
         row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
         row.applied, row.r_out = True, B.shape[1]
-        state_dict[f"{layer.peft_key}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
-        state_dict[f"{layer.peft_key}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+        prefix = layer.peft_key if matched[i] == layer.key else ".".join(matched[i])
+        state_dict[f"{prefix}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
+        state_dict[f"{prefix}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
     return state_dict
 
 

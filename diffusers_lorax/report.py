@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 class LayerReport:
     """One LoRA layer: ``r`` its rank, ``r_out`` the rank of the transferred factors (None when skipped), ``k`` the
     number of singular vectors used, ``phi_u``/``phi_v`` the subspace similarities (None where not computed), ``kept``
-    ‖ΔW_t‖_F / ‖ΔW_s‖_F of the transferred update (None when skipped)."""
+    ‖ΔW_t‖_F / ‖ΔW_s‖_F of the transferred update (None when skipped), ``target_module`` the target module the layer
+    was matched to (canonical name; None where none was)."""
 
     component: str
     module: str
@@ -23,6 +24,7 @@ class LayerReport:
     phi_v: float | None = None
     r_out: int | None = None
     kept: float | None = None
+    target_module: str | None = None
 
 
 @dataclass
