@@ -6,16 +6,21 @@ Methods: LoRA-X (Farhadzadeh et al., ICLR 2025) and ProLoRA (Farhadzadeh et al.,
 """
 
 from ._version import __version__
+from .adapters import LoraXConfig, add_lorax_adapter, push_lorax_to_hub, read_lorax_file, save_lorax_weights
 from .errors import (
     ArchitectureMismatchError,
     InvalidLoraError,
     InvalidOptionsError,
     LoraxError,
+    LoraxFileError,
     NoMatchingLayersError,
     NothingTransferredError,
     RegistryError,
+    SourceMismatchError,
     SourceModelError,
+    UnsupportedFormatError,
 )
+from .inspection import LoraInspection, inspect_lora
 from .methods import METHODS
 from .mixin import CrossLoraLoaderMixin, load_lora_weights_cross
 from .mixin import install as _install
@@ -35,15 +40,25 @@ __all__ = [
     "InvalidLoraError",
     "InvalidOptionsError",
     "LayerReport",
+    "LoraXConfig",
     "LoraxError",
+    "LoraxFileError",
     "METHODS",
     "NoMatchingLayersError",
     "NothingTransferredError",
     "Registry",
     "RegistryError",
+    "SourceMismatchError",
     "SourceModelError",
     "TransferConfig",
     "TransferReport",
+    "UnsupportedFormatError",
+    "LoraInspection",
+    "inspect_lora",
+    "add_lorax_adapter",
     "load_lora_weights_cross",
+    "push_lorax_to_hub",
+    "read_lorax_file",
+    "save_lorax_weights",
     "transfer_lora",
 ]

@@ -1,13 +1,17 @@
 """The ``lorax`` command line.
 
     lorax transfer SOURCE TARGET LORA -o OUT.safetensors [--method M] [--threshold T] [--rank R] [--weight-name W]
+                   [--calibrate [RULE]] [--calibration-prompt TEXT ...]
+    lorax inspect LORA [--target MODEL] [--weight-name W] [--json]
     lorax demo
     lorax registry path|list|stats|verify|prune|clear [--registry DIR] [--url URL]
 
 ``transfer`` reads the LoRA and both base models (local diffusers folders or Hub repo ids), prints the transfer
-report and writes a standard diffusers LoRA file (the pipeline class's own ``save_lora_weights``) that plain
+report's summary (``--verbose``: and one line per layer) and writes a standard diffusers LoRA file (the pipeline class's own ``save_lora_weights``) that plain
 ``pipe.load_lora_weights`` loads. ``demo`` transfers the bundled digits testbed's style LoRA onto its two targets
-offline and scores the result (docs/quality.md).
+offline and scores the result (docs/quality.md). ``inspect`` says what a LoRA file is (format, components, ranks,
+alphas, the family its shapes fit, the base model its metadata names) and, with ``--target``, which layers would
+apply there and why not, before anything is loaded (``--json``: the same as JSON).
 ``registry`` inspects and maintains the registry (docs/registry.md): ``verify`` exits 1 when a row's blob is missing
 or damaged, ``prune`` removes those rows, garbage of interrupted writes and least recently used entries past the cap.
 Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line).
@@ -22,7 +26,8 @@ from pathlib import Path
 
 from .errors import LoraxError
 from .methods import METHODS
-from .options import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD
+from .options import (CALIBRATION_RULES, DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD,
+                      MATCH_RULES)
 from .transfer import save_transferred, transfer_lora
 
 
@@ -42,16 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("target", help="base model to transfer to: local diffusers folder or Hub repo id")
     t.add_argument("lora", help="LoRA: file, folder or Hub repo id (any format diffusers reads)")
     t.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors file")
-    t.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD)
+    t.add_argument("--method", choices=tuple(METHODS), default=None,
+                   help=f"default: lorax for a LoRA-X adapter file, {DEFAULT_METHOD} for any other LoRA")
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="min subspace similarity, 0..1 (prolora, lorax)")
     t.add_argument("--rank", type=_rank, default=DEFAULT_RANK, help="singular vectors kept: int or fraction (prolora, lorax)")
     t.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
+    t.add_argument("--match", choices=MATCH_RULES, default=DEFAULT_MATCH, help="how layers find their target module: "
+                   "by name, by subspace similarity (distilled targets), or auto (docs/method.md)")
+    t.add_argument("--calibrate", nargs="?", const=True, default=DEFAULT_CALIBRATE, choices=(True, *CALIBRATION_RULES),
+                   metavar="RULE", help="rescale the adapter to the LoRA's effect on the source, measured with forward "
+                   "passes (rule: global (default), block, layer; docs/calibration.md)")
+    t.add_argument("--calibration-prompt", action="append", dest="calibration_prompts", metavar="TEXT",
+                   help="a prompt for the calibration passes (repeat for several; default: the LoRA's trigger words)")
     t.add_argument("--registry", help="registry directory or database URL (default: $LORAX_REGISTRY_URL, "
                    "$LORAX_CACHE_DIR or the user cache dir)")
     t.add_argument("--source-revision")
     t.add_argument("--target-revision")
     t.add_argument("--json", type=Path, help="also write the report as JSON to this file")
-    t.add_argument("--summary", action="store_true", help="print only the report's summary, not every layer")
+    t.add_argument("--verbose", "-v", action="store_true", help="also print one line per layer (report.table())")
+    t.add_argument("--summary", action="store_true", help="print only the summary (the default; kept for scripts)")
+
+    i = sub.add_parser("inspect", help="what a LoRA file is, and whether it fits a model, before loading anything")
+    i.add_argument("lora", help="LoRA: file, folder or Hub repo id")
+    i.add_argument("--target", help="base model to check it against: local diffusers folder or Hub repo id")
+    i.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
+    i.add_argument("--target-revision")
+    i.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     r = sub.add_parser("registry", help="inspect and maintain the basis registry")
     r.add_argument("action", choices=("path", "list", "stats", "verify", "prune", "clear"))
@@ -74,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "registry":
             return registry_command(args)
+        if args.command == "inspect":
+            return inspect_command(args)
         state_dict, report = transfer_lora(
             args.source,
             args.target,
@@ -81,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method,
             rank=args.rank,
             threshold=args.threshold,
+            calibrate=args.calibrate,
+            calibration_prompts=args.calibration_prompts,
+            match=args.match,
             registry=args.registry,
             weight_name=args.weight_name,
             source_revision=args.source_revision,
@@ -90,10 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     except LoraxError as err:
         print(f"lorax: error: {err}", file=sys.stderr)
         return 2
-    print(report.summary() if args.summary else report)
+    print(report.summary() + ("\n" + report.table() if args.verbose else ""))
     print(f"wrote {args.output} ({len(report.applied)} layers)")
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from .inspection import inspect_lora
+
+    found = inspect_lora(args.lora, args.target, weight_name=args.weight_name, target_revision=args.target_revision)
+    print(json.dumps(found.to_dict(), indent=1, default=str) if args.json else found)
     return 0
 
 

@@ -5,7 +5,10 @@ The package ships three small Stable Diffusion pipelines trained on scikit-learn
 thick strokes) and ``target-distilled`` (one layer per block instead of two, distilled from the source), and a style
 LoRA (slanted digits, trigger word "lrx") trained on each. The demo transfers the source's LoRA onto both targets with
 the default method, rank and threshold, prints each transfer report and the quality table (no LoRA, transferred, the
-LoRA trained on that target; docs/quality.md explains the scores) and writes the image grid.
+LoRA trained on that target; docs/quality.md explains the scores) and writes the image grid. Two more rows per target
+show the LoRA-X adapters shipped beside it (docs/lorax-adapters.md): the source's, moved by its own transfer (Eq. 3),
+and the one trained on that target. Each report prints as its
+summary (at most 15 lines); ``report.table()`` has the per-layer rows.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ TARGETS = ("target-finetune", "target-distilled")
 def run_demo(workdir: Path | None = None) -> list:
     """Run the demo, print its reports and table, write ``<workdir>/lorax_demo_grid.png``, and return the table's
     rows (:class:`diffusers_lorax.quality.evaluate.Row`)."""
+    from .quality import ASSETS
     from .quality.classifiers import Scorers
     from .quality.evaluate import evaluate_target, grid, quiet_logging, table
     from .options import DEFAULT_METHOD
@@ -35,10 +39,18 @@ def run_demo(workdir: Path | None = None) -> list:
     scorers = Scorers()
     rows, sections = [], []
     for target in TARGETS:
-        target_rows, images = evaluate_target(target, [{"method": DEFAULT_METHOD}], DIGITS, SEEDS, scorers, registry)
+        lorax = [  # the LoRA-X slant adapters (docs/lorax-adapters.md): the source's moved by its own transfer, and
+            # the one trained on this target (loaded on itself), the reference of that transfer
+            {"lora": ASSETS / "loras" / "lorax-slant-source.safetensors", "label": "LoRA-X transferred"},
+            {"lora": ASSETS / "loras" / f"lorax-slant-{target}.safetensors", "source": ASSETS / target,
+             "label": "LoRA-X trained on target"},
+        ]
+        target_rows, images = evaluate_target(target, [{"method": DEFAULT_METHOD}, *lorax], DIGITS, SEEDS, scorers,
+                                              registry)
         for row in target_rows:
-            if row.report is not None:
-                print(f"### source → {target}\n{row.report}\n")
+            if row.report is not None and row.method != "LoRA-X trained on target":  # (a reference, not a transfer)
+                # the summary; row.report.table() has one line per layer
+                print(f"### source → {target}: {row.method}\n{row.report.summary()}\n")
         rows += target_rows
         sections.append((target, images))
     path = root / "lorax_demo_grid.png"

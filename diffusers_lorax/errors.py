@@ -20,6 +20,18 @@ class InvalidLoraError(LoraxError, ValueError):
     """The LoRA could not be read or normalised (corrupt or truncated file, unknown key format, NaN/Inf values)."""
 
 
+class UnsupportedFormatError(InvalidLoraError):
+    """The LoRA is in a format that is recognised but cannot be read as a LoRA (a legacy unnamed ``.pt`` list,
+    LyCORIS IA³/OFT/BOFT/GLoRA/DoRA, …). ``format`` names it; the message says why and what to do instead."""
+
+    def __init__(self, message: str, format: str = "unknown"):
+        super().__init__(message)
+        self.format = format
+
+    def __reduce__(self):
+        return type(self), (str(self), self.format)
+
+
 class ArchitectureMismatchError(LoraxError, ValueError):
     """The LoRA was trained for another architecture family than the target pipeline (e.g. SDXL LoRA, SD 1.5 target)."""
 
@@ -39,3 +51,13 @@ class NothingTransferredError(LoraxError, ValueError):
 
 class RegistryError(LoraxError, RuntimeError):
     """The basis registry could not be opened or written."""
+
+
+class LoraxFileError(InvalidLoraError):
+    """A LoRA-X adapter file (compact or standalone) is damaged, truncated, edited or of an unknown format version,
+    or an adapter to save is not a LoRA-X adapter."""
+
+
+class SourceMismatchError(SourceModelError):
+    """A LoRA-X file was trained on another source base model than the one given (a source base weight's
+    fingerprint differs from the one the file records): its adapter cannot be rebuilt from this source."""

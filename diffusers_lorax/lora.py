@@ -1,10 +1,14 @@
 """Read a LoRA the way diffusers reads it, and hand it on as per-layer factors.
 
-Normalisation goes through diffusers only: the pipeline class's ``lora_state_dict`` (kohya/A1111 ``lora_unet_…``,
-``lora_te_…``, ``lora_te1_/lora_te2_``, old attention-processor keys, PEFT keys, ``.bin`` read with
-``weights_only=True``), then the same key converters that ``load_lora_weights`` applies per component, and the
-alphas: ``network_alphas`` per module (kohya/A1111 semantics, ``scale = alpha / r``), or the saved PEFT adapter
-metadata read as PEFT reads it. With no alpha the scale is 1, as in diffusers.
+The file is fetched as diffusers' ``lora_state_dict`` fetches it (``formats.fetch``: safetensors with its metadata,
+``.bin``/``.pt`` read with ``weights_only=True``; truncated files and offline misses get their own messages), formats
+diffusers does not read are normalised first (``formats.normalise``: LyCORIS LoHa/LoKr/Tucker/full re-factorised to
+LoRA, cloneofsimo ``lora_diffusion`` files named by its module order; legacy and non-additive formats refused), then
+everything goes through diffusers only: the pipeline class's ``lora_state_dict`` (kohya/A1111 ``lora_unet_…``,
+``lora_te_…``, ``lora_te1_/lora_te2_``, old attention-processor keys, PEFT keys), the same key converters that
+``load_lora_weights`` applies per component, and the alphas: ``network_alphas`` per module (kohya/A1111 semantics,
+``scale = alpha / r``), or the saved PEFT adapter metadata read as PEFT reads it. With no alpha the scale is 1, as
+in diffusers.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ from typing import Any
 
 import torch
 
+from diffusers.utils import logging
+
+from . import formats
 from .errors import InvalidLoraError
+from .formats import Normalised, Origin
+from .formats.skeleton import conv_modules, meta_unet
+from .report import TransferReport
 from .weights import canonical_module
+
+logger = logging.get_logger(__name__)
 
 #: Components whose LoRA keys diffusers converts with the UNet converter (``is_unet=True`` in ``get_peft_kwargs``).
 DENOISERS = ("unet", "transformer", "prior")
@@ -29,7 +41,8 @@ class LoraLayer:
 
     ``A``: ``(r, in)`` for Linear or ``(r, in, kh, kw)`` for Conv2d; ``B``: ``(out, r)`` or ``(out, r, 1, 1)``; in the
     LoRA's own dtype. ``scale = alpha / r`` per module (kohya semantics; 1 without alpha). ``module`` is the PEFT module name as diffusers
-    would inject it (e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``).
+    would inject it (e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``). ``origin``: the file's
+    format and, for a re-factorised LyCORIS module, its own rank, alpha and the energy the factors keep.
     """
 
     component: str
@@ -37,6 +50,7 @@ class LoraLayer:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    origin: Origin | None = None
 
     @property
     def r(self) -> int:
@@ -71,40 +85,85 @@ def read_lora(
     unet_config: Any = None,
     **load_kwargs: Any,
 ) -> list[LoraLayer]:
-    """Normalise ``lora`` (anything ``pipeline_cls.load_lora_weights`` accepts) into :class:`LoraLayer` s.
+    """Normalise ``lora`` (anything ``pipeline_cls.load_lora_weights`` accepts, and the formats of
+    :mod:`diffusers_lorax.formats`) into :class:`LoraLayer` s.
 
-    ``load_kwargs`` are passed to ``lora_state_dict`` (``weight_name``, ``subfolder``, ``revision``, ``token``,
-    ``cache_dir``, ``local_files_only``…). Raises :class:`InvalidLoraError` if the file cannot be read (missing,
-    corrupt, truncated), if diffusers cannot interpret its keys, if it holds DoRA/bias/unknown keys, or if any value
-    is NaN or Inf.
+    ``load_kwargs``: ``weight_name``, ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, as
+    in ``lora_state_dict``. ``unet_config`` maps SDXL kohya block names, names a ``lora_diffusion`` file's UNet layers
+    and gives the kernel of LyCORIS conv layers stored flattened. Raises :class:`InvalidLoraError` if the file cannot
+    be read (missing, corrupt, truncated, offline and not cached), if diffusers cannot interpret its keys, if it holds
+    DoRA/bias/unknown keys, or if any value is NaN or Inf; its subclass
+    :class:`~diffusers_lorax.errors.UnsupportedFormatError` for a recognised format that cannot be read as a LoRA.
     """
-    if isinstance(lora, dict):
-        lora = dict(lora)  # diffusers' converters pop from the dict they are given
-    kwargs = {k: v for k, v in dict(load_kwargs, unet_config=unet_config).items() if v is not None}
+    file = formats.fetch(lora, **load_kwargs)
+    normalised = formats.normalise(file.state_dict, file.file_metadata, where=file.label, unet_config=unet_config)
+    return layers_of(pipeline_cls, normalised, file.adapter_metadata, file.label, unet_config)
+
+
+def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict | None = None,
+              where: str = "(state dict)", unet_config: Any = None) -> list[LoraLayer]:
+    """The :class:`LoraLayer` s of a :class:`~diffusers_lorax.formats.Normalised` LoRA, read through
+    ``pipeline_cls.lora_state_dict`` and diffusers' key converters (see :func:`read_lora`)."""
+    for note in normalised.notes:
+        (logger.warning if "skipped" in note else logger.info)(f"{where}: {note}")
     try:
-        out = pipeline_cls.lora_state_dict(lora, return_lora_metadata=True, **kwargs)
-    except Exception as err:  # diffusers raises ValueError/KeyError/OSError/SafetensorError for unreadable LoRAs
-        raise InvalidLoraError(f"diffusers could not read the LoRA {_describe(lora)}: {type(err).__name__}: {err}") from err
-    state_dict, network_alphas, metadata = out if len(out) == 3 else (*out, None)
+        out = pipeline_cls.lora_state_dict(dict(normalised.state_dict), return_lora_metadata=True,
+                                           **({"unet_config": unet_config} if unet_config is not None else {}))
+    except Exception as err:  # diffusers raises ValueError/KeyError for keys it cannot convert
+        raise InvalidLoraError(f"diffusers could not read the LoRA {where} ({normalised.format} keys): "
+                               f"{type(err).__name__}: {err}") from err
+    state_dict, network_alphas = out[0], out[1]
+    metadata = adapter_metadata if normalised.native else None
     if not state_dict:
-        raise InvalidLoraError(f"the LoRA {_describe(lora)} holds no tensors")
+        raise InvalidLoraError(f"the LoRA {where} holds no tensors")
     not_lora = [k for k in state_dict if "lora" not in k]
     if not_lora:
         raise InvalidLoraError(
-            f"the LoRA {_describe(lora)} has keys that are not LoRA weights, e.g. {not_lora[:3]}; "
+            f"the LoRA {where} has keys that are not LoRA weights, e.g. {not_lora[:3]}; "
             "is this a full model checkpoint rather than an adapter?"
         )
 
     components = list(getattr(pipeline_cls, "_lora_loadable_modules", ["unet", "text_encoder"]))
-    by_component = _split_by_component(state_dict, components, lora)
+    by_component = _split_by_component(state_dict, components, where)
     layers: list[LoraLayer] = []
     for component, sd in by_component.items():
-        layers.extend(_component_layers(component, sd, network_alphas, metadata, lora))
-    _check_finite(layers, lora)
+        layers.extend(_component_layers(component, sd, network_alphas, metadata, where, normalised))
+    if normalised.flat:
+        layers = _unflatten_convs(layers, unet_config)
+    _check_finite(layers, where)
     return layers
 
 
-def _split_by_component(state_dict: dict, components: list[str], lora: Any) -> dict[str, dict[str, torch.Tensor]]:
+def describe_origin(report: TransferReport, layers: list[LoraLayer]) -> None:
+    """Fill ``report.lora_format`` and each row's ``origin``/``energy`` from the layers' :class:`Origin` (rows and
+    layers in the same order)."""
+    kinds = sorted({layer.origin.format for layer in layers if layer.origin is not None})
+    report.lora_format = ", ".join(kinds) or None
+    for row, layer in zip(report.layers, layers):
+        if layer.origin is not None and layer.origin.kept is not None:
+            row.origin, row.energy = layer.origin.format, layer.origin.kept
+
+
+def _unflatten_convs(layers: list[LoraLayer], unet_config: Any) -> list[LoraLayer]:
+    """LyCORIS LoHa/LoKr conv layers store ``(r, in·kh·kw)``: reshape them to ``(r, in, kh, kw)`` (``B`` to
+    ``(out, r, 1, 1)``) with the kernel of the UNet's module of that name (``unet_config``'s module tree). Without a
+    config they stay flat (``lorax inspect`` compares them flattened)."""
+    flat = {id(layer) for layer in layers if layer.component in DENOISERS and layer.A.ndim == 2}
+    tree = meta_unet(unet_config) if flat else None
+    if tree is None:
+        return layers
+    convs = {canonical_module(name): shape for name, shape in conv_modules(tree).items()}
+    out = []
+    for layer in layers:
+        shape = convs.get(canonical_module(layer.module)) if id(layer) in flat else None
+        if shape is not None and layer.A.shape[1] == shape[1] * shape[2] * shape[3] and layer.B.shape[0] == shape[0]:
+            layer = LoraLayer(layer.component, layer.module, layer.A.reshape(layer.r, *shape[1:]),
+                              layer.B.reshape(*layer.B.shape[:2], 1, 1), layer.scale, layer.origin)
+        out.append(layer)
+    return out
+
+
+def _split_by_component(state_dict: dict, components: list[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     stray = []
     for key, value in state_dict.items():
@@ -117,7 +176,7 @@ def _split_by_component(state_dict: dict, components: list[str], lora: Any) -> d
         denoiser = next((c for c in components if c in DENOISERS), None)
         if out or denoiser is None:
             raise InvalidLoraError(
-                f"the LoRA {_describe(lora)} has keys for no component of this pipeline ({', '.join(components)}), "
+                f"the LoRA {where} has keys for no component of this pipeline ({', '.join(components)}), "
                 f"e.g. {stray[:3]}; is it a LoRA for another kind of pipeline?"
             )
         # Old attention-processor files (``unet.save_attn_procs``) carry no component prefix: they adapt the UNet.
@@ -126,9 +185,11 @@ def _split_by_component(state_dict: dict, components: list[str], lora: Any) -> d
 
 
 def _component_layers(
-    component: str, sd: dict[str, torch.Tensor], network_alphas: dict | None, metadata: dict | None, lora: Any
+    component: str, sd: dict[str, torch.Tensor], network_alphas: dict | None, metadata: dict | None, where: str,
+    normalised: Normalised,
 ) -> list[LoraLayer]:
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
 
     is_denoiser = component in DENOISERS
     # The converters only rewrite keys, so running them on {key: key} yields each PEFT key's original key, which is
@@ -137,10 +198,15 @@ def _component_layers(
         if is_denoiser:
             origin = {k: k for k in sd} if any("lora_A" in k for k in sd) else convert_unet_state_dict_to_peft({k: k for k in sd})
         else:
-            origin = convert_state_dict_to_peft(convert_state_dict_to_diffusers({k: k for k in sd}))
+            # kohya text-encoder keys come out of diffusers' converter as old attention-processor names (to_q_lora)
+            # for attention and lora_linear_layer for the MLP; its type inference looks for to_out_lora only, so a
+            # LoRA without out_proj layers would keep its to_q_lora names: say which type they are.
+            old = any(f"to_{p}_lora." in k for k in sd for p in ("q", "k", "v", "out"))
+            origin = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+                {k: k for k in sd}, original_type=StateDictType.DIFFUSERS_OLD if old else None))
     except Exception as err:
         raise InvalidLoraError(
-            f"diffusers could not convert the {component} keys of the LoRA {_describe(lora)} "
+            f"diffusers could not convert the {component} keys of the LoRA {where} "
             f"(e.g. {list(sd)[:2]}): {err}"
         ) from err
     peft_sd = {key: sd[orig] for key, orig in origin.items()}
@@ -154,12 +220,12 @@ def _component_layers(
         else:
             what = "DoRA magnitude vectors" if "lora_magnitude_vector" in key else "a key of unknown role"
             raise InvalidLoraError(
-                f"the LoRA {_describe(lora)} holds {what} ({component}.{key}); only plain LoRA (lora_A/lora_B "
+                f"the LoRA {where} holds {what} ({component}.{key}); only plain LoRA (lora_A/lora_B "
                 "weights, no bias, no DoRA) can be transferred"
             )
     unpaired = [m for m, p in pairs.items() if len(p) != 2]
     if unpaired:
-        raise InvalidLoraError(f"the LoRA {_describe(lora)} has modules without both lora_A and lora_B: {unpaired[:3]}")
+        raise InvalidLoraError(f"the LoRA {where} has modules without both lora_A and lora_B: {unpaired[:3]}")
 
     meta = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items() if k.startswith(f"{component}.")}
     alpha_of = _alpha_lookup(component, network_alphas, meta, origin)
@@ -169,11 +235,12 @@ def _component_layers(
         A, B = p["lora_A"], p["lora_B"]
         if A.ndim not in (2, 4) or B.shape[1] != A.shape[0]:
             raise InvalidLoraError(
-                f"the LoRA {_describe(lora)} has inconsistent factors for {component}.{module}: "
+                f"the LoRA {where} has inconsistent factors for {component}.{module}: "
                 f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
             )
         alpha = alpha_of(module)
-        layers.append(LoraLayer(component, module, A, B, 1.0 if alpha is None else float(alpha) / A.shape[0]))
+        made_from = normalised.origin_of(A) or Origin(normalised.format)
+        layers.append(LoraLayer(component, module, A, B, 1.0 if alpha is None else float(alpha) / A.shape[0], made_from))
     return layers
 
 
@@ -208,15 +275,20 @@ def _alpha_lookup(
     return lookup
 
 
-def _check_finite(layers: list[LoraLayer], lora: Any) -> None:
+def _check_finite(layers: list[LoraLayer], where: str) -> None:
+    """Raise :class:`InvalidLoraError` naming the first factor with a NaN or Inf. The factors of one dtype are
+    checked in one pass over their concatenation (one op instead of two per layer: on a busy machine each op costs a
+    thread fork and join); only a failure looks tensor by tensor."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for layer in layers:
+        for t in (layer.A, layer.B):
+            by_dtype.setdefault(t.dtype, []).append(t.detach().reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values()):
+        return
     for layer in layers:
         for name, t in (("lora_A", layer.A), ("lora_B", layer.B)):
             if not torch.isfinite(t).all():
                 raise InvalidLoraError(
-                    f"the LoRA {_describe(lora)} has NaN or Inf values in {layer.component}.{layer.module}.{name}; "
+                    f"the LoRA {where} has NaN or Inf values in {layer.component}.{layer.module}.{name}; "
                     "the file is damaged or the training diverged: re-export or re-download it"
                 )
-
-
-def _describe(lora: Any) -> str:
-    return "(state dict)" if isinstance(lora, dict) else repr(str(lora))

@@ -1,16 +1,21 @@
-"""Pre-flight, before any SVD: check that the LoRA, the source and the target are of one architecture family, that
-every LoRA layer fits the source, and find the target module each LoRA layer goes to (today: the module of the same
-name and shape; the others are skipped with the reason).
+"""Pre-flight, before any SVD: check that the LoRA, the source and the target are of related architecture families
+(the same family, or a student distilled from the LoRA's: BK-SDM from SD 1.x, SSD-1B from SDXL), that every LoRA layer
+fits the source, and find the target module each LoRA layer goes to by name and shape.
 
-The result is a :data:`Matches` map, LoRA layer index → target ``(component, canonical module)``, which the rest of
-the transfer follows (the target weight read, the key the transferred layer is saved under)."""
+The result is a :class:`LayerPlan`: a :data:`Matches` map, LoRA layer index → target ``(component, canonical
+module)``, which the rest of the transfer follows (the target weight read, the key the transferred layer is saved
+under), and whether the correspondence must be found by subspace similarity instead (``correspondence.py``): when
+some LoRA layer has no module of the same name and shape in the target, or the target is a distilled student. A
+fine-tune (the source's module set and shapes) is matched by name alone: no SVD, no registry."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from .errors import ArchitectureMismatchError, NoMatchingLayersError, SourceModelError
 from .lora import LoraLayer
 from .models import BaseModel
-from .registry.families import FamilyMatch, family_of_hub_id, identify_model
+from .registry.families import Family, FamilyMatch, accepts, families, family, family_of_hub_id, identify_model
 from .report import TransferReport
 from .weights import BaseModelWeights
 
@@ -18,16 +23,28 @@ from .weights import BaseModelWeights
 Matches = dict[int, tuple[str, str]]
 
 
+class LayerPlan(NamedTuple):
+    """``matches``: the LoRA layers with a module of the same name and shape in the target; ``by_similarity``: the
+    correspondence is to be found by subspace similarity (``correspondence.correspond``), with ``rule``."""
+
+    matches: Matches
+    by_similarity: bool
+    rule: str
+
+
 def check_known_hub_ids(lora_family: FamilyMatch | None, *models: BaseModel) -> None:
-    """Refuse, before anything is downloaded, a source or target Hub id that the registry lists under another family
-    than the one the LoRA's shapes fit. Raises :class:`ArchitectureMismatchError`."""
+    """Refuse, before anything is downloaded, a target Hub id that the registry lists as the SDXL refiner, and a
+    source or target Hub id that it lists under a family unrelated to the one the LoRA's shapes fit (related: the
+    same family, or a student distilled from it). Raises :class:`ArchitectureMismatchError`."""
     for model in models:
         known = family_of_hub_id(model.hub_id) if model.hub_id else None
-        if lora_family and known and known.name != lora_family.family.name:
+        if known is not None and known.role == "refiner" and model.role == "target":
+            raise ArchitectureMismatchError(_refiner_message(known, repr(model.hub_id)))
+        if lora_family and known and not accepts(known, lora_family.family):
             raise ArchitectureMismatchError(
                 f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
                 f"layer shapes match) but the {model.role} {model.hub_id!r} is {known.label}. Transfer needs a source "
-                "and a target of the LoRA's architecture family."
+                f"and a target of the LoRA's architecture family or distilled from it; {_alternatives(lora_family.family)}."
             )
 
 
@@ -37,16 +54,19 @@ def match_layers(
     source_w: BaseModelWeights,
     target_w: BaseModelWeights,
     report: TransferReport,
-) -> Matches:
-    """The target module of every LoRA layer that has a module of the same name and shape in the target; the others
-    are marked skipped in ``report`` with the reason.
+    match: str = "auto",
+) -> LayerPlan:
+    """The target module of every LoRA layer that has a module of the same name and shape in the target, and whether
+    the correspondence must be found by similarity instead: ``match="auto"`` does so when some layer has no such
+    module or the target is a distilled student, ``"similarity"``/``"fold"`` always, ``"name"`` never (the layers
+    without a module of their name are then marked skipped in ``report`` with the reason).
 
-    Raises :class:`ArchitectureMismatchError` when the LoRA and the target are of different known families,
-    :class:`SourceModelError` when a LoRA layer does not fit the source, :class:`NoMatchingLayersError` when no layer
-    fits the target."""
+    Raises :class:`ArchitectureMismatchError` when the target is an SDXL refiner or of a family unrelated to the
+    LoRA's, :class:`SourceModelError` when a LoRA layer does not fit the source, :class:`NoMatchingLayersError` when
+    matching by name and no layer fits the target."""
     components = sorted({layer.component for layer in layers})
     target_shapes = {c: target_w.shapes(c) for c in components}
-    _check_target_family(lora_family, target_shapes, report)
+    target_family = _check_target_family(lora_family, target_shapes, report)
     _check_source_fit(layers, {c: source_w.shapes(c) for c in components}, report)
     matched: Matches = {}
     for i, layer in enumerate(layers):
@@ -57,28 +77,57 @@ def match_layers(
             report.layers[i].reason = f"shape differs in the target: {shape}"
         else:
             matched[i] = layer.key
-            report.layers[i].target_module = layer.key[1]
+    student = target_family is not None and target_family.family.is_student
+    by_similarity = match in ("similarity", "fold") or (match == "auto" and (len(matched) < len(layers) or student))
+    if by_similarity:
+        return LayerPlan(matched, True, AUTO_RULE if match == "auto" else match)
+    for i in matched:
+        report.layers[i].target_module, report.layers[i].matched_by = layers[i].key[1], "name"
     if not matched:
         raise NoMatchingLayersError(
             f"none of the LoRA's {len(layers)} layers has a module of the same name and shape in the target "
             f"{report.target} (e.g. {layers[0].component}.{layers[0].module}: {report.layers[0].reason}). "
             f"LoRA fits: {report.lora_family or 'no known family'}; target: "
-            f"{report.target_family or 'no known family'}. Check that the LoRA and the target are of one architecture."
+            f"{report.target_family or 'no known family'}. Check that the LoRA and the target are of one architecture, "
+            "or match the layers by subspace similarity (match='similarity')."
         )
-    return matched
+    return LayerPlan(matched, False, "name")
 
 
-def _check_target_family(lora_family: FamilyMatch | None, target_shapes: dict, report: TransferReport) -> None:
+#: The many-to-one rule of ``match="auto"`` on a distilled or renamed target, chosen on the digits testbed
+#: (docs/quality.md): the best single match; the dropped layers' updates are not folded into the kept ones.
+AUTO_RULE = "similarity"
+
+
+def _check_target_family(lora_family: FamilyMatch | None, target_shapes: dict, report: TransferReport) -> FamilyMatch | None:
     target_family = identify_model(target_shapes)
     report.lora_family = str(lora_family) if lora_family else None
     report.target_family = str(target_family) if target_family else None
-    if lora_family and target_family and lora_family.family.name != target_family.family.name:
+    if target_family and target_family.family.role == "refiner":
+        raise ArchitectureMismatchError(_refiner_message(target_family.family, str(report.target)))
+    if lora_family and target_family and not accepts(target_family.family, lora_family.family):
+        found = target_family.family
+        what = found.label if not found.is_student else f"{found.label}, a student of {family(found.teacher).label}"
         raise ArchitectureMismatchError(
             f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
-            f"layer shapes match) but the target {report.target} is {target_family.family.label}. Transfer needs a "
-            f"target of the same architecture family: use a {lora_family.family.label} target, or a LoRA trained "
-            f"for {target_family.family.label}."
+            f"layer shapes match) but the target {report.target} is {what}. Transfer needs a target of the LoRA's "
+            f"architecture family or distilled from it; {_alternatives(lora_family.family)}, or use a LoRA trained "
+            f"for {family(found.teacher).label if found.is_student else found.label}."
         )
+    return target_family
+
+
+def _alternatives(lora_family: Family) -> str:
+    students = [f.label.split(" (")[0] for f in families() if f.teacher == lora_family.name and f.is_student]
+    return f"use a {lora_family.label} target" + (f" or one of its students ({', '.join(students)})" if students else "")
+
+
+def _refiner_message(found: Family, where: str) -> str:
+    return (
+        f"the target {where} is the {found.label}, which is not an SDXL base architecture (a 384-channel UNet "
+        "conditioned on one 1280-wide text encoder, for the last denoising steps): SDXL LoRAs do not apply to it. "
+        "Load the LoRA on the SDXL base pipeline (or a fine-tune or student of it) and run the refiner without it."
+    )
 
 
 def _check_source_fit(layers: list[LoraLayer], source_shapes: dict, report: TransferReport) -> None:

@@ -137,6 +137,9 @@ class BaseModel:
         if self.kind == "hub":
             self._required_model_index()
         files = {c: component_files(c, self.options.variant, self.resolve, self.label) for c in components}
+        missing = [c for c, found in files.items() if not found and c in (self.model_index or {})]
+        if self.kind == "hub" and missing and _offline():
+            raise SourceModelError(self._offline_message(f"{missing[0]} weights"))
         for component, found in files.items():
             if not found and self.kind == "folder" and (self.path / component).is_dir():
                 raise SourceModelError(
@@ -149,8 +152,22 @@ class BaseModel:
         if self.model_index is None:
             where = (f"the Hub repo {self.hub_id!r} (revision={self.options.revision!r}, "
                      f"subfolder={self.options.subfolder!r})" if self.kind == "hub" else str(self.path))
-            raise SourceModelError(
-                f"no model_index.json in {where}: not a diffusers model"
-                + (", or not in the local cache while offline (HF_HUB_OFFLINE)" if self.kind == "hub" else "")
-            )
+            if self.kind == "hub" and _offline():
+                raise SourceModelError(self._offline_message("model_index.json"))
+            raise SourceModelError(f"no model_index.json in {where}: not a diffusers model")
         return self.model_index
+
+    def _offline_message(self, filename: str) -> str:
+        return (
+            f"cannot read the {self.role} {self.hub_id!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
+            f"and its {filename} (revision={self.options.revision!r}, subfolder={self.options.subfolder!r}) is not "
+            f"in the local cache ({self.options.cache_dir or 'the default cache'}). Download the model once with "
+            f"network access (e.g. `huggingface-cli download {self.hub_id}`), pass a local diffusers folder, or "
+            "unset HF_HUB_OFFLINE."
+        )
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()

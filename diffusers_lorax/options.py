@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import InvalidOptionsError
@@ -17,6 +17,12 @@ from .subspace import resolve_k
 #: closes 64 % (fine-tune) and 11 % (distilled) of the style gap to a LoRA trained on the target; LoRA-X and ProLoRA
 #: close 0-3 % at any rank and threshold tried, and 0 % between identical models.
 DEFAULT_METHOD = "copy"
+#: Default method for a LoRA-X adapter file (``adapters/``): its own transfer, the paper's Eq. 3 with k = r. On the
+#: testbed (docs/quality.md, "LoRA-X adapters") it reproduces the adapter on its source (max pixel difference 1e-4)
+#: and moves 78 % of the style gap to the same adapter trained on the fine-tune, against 60 % for the standard LoRA
+#: copied. ``method=None`` (the default of :func:`~diffusers_lorax.transfer_lora`) means: this for a LoRA-X file,
+#: :data:`DEFAULT_METHOD` for any other LoRA.
+LORAX_FILE_METHOD = "lorax"
 #: Default truncation for the projections: k = half of ``min(m, n)`` per layer. It splits each spectrum into a
 #: dominant subspace and a null-space complement of equal size. Random k-dimensional subspaces of R^d have expected
 #: similarity k/d (0.5 for square layers), so the default threshold asks for far more than chance; at k = min(m, n)
@@ -24,23 +30,41 @@ DEFAULT_METHOD = "copy"
 DEFAULT_RANK: float = 0.5
 #: Default subspace-similarity threshold on both Φ_U and Φ_V (projections only).
 DEFAULT_THRESHOLD: float = 0.9
+#: Calibration rules (``calibration.py``); ``True`` is ``"global"``. Default: off (see docs/quality.md).
+CALIBRATION_RULES = ("global", "block", "layer")
+DEFAULT_CALIBRATE: bool | str = False
+#: At most this many ``calibration_prompts`` (one probe sample at least per prompt, so the cost stays bounded).
+MAX_CALIBRATION_PROMPTS = 32
+#: How each LoRA layer finds its target module (``matching.py``, ``correspondence.py``): ``"auto"`` (by name on a
+#: target with the source's modules, by subspace similarity on a distilled or renamed one), ``"name"``,
+#: ``"similarity"`` (best single match) or ``"fold"`` (similarity, and the updates of layers the target dropped added
+#: to the nearest kept layer of their kind).
+MATCH_RULES = ("auto", "name", "similarity", "fold")
+DEFAULT_MATCH = "auto"
 
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """How to transfer: ``method`` (a key of :data:`~diffusers_lorax.methods.METHODS`), the truncation ``rank`` (an
+    """How to transfer: ``method`` (a key of :data:`~diffusers_lorax.methods.METHODS`, or ``None``: the default per
+    file type, :data:`LORAX_FILE_METHOD` for a LoRA-X file, :data:`DEFAULT_METHOD` otherwise), the truncation ``rank`` (an
     int k, or a fraction of ``min(m, n)`` in ``(0, 1]``) and the subspace-similarity ``threshold`` in ``[0, 1]``
-    (both used by the projection methods only).
+    (both used by the projection methods only); ``match`` (one of :data:`MATCH_RULES`); ``calibrate`` (``False``, ``True`` or a rule of
+    :data:`CALIBRATION_RULES`) and ``calibration_prompts`` (``None`` or 1 to 32 strings, kept as a tuple).
 
-    Raises :class:`InvalidOptionsError` on construction for an unknown method or an out-of-range rank or threshold.
+    Raises :class:`InvalidOptionsError` on construction for an unknown method, an out-of-range rank or threshold, an
+    unknown calibration rule or ``match`` rule, or calibration prompts that are not a non-empty list of strings (or given without
+    ``calibrate``).
     """
 
-    method: str = DEFAULT_METHOD
+    method: str | None = DEFAULT_METHOD
     rank: int | float = DEFAULT_RANK
     threshold: float = DEFAULT_THRESHOLD
+    calibrate: bool | str = DEFAULT_CALIBRATE
+    calibration_prompts: tuple[str, ...] | None = None
+    match: str = DEFAULT_MATCH
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise InvalidOptionsError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         try:
             resolve_k(self.rank, (1, 1))  # checks the type and range
@@ -49,10 +73,30 @@ class TransferConfig:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) or not (
                 0.0 <= self.threshold <= 1.0):
             raise InvalidOptionsError(f"threshold is a subspace similarity in [0, 1], got {self.threshold!r}")
+        self._check_calibration()
+        if self.match not in MATCH_RULES:
+            raise InvalidOptionsError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
+
+    def _check_calibration(self) -> None:
+        if not (isinstance(self.calibrate, bool) or self.calibrate in CALIBRATION_RULES):
+            raise InvalidOptionsError(f"calibrate must be True, False or one of {CALIBRATION_RULES}, got {self.calibrate!r}")
+        prompts = self.calibration_prompts
+        if prompts is None:
+            return
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise InvalidOptionsError(
+                f"calibration_prompts must be a list of strings, got {type(prompts).__name__} {prompts!r:.80}")
+        if not prompts or len(prompts) > MAX_CALIBRATION_PROMPTS or not all(isinstance(p, str) for p in prompts):
+            raise InvalidOptionsError(
+                f"calibration_prompts must hold 1 to {MAX_CALIBRATION_PROMPTS} strings (\"\" is the unconditional "
+                f"prompt), got {prompts!r:.80}; leave it None for the LoRA's trigger words or an empty prompt")
+        if not self.calibrate:
+            raise InvalidOptionsError("calibration_prompts were given but calibrate is False: pass calibrate=True")
+        object.__setattr__(self, "calibration_prompts", tuple(prompts))
 
     @property
     def strategy(self) -> Method:
-        return METHODS[self.method]
+        return METHODS[self.method or DEFAULT_METHOD]
 
     def k(self, shape: tuple[int, ...]) -> int:
         """Singular vectors kept for a base weight of ``shape``."""
@@ -88,6 +132,12 @@ class TransferRequest:
     source_options: HubOptions = field(default_factory=HubOptions)
     target_options: HubOptions = field(default_factory=HubOptions)
 
+    def with_default_method(self, method: str) -> TransferRequest:
+        """This request with ``method`` where none was given (``method=None``: the default per file type)."""
+        if self.config.method is not None:
+            return self
+        return replace(self, config=replace(self.config, method=method))
+
     @classmethod
     def from_arguments(cls, args: dict[str, Any]) -> TransferRequest:
         """Build from the flat keyword arguments of :func:`diffusers_lorax.transfer_lora` (every name present)."""
@@ -96,7 +146,8 @@ class TransferRequest:
             source=args["source"],
             target=args["target"],
             lora=args["lora"],
-            config=TransferConfig(args["method"], args["rank"], args["threshold"]),
+            config=TransferConfig(args["method"], args["rank"], args["threshold"], args.get("calibrate", DEFAULT_CALIBRATE),
+                                  args.get("calibration_prompts"), args.get("match", DEFAULT_MATCH)),
             registry=args["registry"],
             weight_name=args["weight_name"],
             lora_options=HubOptions(revision=args["revision"], subfolder=args["subfolder"], **shared),

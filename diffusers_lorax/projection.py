@@ -8,6 +8,7 @@ strategy. The result is a PEFT-format state dict with alpha folded into ``lora_B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -38,12 +39,16 @@ def transfer_layers(
     registry: Registry | None,
     txn: Transaction | None,
     clock: PhaseClock,
+    expand: Callable[[list[LoraLayer]], list[LoraLayer]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The transferred adapter as a PEFT state dict (``<component>.<module>.lora_A/B.weight``, under each layer's
     target module from ``matched``), filling ``report``. ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
-    that needs no bases. Raises :class:`SourceModelError` if a base weight holds NaN or Inf."""
+    that needs no bases. ``expand`` rebuilds layers whose factors are not at hand yet (a compact LoRA-X file's), called
+    only when the registry does not answer the request. Raises :class:`SourceModelError` if a base weight holds NaN
+    or Inf."""
     strategy = config.strategy
     if not strategy.needs_bases:
+        layers = expand(layers) if expand is not None else layers
         factors = {i: strategy.transfer(*layers[i].factors(), None) for i in matched}
         return peft_state_dict(layers, matched, factors, report)
     fps = _fingerprints(layers, matched, weights)
@@ -58,6 +63,7 @@ def transfer_layers(
         report.adapter_cached = True
         clock.lap(report, "bases")
         return state_dict
+    layers = expand(layers) if expand is not None else layers
     bases = Bases(registry, txn, layers, matched, fps, ks, weights, report)
     factors = _project(layers, matched, bases, config, report, registry, txn)
     clock.lap(report, "bases")
@@ -73,7 +79,7 @@ def _project(layers, matched, bases: Bases, config, report, registry, txn) -> di
     from diffusers.utils.logging import tqdm
 
     sims = registry.get_similarities({(*bases.fps[i], bases.ks[i]) for i in matched})
-    report.similarities_cached = len(sims)
+    report.similarities_cached += len(sims)
     factors = {}
     for i in tqdm(matched, desc="bases and projection", disable=bases.missing < 8):
         row, pair, layer_bases = report.layers[i], (*bases.fps[i], bases.ks[i]), LayerBases(bases, i)
@@ -109,16 +115,23 @@ def adapter_key(
     config: TransferConfig,
 ) -> str:
     """XXH3-128 of everything a transferred adapter depends on: this package's version (the math), the method and
-    threshold, and per matched layer (in PEFT-key order) its PEFT key and target module, the LoRA's factors and
-    scale, both base weights' fingerprints and k."""
+    threshold, and per matched layer (in PEFT-key order) its PEFT key and target module, the LoRA's factors (a
+    compact LoRA-X layer's core: its factors follow from it and the source weight) and scale, both base weights'
+    fingerprints and k."""
     digest = xxhash.xxh3_128(f"{_version.__version__}|{config.method}|{float(config.threshold)!r}".encode())
     for i in sorted(matched, key=lambda i: layers[i].peft_key):
         layer = layers[i]
         digest.update(
-            f"|{layer.peft_key}>{'.'.join(matched[i])}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}|"
+            f"|{layer.peft_key}>{'.'.join(matched[i])}|{_factors_id(layer)}|{layer.scale!r}|"
             f"{fps[i][0]}|{fps[i][1]}|{ks[i]}".encode()
         )
     return digest.hexdigest()
+
+
+def _factors_id(layer: LoraLayer) -> str:
+    """The fingerprints of a layer's factors, or the identity of a LoRA-X layer not rebuilt yet (its core)."""
+    identity = getattr(layer, "identity", None)
+    return identity if identity else f"{fingerprint(layer.A)}|{fingerprint(layer.B)}"
 
 
 class Bases:
@@ -130,26 +143,40 @@ class Bases:
         self.weights, self.report = weights, report
         # One registry query per k for all stored bases; blobs are read (checksummed) only when a layer needs them.
         self.stored: dict[tuple[str, int], StoredBasis] = {}
-        for k in sorted(set(ks.values())):
-            wanted = {fp for i in matched if ks[i] == k for fp in fps[i]}
-            self.stored.update({(fp, k): ref for fp, ref in registry.find_bases(wanted, k).items()})
+        self.prefetch({(fp, ks[i]) for i in matched for fp in fps[i]})
         self.missing = sum((fp, ks[i]) not in self.stored for i in matched for fp in set(fps[i]))
-        self.device = _compute_device(weights["target"], next(iter(matched.values())))
+        self.device = None
+        if matched:
+            self.on_device_of(next(iter(matched.values())))
         self.matched = matched
 
+    def prefetch(self, wanted: set[tuple[str, int]]) -> None:
+        """Find which of the ``(fingerprint, k)`` bases the registry holds: one query per k."""
+        for k in sorted({k for _, k in wanted}):
+            fps = {fp for fp, kk in wanted if kk == k and (fp, k) not in self.stored}
+            self.stored.update({(fp, k): ref for fp, ref in self.registry.find_bases(fps, k).items()})
+
+    def on_device_of(self, key: tuple[str, str]) -> None:
+        """Compute bases on the device of the target's module ``key`` when it is an accelerator."""
+        self.device = _compute_device(self.weights["target"], key)
+
     def get(self, side: str, i: int) -> Basis:
-        fp, k = self.fps[i][0 if side == "source" else 1], self.ks[i]
+        key = self.layers[i].key if side == "source" else self.matched[i]
+        return self.basis(side, key, self.fps[i][0 if side == "source" else 1], self.ks[i])
+
+    def basis(self, side: str, key: tuple[str, str], fp: str, k: int) -> Basis:
+        """The top-``k`` basis of the ``side`` model's weight ``key`` (fingerprint ``fp``): staged in this
+        transaction, else stored in the registry, else computed and staged. Raises :class:`SourceModelError` if the
+        weight holds NaN or Inf."""
         found = self.txn.staged_basis(fp, k)
         if found is None and (fp, k) in self.stored:
             found = self.registry.load_basis(self.stored[(fp, k)], k)
             self.report.bases_cached += found is not None
         if found is None:
-            layer = self.layers[i]
-            key = layer.key if side == "source" else self.matched[i]
             try:
                 found = subspace.compute_basis(self.weights[side].weight(*key), k, device=self.device)
             except ValueError as err:
-                raise SourceModelError(f"{side} weight of {layer.component}.{layer.module}: {err}") from err
+                raise SourceModelError(f"{side} weight of {key[0]}.{key[1]}: {err}") from err
             self.txn.stage_basis(fp, found)
             self.report.bases_computed += 1
         return found
@@ -176,7 +203,8 @@ def peft_state_dict(
     report: TransferReport,
 ) -> dict[str, torch.Tensor]:
     """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
-    dtype and shape, under its target module (the LoRA's own module name where they coincide); fills the report's
+    dtype and shape, under its target module (the LoRA's own module name where they coincide; the factors of layers
+    folded into one module side by side, rank r₁ + r₂); fills the report's
     per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F)."""
     state_dict = {}
     for i, (B, A) in factors.items():
@@ -185,8 +213,12 @@ def peft_state_dict(
         row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
         row.applied, row.r_out = True, B.shape[1]
         prefix = layer.peft_key if matched[i] == layer.key else ".".join(matched[i])
-        state_dict[f"{prefix}.lora_A.weight"] = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous()
-        state_dict[f"{prefix}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous()
+        A = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype)
+        B = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype)
+        if f"{prefix}.lora_A.weight" in state_dict:  # layers folded into one module: ΔW₁ + ΔW₂ = [B₁ B₂] [A₁; A₂]
+            A = torch.cat([state_dict[f"{prefix}.lora_A.weight"], A])
+            B = torch.cat([state_dict[f"{prefix}.lora_B.weight"], B], dim=1)
+        state_dict[f"{prefix}.lora_A.weight"], state_dict[f"{prefix}.lora_B.weight"] = A.contiguous(), B.contiguous()
     return state_dict
 
 

@@ -11,7 +11,8 @@ class LayerReport:
     """One LoRA layer: ``r`` its rank, ``r_out`` the rank of the transferred factors (None when skipped), ``k`` the
     number of singular vectors used, ``phi_u``/``phi_v`` the subspace similarities (None where not computed), ``kept``
     ‖ΔW_t‖_F / ‖ΔW_s‖_F of the transferred update (None when skipped), ``target_module`` the target module the layer
-    was matched to (canonical name; None where none was)."""
+    was matched to (canonical name; None where none was), ``scale`` the calibration scale folded into the
+    transferred factors (None without calibration)."""
 
     component: str
     module: str
@@ -25,6 +26,16 @@ class LayerReport:
     r_out: int | None = None
     kept: float | None = None
     target_module: str | None = None
+    #: How ``target_module`` was chosen: ``"name"`` (same name and shape), ``"similarity"`` (the best related
+    #: candidate by subspace similarity, the same name or not), ``"folded"`` (added to a kept layer's module); why, in
+    #: ``match_reason`` (docs/method.md: the matching rule).
+    matched_by: str | None = None
+    match_reason: str = ""
+    scale: float | None = None
+    #: A layer re-factorised from another adapter type (e.g. ``"LyCORIS LoKr"``; None for a plain LoRA layer), and
+    #: ``energy`` = ‖B A‖_F² / ‖ΔW‖_F², the share of its update the truncated SVD kept (``r`` is then that SVD's rank).
+    origin: str | None = None
+    energy: float | None = None
 
 
 @dataclass
@@ -39,6 +50,8 @@ class TransferReport:
     threshold: float
     lora_family: str | None = None
     target_family: str | None = None
+    #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
+    lora_format: str | None = None
     adapter_name: str | None = None
     layers: list[LayerReport] = field(default_factory=list)
     bases_cached: int = 0
@@ -46,6 +59,11 @@ class TransferReport:
     similarities_cached: int = 0
     similarities_computed: int = 0
     adapter_cached: bool = False  # the whole transferred adapter came from the registry (same request seen before)
+    #: The layer correspondence by similarity came from the registry (None: matched by name, no similarity needed).
+    correspondence_cached: bool | None = None
+    #: With ``calibrate``: the rule, the scales by PEFT prefix, the source's and target's effects (RMS ‖Δε‖ per
+    #: sample), what they were matched on, prompts and where they came from, passes run, and ``cached``.
+    calibration: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -65,45 +83,120 @@ class TransferReport:
         return asdict(self)
 
     def summary(self) -> str:
-        """The report's head: counts, families, cache use and timings, without the per-layer table."""
-        skipped: dict[str, int] = {}
-        for layer in self.skipped:
-            reason = layer.reason.split(":")[0]
-            skipped[reason] = skipped.get(reason, 0) + 1
+        """What a user needs, in at most 15 lines: layers applied and skipped (by reason), the LoRA's format and
+        family, similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
+        are :meth:`table`; :meth:`to_dict` keeps everything."""
         lines = [
-            f"LoRA transfer ({self.method}, rank={self.rank}, threshold={self.threshold}): "
-            f"{len(self.applied)} of {len(self.layers)} layers applied, {len(self.skipped)} skipped"
-            + (f" as adapter {self.adapter_name!r}" if self.adapter_name else ""),
+            f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if any(
+                r.k is not None for r in self.layers) else "") + f"): {len(self.applied)} of {len(self.layers)} "
+            f"layers applied" + (f" as adapter {self.adapter_name!r}" if self.adapter_name else "")
+            + f", {len(self.skipped)} skipped",
             f"  source: {self.source}",
             f"  target: {self.target} [{self.target_family or 'family not identified'}]",
-            f"  lora:   {self.lora} [fits {self.lora_family or 'no known family'}]",
-            f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; "
-            f"similarities: {self.similarities_cached} from cache, {self.similarities_computed} computed"
-            + ("; transferred adapter from cache" if self.adapter_cached else ""),
-            "  time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f", total {self.total_seconds:.2f} s",
+            f"  lora:   {self.lora} [{self.lora_format + '; ' if self.lora_format else ''}"
+            f"fits {self.lora_family or 'no known family'}]",
         ]
-        lines += [f"  skipped ({n}): {reason}" for reason, n in sorted(skipped.items())]
+        lines += _refactorised(self.layers) + _skipped(self.skipped) + _matched(self.layers)
+        lines += _ranges(self.applied) + _calibration(self)
+        lines.append(
+            f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; similarities: "
+            f"{self.similarities_cached} from cache, {self.similarities_computed} computed"
+            + ("; transferred adapter from cache" if self.adapter_cached else "")
+            + ("; layer correspondence from cache" if self.correspondence_cached else ""))
+        lines.append("  time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+                     + f", total {self.total_seconds:.2f} s")
+        if self.layers:
+            lines.append("  per layer: report.table(), or lorax transfer --verbose")
         return "\n".join(lines)
 
     def table(self) -> str:
-        """One line per layer: component, module, shape, rank in→out, k, Φ_U, Φ_V, kept, status."""
+        """One line per layer: component and module (→ target module where it differs), shape, rank in→out, k,
+        Φ_U, Φ_V, kept, and where present the re-factorised energy and calibration scale; then its status."""
 
-        def num(x: float | None) -> str:
-            return f"{x:.3f}" if x is not None else "-"
+        def num(x: float | None, digits: int = 3) -> str:
+            return f"{x:.{digits}f}" if x is not None else "-"
 
-        rows = [f"  {'layer':<72} {'shape':>16} {'r':>7} {'k':>5} {'Φ_U':>6} {'Φ_V':>6} {'kept':>6}  status"]
+        energy = any(r.energy is not None for r in self.layers)
+        scale = any(r.scale is not None for r in self.layers)
+        head = f"  {'layer':<72} {'shape':>16} {'r':>7} {'k':>5} {'Φ_U':>6} {'Φ_V':>6} {'kept':>6}"
+        rows = [head + (f" {'energy':>8}" if energy else "") + (f" {'scale':>6}" if scale else "") + "  status"]
         for r in self.layers:
+            name = r.component + " " + r.module
+            if r.target_module and r.target_module != r.module.removeprefix("text_model."):
+                name += f" → {r.target_module}"
             shape = "x".join(str(d) for d in r.shape)
             ranks = f"{r.r}→{r.r_out}" if r.r_out is not None else str(r.r)
-            status = "applied" if r.applied else f"skipped: {r.reason}"
+            status = ("applied" + (f": {r.match_reason}" if r.match_reason else "")) if r.applied else f"skipped: {r.reason}"
             rows.append(
-                f"  {r.component + ' ' + r.module:<72} {shape:>16} {ranks:>7} {r.k if r.k is not None else '-':>5} "
-                f"{num(r.phi_u):>6} {num(r.phi_v):>6} {num(r.kept):>6}  {status}"
+                f"  {name:<72} {shape:>16} {ranks:>7} {r.k if r.k is not None else '-':>5} "
+                f"{num(r.phi_u):>6} {num(r.phi_v):>6} {num(r.kept):>6}"
+                + (f" {num(r.energy, 6):>8}" if energy else "") + (f" {num(r.scale):>6}" if scale else "")
+                + f"  {status}"
             )
         return "\n".join(rows)
 
     def __str__(self) -> str:
-        return self.summary() + "\n" + self.table()
+        return self.summary()
+
+
+def _span(values: list[float], digits: int = 3) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def _refactorised(layers: list[LayerReport]) -> list[str]:
+    rows = [r for r in layers if r.energy is not None]
+    if not rows:
+        return []
+    kinds = ", ".join(sorted({r.origin or "?" for r in rows}))
+    return [f"  re-factorised to LoRA ({kinds}): {len(rows)} layers, rank {_span([r.r for r in rows], 0)}, "
+            f"energy kept {_span([r.energy for r in rows], 6)}"]
+
+
+def _skipped(skipped: list[LayerReport], most: int = 3) -> list[str]:
+    by_reason: dict[str, int] = {}
+    for row in skipped:
+        reason = row.reason.split(":")[0] or "not matched"
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    ordered = sorted(by_reason.items(), key=lambda item: -item[1])
+    lines = [f"  skipped {n}: {reason}" for reason, n in ordered[:most]]
+    if len(ordered) > most:
+        lines.append(f"  skipped {sum(n for _, n in ordered[most:])}: {len(ordered) - most} other reasons (table())")
+    return lines
+
+
+def _matched(layers: list[LayerReport]) -> list[str]:
+    ways: dict[str, int] = {}
+    for row in layers:
+        if row.matched_by:
+            ways[row.matched_by] = ways.get(row.matched_by, 0) + 1
+    if not ways or set(ways) == {"name"}:
+        return []
+    return ["  matched: " + ", ".join(f"{n} by {way}" if way != "folded" else f"{n} folded"
+                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))]
+
+
+def _ranges(applied: list[LayerReport]) -> list[str]:
+    parts = []
+    phi = [r for r in applied if r.phi_u is not None and r.phi_v is not None]
+    if phi:
+        parts.append(f"similarity Φ_U {_span([r.phi_u for r in phi])}, Φ_V {_span([r.phi_v for r in phi])}")
+    kept = [r.kept for r in applied if r.kept is not None]
+    if kept:
+        parts.append(f"kept ‖ΔW_t‖/‖ΔW_s‖ {_span(kept)}")
+    return ["  applied layers: " + "; ".join(parts)] if parts else []
+
+
+def _calibration(report: TransferReport) -> list[str]:
+    scales = [r.scale for r in report.layers if r.scale is not None]
+    if report.calibration is None and not scales:
+        return []
+    cal = report.calibration or {}
+    rule = cal.get("rule")
+    matched = (f" (‖Δε‖ source {cal['source_effect']:.3g}, target {cal['target_effect']:.3g}; {cal.get('passes')} "
+               f"passes, prompts: {cal.get('prompts_from')})" if cal.get("target_effect") else "")
+    return [f"  calibration{' (' + str(rule) + ')' if rule else ''}: scale {_span(scales) if scales else '-'}{matched}"
+            + ("; read from the registry" if cal.get("cached") else "")]
 
 
 class PhaseClock:

@@ -69,12 +69,13 @@ def compute_basis(weight: torch.Tensor, k: int, *, device: torch.device | str | 
 
     Fast route: the eigendecomposition of the smaller Gram matrix (``W Wᵀ`` if ``m ≤ n``, else ``Wᵀ W``; about half
     the time of an SVD for square weights, far less for wide conv weights), whose top-``k`` eigenvectors are one
-    side's singular vectors; the other side follows as ``Wᵀ U_k Σ_k⁻¹`` (or ``W V_k Σ_k⁻¹``). Squaring ``W``
+    side's singular vectors; the other side and Σ follow from the thin SVD of ``Wᵀ U_k`` (or ``W V_k``), which
+    also rotates ``U_k`` within its span (Rayleigh–Ritz), so both sides are orthonormal. Squaring ``W``
     squares its condition, so the route is guarded: by first-order perturbation theory (Davis–Kahan) an eigensolver
     with backward error ``ε λ_1`` mixes vectors ``i ≤ k < j`` by about ``ε λ_1 / (λ_i − λ_j)``, which bounds the
     projector error ``‖P̂ − P‖_F ≲ ε λ_1 (2 Σ_{i≤k<j} (λ_i − λ_j)⁻²)^½``. Where that estimate exceeds
-    :data:`GRAM_TOLERANCE` (slowly decaying spectra, near-degenerate values at ``k``), the exact thin SVD
-    (``torch.linalg.svd``) is used instead.
+    :data:`GRAM_TOLERANCE` (slowly decaying spectra, near-degenerate values at ``k``), or ``k = min(m, n)`` (the
+    whole spectrum), the exact thin SVD (``torch.linalg.svd``) of ``W`` is used instead.
 
     ``device``: where to compute (e.g. the pipeline's GPU); default the weight's device.
     Raises ``ValueError`` if ``weight`` holds NaN or Inf.
@@ -103,16 +104,22 @@ def gram_error_estimate(eigenvalues: torch.Tensor, k: int) -> float:
 
 def _gram_basis(w: torch.Tensor, k: int) -> Basis | None:
     m, n = w.shape
+    if k >= min(m, n):
+        return None  # the whole spectrum: the SVD costs no more, and the Gram eigenvalues of the smallest singular
+        # values carry an error of ε σ_1² (their vectors on the other side would not be orthonormal)
     wide = m <= n
     lam, Q = torch.linalg.eigh(w @ w.T if wide else w.T @ w)
     if gram_error_estimate(lam, k) > GRAM_TOLERANCE:
         return None
     S = lam.flip(0)[:k].clamp_min(0).sqrt()
     if S[-1] <= torch.finfo(torch.float32).eps * S[0] * max(m, n):
-        return None  # (numerically) rank-deficient within k: Σ_k⁻¹ would amplify rounding
+        return None  # (numerically) rank-deficient within k
     Q = Q.flip(1)[:, :k]
-    other = (w.T @ Q if wide else w @ Q) / S
-    return Basis(Q, S, other) if wide else Basis(other, S, Q)
+    # Rayleigh–Ritz on span(Q): the thin SVD P Σ Rᵀ of the (n, k) matrix Wᵀ Q (or the (m, k) matrix W Q) gives the
+    # exact singular triplets of W restricted to that span: both sides orthonormal to float32 precision and Σ
+    # accurate to ε σ_1 (Wᵀ Q Σ⁻¹ from the Gram eigenvalues is off by ε σ_1² / σ_i²), for O((m + n) k²) more.
+    P, S, Rh = torch.linalg.svd(w.T @ Q if wide else w @ Q, full_matrices=False)
+    return Basis(Q @ Rh.T, S, P) if wide else Basis(P, S, Q @ Rh.T)
 
 
 def subspace_similarity(Q_s: torch.Tensor, Q_t: torch.Tensor) -> float:

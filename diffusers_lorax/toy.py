@@ -7,6 +7,8 @@ Nothing here downloads anything: configs are given as dicts, the tokenizer's voc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import tempfile
 from pathlib import Path
@@ -185,6 +187,30 @@ def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, n
                 delta = strength * drift / drift.norm() + noise * grain / grain.norm()
                 W += (W.float().norm() * delta).reshape(W.shape).to(W.dtype)
     return pipe
+
+
+def distilled_unet(teacher: Any, config: dict, teacher_of: Callable[[str], str], seed: int = 2, **finetuned: Any) -> Any:
+    """A student ``UNet2DConditionModel(**config)`` initialised from ``teacher`` as distilled models are (BK-SDM's
+    ``copy_weight_from_teacher``): every tensor from the teacher tensor ``teacher_of(name)`` (e.g. a family's
+    ``teacher_module``), then every Linear/Conv2d weight perturbed by :func:`finetune` (``seed``, ``finetuned``
+    options), standing for the distillation that follows. Raises ``ValueError`` for a student tensor without a
+    teacher tensor of its shape."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        student = UNet2DConditionModel(**config)
+    theirs = teacher.state_dict()
+    state = {}
+    for name, tensor in student.state_dict().items():
+        origin = theirs.get(teacher_of(name))
+        if origin is None or origin.shape != tensor.shape:
+            raise ValueError(f"student tensor {name} {tuple(tensor.shape)}: no teacher tensor {teacher_of(name)} of its shape")
+        state[name] = origin.detach().clone()
+    student.load_state_dict(state, assign=True)
+    finetune(SimpleNamespace(unet=student), seed=seed, **finetuned)
+    return student
 
 
 def random_lora(

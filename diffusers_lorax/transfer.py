@@ -21,11 +21,15 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
+from .adapters.loading import LoraXInput
+from .calibration import calibrate as calibrate_adapter
+from .correspondence import correspond
 from .errors import NothingTransferredError
-from .lora import read_lora
+from .lora import describe_origin, read_lora
 from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
-from .options import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions, TransferRequest
+from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
+                      TransferRequest)
 from .projection import transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
@@ -39,9 +43,12 @@ def transfer_lora(
     target: Any,
     lora: str | os.PathLike | dict[str, torch.Tensor],
     *,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     rank: int | float = DEFAULT_RANK,
     threshold: float = DEFAULT_THRESHOLD,
+    calibrate: bool | str = DEFAULT_CALIBRATE,
+    calibration_prompts: list[str] | None = None,
+    match: str = DEFAULT_MATCH,
     registry: Registry | str | os.PathLike | None = None,
     weight_name: str | None = None,
     subfolder: str | None = None,
@@ -62,11 +69,21 @@ def transfer_lora(
             the layers the LoRA touches are read, lazily, from safetensors files.
         lora: anything ``load_lora_weights`` accepts: Hub repo id (with ``weight_name``, ``subfolder``, ``revision``),
             local file or folder, or a state dict; PEFT, diffusers, old attention-processor or kohya/A1111 keys.
-        method: ``"copy"`` (default: the LoRA's factors as they are, on every layer that exists with the same name
-            and shape in the target; no SVD, ``rank`` and ``threshold`` unused), ``"prolora"`` or ``"lorax"``
-            (projections; see docs/quality.md for how they measure).
+        method: ``None`` (default): ``"lorax"`` for a LoRA-X adapter file (Eq. 3, k = its r), ``"copy"`` for any
+            other LoRA (its factors as they are, where the target has the layer; no SVD); ``"prolora"``, ``"lorax"``:
+            projections (docs/quality.md, docs/lorax-adapters.md).
         rank: singular vectors k kept per layer, an int or a fraction of ``min(m, n)`` (default 0.5).
         threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
+        calibrate: rescale the transferred adapter so that its effect on the target's UNet output matches the LoRA's
+            effect on the source's, measured with forward passes of both models on random latents (no data, no
+            training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``, ``"layer"``, or
+            ``False`` (default). Costs ``2 × max(8, prompts)`` UNet passes per model on a first call (SD 1.5 at
+            64 × 64 on two CPU cores: 18 s per pass, 32 passes in 558 s) and loads the source's UNet and text
+            encoders; a warm call runs none; see docs/calibration.md.
+        match: how layers find their target module: ``"auto"`` (by name on a fine-tune, by subspace similarity on
+            a distilled or renamed target: SSD-1B, Vega, BK-SDM), ``"name"``, ``"similarity"``, ``"fold"`` (method.md).
+        calibration_prompts: prompts for the passes; default: the LoRA file's trigger words or tags
+            (``modelspec.trigger_phrase``, kohya ``ss_tag_frequency``) when it has them, else the empty prompt.
         registry: for the projections: a :class:`Registry`, a directory, a database URL (blobs in the default
             directory), or ``None`` for ``$LORAX_REGISTRY_URL`` / ``$LORAX_CACHE_DIR`` / the user cache dir. A request
             answered before (same LoRA, base weights, method, k, threshold) is served from it without projecting.
@@ -80,11 +97,12 @@ def transfer_lora(
         that ``pipe.load_lora_weights(state_dict)`` accepts, and a :class:`TransferReport`.
 
     Raises:
-        InvalidOptionsError: an unknown ``method``, a bad ``rank`` or ``threshold`` (checked before anything is read).
+        InvalidOptionsError: an unknown ``method``, a bad ``rank``, ``threshold``, ``calibrate`` or
+            ``calibration_prompts`` (checked before anything is read); calibration of a model without a UNet.
         InvalidLoraError: unreadable LoRA, unknown keys, NaN/Inf values.
-        ArchitectureMismatchError: the LoRA fits another known family than the target.
+        ArchitectureMismatchError: the LoRA fits another known family than the target's (or its teacher's); a refiner.
         SourceModelError: a base model cannot be read, or a LoRA layer does not fit the source's shapes.
-        NoMatchingLayersError: no LoRA layer has a module of the same name and shape in the target.
+        NoMatchingLayersError: no LoRA layer has a module of the same name and shape (or a related one) in the target.
         NothingTransferredError: every matching layer fell below ``threshold``.
         RegistryError: the registry cannot be opened (a failed write after a successful transfer is only logged).
     """
@@ -105,10 +123,13 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     and discarded when it raises, so that a failure anywhere (also in the caller's block) leaves the registry as it
     was. Raises what :func:`transfer_lora` raises."""
     clock = PhaseClock()
+    lorax = LoraXInput.open(request)  # a LoRA-X file: its source (when None) and k = r; None for a standard LoRA
+    request = lorax.request if lorax is not None else request.with_default_method(DEFAULT_METHOD)
     source = BaseModel(request.source, request.source_options, "source")
     target = BaseModel(request.target, request.target_options, "target")
-    layers = read_lora(target.pipeline_class, request.lora, unet_config=target.unet_config,
-                       weight_name=request.weight_name, **request.lora_options.kwargs())
+    layers = lorax.layers() if lorax is not None else read_lora(
+        target.pipeline_class, request.lora, unet_config=target.unet_config, weight_name=request.weight_name,
+        **request.lora_options.kwargs())
     lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
     check_known_hub_ids(lora_family, source, target)
     components = sorted({layer.component for layer in layers})
@@ -119,11 +140,23 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
         method=config.method, rank=config.rank, threshold=config.threshold,
         layers=[LayerReport(layer.component, layer.module, layer.weight_shape, layer.r) for layer in layers],
     )
-    matched = match_layers(layers, lora_family, weights["source"], weights["target"], report)
+    describe_origin(report, layers)  # the LoRA's format; re-factorised layers' origin and kept energy
+    if lorax is not None:
+        lorax.check(weights["source"], report)  # every layer's source fingerprint, before anything is matched
+    plan = match_layers(layers, lora_family, weights["source"], weights["target"], report, config.match)
+    matched = plan.matches
     clock.lap(report, "read")
-    registry = open_registry(request.registry) if config.strategy.needs_bases else None
+    needs_registry = config.strategy.needs_bases or config.calibrate or (lorax is not None and lorax.needs_registry)
+    registry = open_registry(request.registry) if needs_registry or plan.by_similarity else None
     with registry.begin() if registry is not None else NullTransaction() as txn:
-        state_dict = transfer_layers(layers, matched, weights, config, report, registry, txn, clock)
+        # a compact LoRA-X file's layers: B = Ũ_s ΔΣ, A = Ṽ_sᵀ from the source's bases, rebuilt where needed
+        expand = lorax.expander(weights["source"], registry, txn, report) if lorax is not None else None
+        if expand is not None and config.calibrate:
+            layers, expand = expand(layers), None
+        if plan.by_similarity:  # a distilled or renamed target: each layer's target module by subspace similarity
+            matched = correspond(layers, weights, plan.rule, report, registry, txn)
+            clock.lap(report, "match")
+        state_dict = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
         clock.lap(report, "project")
         if not state_dict:
             best = max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0)
@@ -132,6 +165,9 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
                 f"by name and shape; best Φ = {best:.3f}). The models are too different for this LoRA at this "
                 "threshold: lower `threshold`, or use method='copy'."
             )
+        if config.calibrate:
+            calibrate_adapter(request, source, target, layers, matched, state_dict, report, registry, txn)
+            clock.lap(report, "calibrate")
         yield TransferResult(state_dict, report)
 
 

@@ -156,15 +156,33 @@ class SafetensorsWeights:
         return self._where[component]
 
     def _index(self, path: Path) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape from the file's header, memoised per process like the fingerprints."""
+        """Tensor name -> shape from the file's header, memoised per process like the fingerprints. Raises
+        :class:`SourceModelError` for a truncated or unreadable file, and for weights saved from a pipeline that
+        held a PEFT adapter (``…base_layer.weight`` keys)."""
         memo = _file_identity(path)
         if memo not in _FILE_INDEXES:
+            from .formats.safetensors_check import truncation_message
+
+            truncated = truncation_message(path, f"{self.label}: the weight file")
+            if truncated is not None:
+                raise SourceModelError(truncated)
             try:
                 with safe_open(str(path), framework="pt") as f:
                     _FILE_INDEXES[memo] = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             except Exception as err:  # safetensors raises its own error types for corrupt headers
                 raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
-        return _FILE_INDEXES[memo]
+        index = _FILE_INDEXES[memo]
+        wrapped = min((key for key in index if ".base_layer." in key), key=lambda k: not k.endswith("weight"),
+                      default=None)
+        if wrapped is not None:
+            raise SourceModelError(
+                f"{self.label}: {path.parent.name}/{path.name} was saved from a pipeline that still held a LoRA adapter: its weights "
+                f"carry PEFT's wrapper names (e.g. {wrapped!r}), so no module has its plain name and diffusers itself "
+                "would silently re-initialise those layers. Re-save the base model without the adapter: call "
+                "`pipe.unload_lora_weights()` (or `pipe.fuse_lora()` then `pipe.unload_lora_weights()` to keep it "
+                "merged in) before `pipe.save_pretrained(...)`."
+            )
+        return index
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         out: dict[str, tuple[int, ...]] = {}

@@ -34,7 +34,8 @@ def _configs(realcases, folder):
 
 def test_catalogue_is_packaged_and_lists_families():
     names = {f.name for f in families()}
-    assert names == {"sd1", "sd2", "sdxl"}
+    assert names == {"sd1", "sd2", "sdxl", "sdxl-refiner", "ssd-1b", "vega",
+                     *(f"bk-sdm-{v}-{size}" for v in ("v1", "v2") for size in ("base", "small", "tiny"))}
     sdxl = next(f for f in families() if f.name == "sdxl")
     assert set(sdxl.shapes) == {"unet", "text_encoder", "text_encoder_2"}
     assert sdxl.shapes["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == (640, 2048)
@@ -60,13 +61,17 @@ def test_identify_model_from_real_configs(realcases, folder, family):
     assert match is not None and match.family.name == family and match.matched == match.total
 
 
-@pytest.mark.parametrize("name", ["bksdm_v1_bk_small/src__unet_config__bk_small__config.json",
-                                  "bksdm_v2_bk_tiny/src__unet_config_v2__bk_tiny__config.json"])
-def test_distilled_unets_are_not_taken_for_their_teacher(realcases, name):
+@pytest.mark.parametrize("name, family", [
+    ("bksdm_v1_bk_small/src__unet_config__bk_small__config.json", "bk-sdm-v1-small"),
+    ("bksdm_v2_bk_tiny/src__unet_config_v2__bk_tiny__config.json", "bk-sdm-v2-tiny"),
+    ("bksdm_v2base_bk_base/src__unet_config_v2-base__bk_base__config.json", "bk-sdm-v2-base"),
+])
+def test_distilled_unets_are_identified_as_students_not_as_their_teacher(realcases, name, family):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(json.loads((realcases / "configs" / name).read_text()))
     shapes = {n: tuple(m.weight.shape) for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    assert identify_model({"unet": shapes}) is None
+    found = identify_model({"unet": shapes})
+    assert found.family.name == family and found.matched == found.total and found.family.is_student
 
 
 @pytest.mark.parametrize("name", ["wellch4n_sd14_pokemon_attnprocs.safetensors", "diffusers_pr8283_sd_pokemon_lora.safetensors",
@@ -98,7 +103,7 @@ def test_sdxl_lora_on_sd15_target_is_refused_before_any_svd(realcases, tmp_path)
     with pytest.raises(ArchitectureMismatchError):
         transfer_lora(pipe, pipe, lora, registry=reg, method="prolora")
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
-    assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert all(v == 0 for v in reg.stats().values())
 
 
 def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):

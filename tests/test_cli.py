@@ -1,5 +1,7 @@
 """The lorax command line: transfer files to a standard LoRA file; clear errors; the demo."""
 
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -28,7 +30,17 @@ def test_transfer_writes_a_file_plain_diffusers_loads(files, tmp_path, capsys):
                  str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "layers applied" in printed and "Φ_U" in printed and f"wrote {out}" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    n = len(report["layers"])
+    assert n > 15 and all(row["phi_u"] is not None for row in report["layers"])  # the JSON keeps every layer
+    summary = printed.split(f"wrote {out}")[0].strip().splitlines()
+    assert len(summary) <= 15 and f"{n} of {n} layers applied" in summary[0]
+    assert any(line.startswith("  applied layers: similarity Φ_U ") for line in summary)
+    assert not any(line.startswith("  layer ") for line in summary)  # the per-layer table is not printed
+    assert main(["transfer", *args, "--method", "prolora", "--registry", str(tmp_path / "reg"), "--verbose"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  layer ") and "Φ_U" in line for line in rows)
+    assert sum(line.startswith(("  unet ", "  text_encoder ")) and line.endswith("applied") for line in rows) == n
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys)
@@ -50,7 +62,8 @@ def test_options_reach_the_transfer(files, tmp_path, capsys):
     assert main(["transfer", *args, "--method", "lorax", "--rank", "8", "--threshold", "0.5", "--summary",
                  "--registry", str(tmp_path / "reg")]) == 0
     printed = capsys.readouterr().out
-    assert "(lorax, rank=8, threshold=0.5)" in printed and "Φ_U" not in printed
+    assert "(lorax, rank=8, threshold=0.5)" in printed and not any(line.startswith("  layer ") for line in
+                                                                   printed.splitlines())
 
 
 def test_user_error_is_one_line_and_exit_2(files, tmp_path, capsys):

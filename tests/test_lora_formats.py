@@ -94,7 +94,7 @@ def test_truncated_file_is_refused(peft_lora, tmp_path):
     save_file(peft_lora, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidLoraError, match="could not read"):
+    with pytest.raises(InvalidLoraError, match="is truncated"):
         read_lora(StableDiffusionPipeline, str(path))
 
 

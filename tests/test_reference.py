@@ -6,7 +6,6 @@ math). Catches a swapped basis, a wrong side, a wrong scale or a wrong filter an
 import math
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from diffusers_lorax import transfer_lora, toy

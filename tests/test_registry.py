@@ -136,7 +136,7 @@ def test_other_schema_version_is_rebuilt_with_a_warning(make_registry, tmp_path,
     reg.engine.dispose()
     reg = make_registry()
     assert "schema version 1" in caplog.text and "rebuilding" in caplog.text
-    assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert reg.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "calibrations": 0, "correspondences": 0, "blob_bytes": 0}
     assert not (tmp_path / "registry" / "bases").exists()  # no orphan blobs of the old schema
     put_bases(reg, {fp: b})
     assert make_registry().stats()["bases"] == 1  # and the rebuilt registry is usable at once
@@ -278,7 +278,7 @@ def test_cli_registry_commands(make_registry, tmp_path, capsys):
     assert cli.main(["registry", "verify", *args]) == 0
     put_bases(reg, {fp: b})
     assert cli.main(["registry", "clear", *args]) == 0
-    assert make_registry().stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert make_registry().stats() == {"bases": 0, "similarities": 0, "adapters": 0, "calibrations": 0, "correspondences": 0, "blob_bytes": 0}
 
 
 # -- many processes ----------------------------------------------------------------------------------------------------

@@ -91,19 +91,36 @@ def test_transferred_adapter_within_1e3_of_float64_exact(kind, m, n):
 def test_gram_route_is_taken_where_safe_and_refused_where_not(monkeypatch):
     calls = []
     svd = torch.linalg.svd
-    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(1) or svd(*a, **kw))
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(tuple(a[0].shape)) or svd(*a, **kw))
     well = _with_spectrum(128, 128, "random", 0).float()
     slow = _with_spectrum(128, 128, "tight", 0).float()
     subspace.compute_basis(well, 64)
-    assert calls == []  # a random spectrum: the Gram eigendecomposition is accurate, no SVD
+    assert calls == [(128, 64)]  # a random spectrum: the Gram route, no SVD of W (only the (n, k) Rayleigh–Ritz step)
+    calls.clear()
     lam = torch.linalg.eigvalsh(slow.double() @ slow.double().T)
     assert subspace.gram_error_estimate(lam, 64) > subspace.GRAM_TOLERANCE
     b = subspace.compute_basis(slow, 64)
-    assert calls == [1]  # tiny gaps at k: the guard falls back to the exact SVD
+    assert calls == [(128, 128)]  # tiny gaps at k: the guard falls back to the exact SVD of W
     U, _, Vh = svd(slow, full_matrices=False)
     assert torch.equal(b.U, U[:, :64]) and torch.equal(b.V, Vh[:64].T)  # exactly the float32 SVD's vectors
     # full rank on the small side: the projector is I, nothing to mix
     assert subspace.gram_error_estimate(torch.linspace(1, 2, 10), 10) == 0.0
+
+
+@pytest.mark.parametrize("m, n, k", [(64, 64, 64), (64, 64, 32), (96, 48, 48), (48, 96, 24)])
+def test_basis_is_orthonormal_on_both_sides_for_ill_conditioned_weights(m, n, k):
+    """A condition number of 1e4 (ε κ² ≫ 1 in float32): both sides stay orthonormal and Σ accurate to ε σ_1, also at
+    k = min(m, n), so that U Uᵀ and V Vᵀ are projectors (LoRA-X, Eq. 3, is then exact between identical models)."""
+    d = min(m, n)
+    g = torch.Generator().manual_seed(m + n + k)
+    U0 = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))[0]
+    V0 = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))[0]
+    W = (U0 * torch.logspace(0, -4, d, dtype=torch.float64)) @ V0.T
+    b = subspace.compute_basis(W.float(), k)
+    for Q in (b.U, b.V):
+        assert (Q.double().T @ Q.double() - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-5
+    S = torch.linalg.svdvals(W)[:k]
+    assert (b.S.double() - S).abs().max() < 1e-5 * S[0]
 
 
 def test_basis_rejects_nan():

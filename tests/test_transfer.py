@@ -221,7 +221,7 @@ def test_unrelated_target_transfers_nothing_and_changes_nothing(source, lora, re
     with pytest.raises(NothingTransferredError, match="threshold"):
         target.load_lora_weights_cross(source, lora, adapter_name="x", registry=registry, method="prolora")
     assert_unchanged(target, before)
-    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "calibrations": 0, "correspondences": 0, "blob_bytes": 0}
 
 
 def test_keys_matching_no_layer(source, registry):
@@ -345,9 +345,10 @@ def test_unknown_keywords_of_the_mixin_are_refused(source, lora, registry, kwarg
 
 
 def test_layers_whose_shape_differs_in_the_target_are_skipped_with_the_shape(source, lora, registry):
-    """A target whose cross-attention keys/values take 48 inputs instead of 32: those layers are skipped, by name."""
+    """A target whose cross-attention keys/values take 48 inputs instead of 32: those layers are skipped, by name
+    (``match="name"``; ``"auto"`` would match the layers by subspace similarity, tests/test_matching.py)."""
     target = toy.sd_pipeline(unet=dict(toy.TINY_SD_UNET, cross_attention_dim=48), seed=0)
-    state_dict, report = transfer_lora(source, target, lora, registry=registry)
+    state_dict, report = transfer_lora(source, target, lora, registry=registry, match="name")
     differs = {f"{r.component}.{r.module}" for r in report.layers if "attn2.to_k" in r.module or "attn2.to_v" in r.module}
     assert differs and {f"{r.component}.{r.module}" for r in report.skipped} == differs
     for r in report.skipped:
@@ -359,7 +360,7 @@ def test_layers_whose_shape_differs_in_the_target_are_skipped_with_the_shape(sou
 def test_nothing_transferred_is_an_error_in_the_functional_form_too(source, lora, registry):
     with pytest.raises(NothingTransferredError, match="no layer passed the subspace-similarity threshold 0.9"):
         transfer_lora(source, toy.sd_pipeline(seed=99), lora, registry=registry, method="lorax")
-    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "blob_bytes": 0}
+    assert registry.stats() == {"bases": 0, "similarities": 0, "adapters": 0, "calibrations": 0, "correspondences": 0, "blob_bytes": 0}
 
 
 def test_source_and_target_as_folders(folders, registry):

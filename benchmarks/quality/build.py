@@ -13,10 +13,14 @@ What it trains, in order, on scikit-learn's 1 797 handwritten digits at 16×16 (
 4. ``target-distilled``: a UNet with one layer per block instead of two, initialised from the source by name (a
    layer map that keeps the first layers of each block) and distilled from the source UNet as BK-SDM was from
    SD 1.4: task loss + output KD + feature KD on every block's output.
-5. The style LoRA, one recipe on each of the three models: rank 8, alpha 4, on every attention, feed-forward and
+5. ``target-renamed``: the same architecture as ``target-distilled``, initialised as BK-SDM initialises its students
+   (``copy_weight_from_teacher``: the student's ``up_blocks.i.{resnets,attentions}.1`` from the teacher's ``….2``,
+   the last layer of the up stage, not the middle one; the rest by name) and distilled with the same recipe.
+   Copy by name puts the LoRA's ``attentions.1`` on a module that holds the teacher's ``attentions.2``.
+6. The style LoRA, one recipe on each of the four models: rank 8, alpha 4, on every attention, feed-forward and
    projection layer of the UNet and on the text encoder's attention; trained on slanted digits with prompts
    "a handwritten digit <word> in lrx style"; saved in kohya format (``lora_unet_…``, ``lora_te_…``, ``.alpha``).
-6. Two small CNNs (digit and slant) on real and VAE-reconstructed digits.
+7. Two small CNNs (digit and slant) on real and VAE-reconstructed digits.
 
 Weights are rounded to float16 as soon as a model is trained, and saved in float16 (11 MB in all); the LoRAs are
 trained on the rounded models, so the shipped files are exactly what they were trained against.
@@ -28,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -46,7 +51,7 @@ STEPS = dict(vae=600, source=2400, finetune=600, distilled=900, lora=500, classi
 LORA_RANK, LORA_ALPHA = 8, 4.0
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-MODELS = ("source", "target-finetune", "target-distilled")
+MODELS = ("source", "target-finetune", "target-distilled", "target-renamed")
 
 
 def main() -> None:
@@ -139,10 +144,22 @@ def build(out: Path, steps: dict[str, int], resume: bool = False) -> None:
         distill(distilled, unet, text_encoder, latents["plain"], captions, scheduler, steps["distilled"])
         round_fp16(distilled)
 
+    # 5. target-renamed: the same student, initialised BK-SDM style (up stages keep the teacher's last layer)
+    if "target-renamed" in kept:
+        renamed = kept["target-renamed"].unet
+    else:
+        torch.manual_seed(8)
+        renamed = UNet2DConditionModel(**data.UNET_DISTILLED)
+        copied = init_bksdm(renamed, unet)
+        print(f"target-renamed: {copied} of {len(renamed.state_dict())} tensors initialised from the source")
+        distill(renamed, unet, text_encoder, latents["plain"], captions, scheduler, steps["distilled"],
+                desc="target-renamed")
+        round_fp16(renamed)
+
     sampler = DDIMScheduler(**data.SCHEDULER, set_alpha_to_one=False)
     loras = out / "loras"
     loras.mkdir(exist_ok=True)
-    for name, model in zip(MODELS, (unet, finetuned, distilled)):
+    for name, model in zip(MODELS, (unet, finetuned, distilled, renamed)):
         if name not in kept:
             pipe = StableDiffusionPipeline(
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model, scheduler=sampler,
@@ -150,7 +167,7 @@ def build(out: Path, steps: dict[str, int], resume: bool = False) -> None:
             )
             pipe.to(torch.float16).save_pretrained(out / name)
             pipe.to(torch.float32)
-        # 5. the style LoRA, same recipe (data, seeds, steps) on each model
+        # 6. the style LoRA, same recipe (data, seeds, steps) on each model
         if (loras / f"slant-{name}.safetensors").exists() and resume:
             continue
         lora = train_lora(model, text_encoder, latents["slanted"], Captions(tokenizer, labels, styled=True),
@@ -160,7 +177,7 @@ def build(out: Path, steps: dict[str, int], resume: bool = False) -> None:
     (out / "build.json").write_text(json.dumps({"steps": steps, "batch": BATCH, "lora_rank": LORA_RANK,
                                                 "lora_alpha": LORA_ALPHA}, indent=1))
 
-    # 6. classifiers on real and reconstructed digits in all looks
+    # 7. classifiers on real and reconstructed digits in all looks
     if (out / CLASSIFIERS_FILE).exists() and resume:
         return
     with torch.no_grad():
@@ -230,7 +247,7 @@ def train_diffusion(unet, text_encoder, latents, captions, scheduler, steps, lr,
         step(opt, sched, F.mse_loss(unet(noisy, t, cond).sample, noise))
 
 
-def distill(student, teacher, text_encoder, latents, captions, scheduler, steps):
+def distill(student, teacher, text_encoder, latents, captions, scheduler, steps, desc="target-distilled"):
     """Knowledge distillation as BK-SDM (Kim et al., ECCV 2024): task loss + output KD (MSE to the teacher's noise
     prediction) + feature KD (MSE between the outputs of every down, mid and up block, which keep their shapes when
     layers are removed inside blocks), weights 1, 1, 1."""
@@ -244,7 +261,7 @@ def distill(student, teacher, text_encoder, latents, captions, scheduler, steps)
         for model in (student, teacher)
         for block in [*model.down_blocks, model.mid_block, *model.up_blocks]
     ]
-    for _ in tqdm(range(steps), desc="target-distilled"):
+    for _ in tqdm(range(steps), desc=desc):
         ids, noisy, noise, t = noisy_batch(latents, captions, scheduler, gen)
         cond = text_encoder(ids).last_hidden_state
         for f in features.values():
@@ -322,6 +339,25 @@ def init_by_name(student, teacher) -> int:
     shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
     student.load_state_dict(shared, strict=False)
     return len(shared)
+
+
+def init_bksdm(student, teacher) -> int:
+    """BK-SDM's initialisation (Kim et al., ECCV 2024; ``copy_weight_from_teacher`` in Nota-NetsPresso/BK-SDM): every
+    student tensor from the teacher tensor of the same name, except that an up stage's second layer
+    (``up_blocks.i.resnets.1``, ``up_blocks.i.attentions.1``) comes from the teacher's third (``….2``). Return how
+    many tensors were copied (same shape only)."""
+    theirs, mine = teacher.state_dict(), student.state_dict()
+    shared = {}
+    for key, value in mine.items():
+        origin = TEACHER_OF.sub(r"\1.2.", key)
+        if origin in theirs and theirs[origin].shape == value.shape:
+            shared[key] = theirs[origin]
+    student.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+#: A student tensor name whose teacher tensor is the up stage's third layer (BK-SDM's remap).
+TEACHER_OF = re.compile(r"^(up_blocks\.\d+\.(?:resnets|attentions))\.1\.")
 
 
 def cosine(opt, steps: int, warmup: int = 50):

@@ -108,7 +108,9 @@ def evaluate_target(
     assets: Path = ASSETS,
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
     """Rows for ``no LoRA``, each entry of ``methods`` (keyword arguments of ``load_lora_weights_cross``, plus an
-    optional ``label``), and the LoRA trained on ``target``; and the images of each row by label."""
+    optional ``label``; ``lora`` and ``source`` replace the source's style LoRA and the source model, and
+    ``plain=True`` loads ``lora`` with plain ``load_lora_weights`` instead, e.g. an adapter trained on the target),
+    and the LoRA trained on ``target``; and the images of each row by label."""
     import diffusers_lorax  # noqa: F401  (installs load_lora_weights_cross)
 
     pipe = load_pipeline(target, assets)
@@ -121,9 +123,12 @@ def evaluate_target(
     for options in methods:
         options = dict(options)
         label = options.pop("label", options.get("method", diffusers_lorax.DEFAULT_METHOD))
-        report = pipe.load_lora_weights_cross(
-            assets / "source", assets / SOURCE_LORA, adapter_name="transfer", registry=registry, **options
-        )
+        lora, source = options.pop("lora", assets / SOURCE_LORA), options.pop("source", assets / "source")
+        if options.pop("plain", False):
+            pipe.load_lora_weights(dict(lora) if isinstance(lora, dict) else lora, adapter_name="transfer")
+            report = None
+        else:
+            report = pipe.load_lora_weights_cross(source, lora, adapter_name="transfer", registry=registry, **options)
         reports[label] = report
         images[label] = generate(pipe, digits, seeds, steps)
         pipe.delete_adapters("transfer")

@@ -59,6 +59,36 @@ def checked_bytes(path: Path, checksum: str) -> bytes | None:
     return data if xxhash.xxh3_128(data).hexdigest() == checksum else None
 
 
+#: Blobs whose checksum held, by (resolved path, size, mtime in ns, checksum): within a process a blob that has not
+#: changed is not hashed again (blobs are written once, under a name that holds their checksum, and replaced only by
+#: an atomic rename), as source files are not re-fingerprinted (``weights.py``).
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def checked_file(path: Path, checksum: str) -> bool:
+    """Whether ``path`` exists and its XXH3-128 matches ``checksum``, hashed through a read-only memory map (no copy
+    of the file into memory: a blob is then read with ``safetensors.torch.load_file``, memory-mapped as well);
+    memoised in :data:`_VERIFIED`."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            identity = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, checksum)
+            if identity in _VERIFIED:
+                return True
+            if stat.st_size == 0:
+                ok = xxhash.xxh3_128(b"").hexdigest() == checksum
+            else:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                    ok = xxhash.xxh3_128(view).hexdigest() == checksum
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    if ok:
+        _VERIFIED.add(identity)
+    return ok
+
+
 def basis_tensors(basis: Basis) -> dict[str, torch.Tensor]:
     return {"U": basis.U.contiguous(), "S": basis.S.contiguous(), "V": basis.V.contiguous()}
 

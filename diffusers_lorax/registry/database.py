@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers.utils import logging
-from sqlalchemy import Engine, Float, Integer, String, create_engine, inspect
+from sqlalchemy import Engine, Float, Integer, String, Text, create_engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -65,6 +65,28 @@ class AdapterRow(BlobColumns, Base):
 
     __tablename__ = "adapters"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class CalibrationRow(Base):
+    """A calibration result (scales and what they were matched on, JSON), keyed by a hash of everything it depends
+    on (``calibration.calibration_key``). No blob: a few hundred bytes."""
+
+    __tablename__ = "calibrations"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used: Mapped[float] = mapped_column(Float)
+
+
+class CorrespondenceRow(Base):
+    """A layer correspondence by subspace similarity (per LoRA layer: target module, how, why, Φ_U, Φ_V; JSON), keyed
+    by a hash of both models' candidate weights and the rule (``correspondence.correspondence_key``). No blob."""
+
+    __tablename__ = "correspondences"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used: Mapped[float] = mapped_column(Float)
 
 
 class MetaRow(Base):

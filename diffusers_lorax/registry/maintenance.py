@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from .blobs import BLOB_DIRS, checked_bytes, mtime
-from .database import BLOB_TABLES, AdapterRow, BasisRow, SimilarityRow, key_column
+from .database import BLOB_TABLES, AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, key_column
 
 logger = logging.get_logger(__name__)
 
@@ -64,7 +64,8 @@ class RegistryMaintenance:
         with Session(self.engine) as session:
             counts = {
                 name: session.scalar(select(func.count()).select_from(table))
-                for name, table in (("bases", BasisRow), ("similarities", SimilarityRow), ("adapters", AdapterRow))
+                for name, table in (("bases", BasisRow), ("similarities", SimilarityRow), ("adapters", AdapterRow),
+                                    ("calibrations", CalibrationRow), ("correspondences", CorrespondenceRow))
             }
             counts["blob_bytes"] = blob_bytes(session)
         return counts
@@ -116,7 +117,7 @@ class RegistryMaintenance:
         """Delete every entry and blob (the schema stays)."""
         with self.lock:
             with Session(self.engine) as session, session.begin():
-                for table in (BasisRow, SimilarityRow, AdapterRow):
+                for table in (BasisRow, SimilarityRow, AdapterRow, CalibrationRow, CorrespondenceRow):
                     session.execute(delete(table))
             self.remove_blobs()
 

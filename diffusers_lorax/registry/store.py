@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 from filelock import FileLock
-from safetensors.torch import load
+from safetensors.torch import load_file
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import ArgumentError, DatabaseError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ..errors import RegistryError
 from ..subspace import Basis
-from .blobs import checked_bytes, metadata, truncated
-from .database import AdapterRow, BasisRow, SimilarityRow, connect, ensure_schema, error_message, redact, sqlite_url
+from .blobs import checked_file, metadata, truncated
+from .database import (AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, connect, ensure_schema, error_message, redact,
+                       sqlite_url)
 from .maintenance import RegistryMaintenance
 from .transaction import Similarities, Transaction
 
@@ -118,8 +119,8 @@ class Registry(RegistryMaintenance):
     def load_basis(self, stored: StoredBasis, k: int) -> Basis | None:
         """The first ``k`` vectors of a stored basis, or ``None`` when its blob is missing or fails its checksum (the
         entry is then dropped and a warning logged, so that the basis is recomputed)."""
-        data = self._read(BasisRow, BasisRow.fingerprint == stored.fingerprint, stored.blob, stored.checksum)
-        return None if data is None else truncated(load(data), k)
+        path = self._read(BasisRow, BasisRow.fingerprint == stored.fingerprint, stored.blob, stored.checksum)
+        return None if path is None else truncated(load_file(str(path)), k)
 
     def get_similarities(self, pairs: Iterable[tuple[str, str, int]]) -> Similarities:
         """Cached (Φ_U, Φ_V) for (source fingerprint, target fingerprint, k) triples that are stored."""
@@ -139,17 +140,38 @@ class Registry(RegistryMaintenance):
             blob, checksum = (row.blob, row.checksum) if row is not None else (None, None)
         if blob is None:
             return None
-        data = self._read(AdapterRow, AdapterRow.key == key, blob, checksum)
-        if data is None:
+        path = self._read(AdapterRow, AdapterRow.key == key, blob, checksum)
+        if path is None:
             return None
         self._touch(AdapterRow, AdapterRow.key, [key])
-        return load(data), json.loads(metadata(self.directory / blob).get("lorax", "{}"))
+        return load_file(str(path)), json.loads(metadata(path).get("lorax", "{}"))
 
-    def _read(self, table, where, blob: str, checksum: str) -> bytes | None:
-        """The checksummed bytes of a blob; ``None`` (and the entry dropped, with a warning) if missing or changed."""
+    def get_calibration(self, key: str) -> dict | None:
+        """A stored calibration result (JSON object) for a calibration key, or ``None``."""
+        with Session(self.engine) as session:
+            row = session.get(CalibrationRow, key)
+            value = row.value if row is not None else None
+        if value is None:
+            return None
+        self._touch(CalibrationRow, CalibrationRow.key, [key])
+        return json.loads(value)
+
+    def get_correspondence(self, key: str) -> list | None:
+        """A stored layer correspondence (one row per LoRA layer, JSON) for a correspondence key, or ``None``."""
+        with Session(self.engine) as session:
+            row = session.get(CorrespondenceRow, key)
+            value = row.value if row is not None else None
+        if value is None:
+            return None
+        self._touch(CorrespondenceRow, CorrespondenceRow.key, [key])
+        return json.loads(value)
+
+    def _read(self, table, where, blob: str, checksum: str) -> Path | None:
+        """The path of a blob whose checksum holds (hashed memory-mapped: blobs are replaced only by an atomic rename,
+        never rewritten, so the file read next is the one checked); ``None`` (and the entry dropped, with a warning)
+        if missing or changed."""
         path = self.directory / blob
-        data = checked_bytes(path, checksum)
-        if data is None:
+        if not checked_file(path, checksum):
             logger.warning(f"registry blob {path} is missing or fails its checksum: discarded, it will be recomputed")
             try:
                 with self.lock, Session(self.engine) as session, session.begin():
@@ -157,7 +179,8 @@ class Registry(RegistryMaintenance):
                 path.unlink(missing_ok=True)
             except (OSError, SQLAlchemyError) as err:
                 logger.warning(f"could not drop the damaged entry {path}: {error_message(err, self.url)}")
-        return data
+            return None
+        return path
 
     def _touch(self, table, column, keys: list[str]) -> None:
         """Record a use (for least-recently-used eviction). A cache statistic: a failure is not an error."""

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from ..errors import RegistryError
 from ..subspace import Basis
 from .blobs import atomic_save, basis_tensors, blob_path, truncated
-from .database import AdapterRow, Base, BasisRow, SimilarityRow, error_message
+from .database import AdapterRow, Base, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, error_message
 
 if TYPE_CHECKING:
     from .store import Registry
@@ -46,6 +46,8 @@ class Transaction:
         self.bases: dict[str, tuple[Path, BasisRow]] = {}
         self.adapter: tuple[Path, AdapterRow] | None = None
         self.similarities: Similarities = {}
+        self.calibrations: dict[str, dict] = {}
+        self.correspondences: dict[str, list] = {}
 
     def __enter__(self) -> Transaction:
         return self
@@ -60,7 +62,10 @@ class Transaction:
             logger.warning(f"could not store the transfer's results in the registry: {err}")
 
     def stage_basis(self, fp: str, basis: Basis) -> None:
-        """Write ``basis`` (of the weight with fingerprint ``fp``) to the staging area now; memory can drop it."""
+        """Write ``basis`` (of the weight with fingerprint ``fp``) to the staging area now; memory can drop it. A basis
+        of that weight staged before with at least as many vectors is kept (it holds this one)."""
+        if fp in self.bases and self.bases[fp][1].k >= basis.k:
+            return
         path = self.directory / fp
         checksum = atomic_save(basis_tensors(basis), path)
         now = time.time()
@@ -70,8 +75,8 @@ class Transaction:
 
     def staged_basis(self, fp: str, k: int) -> Basis | None:
         """A basis staged earlier in this transaction (a weight shared by two layers), truncated to ``k``, or
-        ``None``."""
-        if fp not in self.bases:
+        ``None`` (also when the staged one holds fewer than ``k`` vectors)."""
+        if fp not in self.bases or self.bases[fp][1].k < k:
             return None
         return truncated(load(self.bases[fp][0].read_bytes()), k)
 
@@ -83,6 +88,14 @@ class Transaction:
         self.adapter = (path, AdapterRow(key=key, blob=blob_path("adapters", key, checksum), checksum=checksum,
                                          bytes=path.stat().st_size, created_at=now, last_used=now))
 
+    def stage_calibration(self, key: str, value: dict) -> None:
+        """A calibration result (JSON-serialisable) to store under ``key`` with the rest."""
+        self.calibrations[key] = value
+
+    def stage_correspondence(self, key: str, value: list) -> None:
+        """A layer correspondence (JSON-serialisable) to store under ``key`` with the rest."""
+        self.correspondences[key] = value
+
     def commit(self) -> None:
         """Make the writes visible, under the registry lock: each staged blob whose entry is not stored yet (by another
         process meanwhile, say) is moved into place (an atomic rename), then all rows and similarities are added in
@@ -90,7 +103,7 @@ class Transaction:
 
         Raises :class:`RegistryError` if the database refuses the write; the staging area is removed either way, and a
         blob moved for a row that did not commit is removed again."""
-        if not self.similarities and not self.bases and self.adapter is None:
+        if not (self.similarities or self.bases or self.adapter or self.calibrations or self.correspondences):
             self.discard()  # nothing to store (a request served from the cache): no lock, no transaction
             return
         registry, moved = self.registry, []
@@ -105,6 +118,11 @@ class Transaction:
                         session.merge(row)
                     for (s, t, k), (phi_u, phi_v) in self.similarities.items():
                         session.merge(SimilarityRow(source=s, target=t, k=k, phi_u=phi_u, phi_v=phi_v))
+                    now = time.time()
+                    for key, value in self.calibrations.items():
+                        session.merge(CalibrationRow(key=key, value=json.dumps(value), created_at=now, last_used=now))
+                    for key, value in self.correspondences.items():
+                        session.merge(CorrespondenceRow(key=key, value=json.dumps(value), created_at=now, last_used=now))
                 moved.clear()
                 registry.evict(registry.max_bytes)
         except (OSError, SQLAlchemyError) as err:

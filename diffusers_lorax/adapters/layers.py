@@ -1,0 +1,172 @@
+"""Add a trainable LoRA-X adapter to a diffusers UNet / transformer or a transformers text encoder.
+
+The adapter is a standard PEFT LoRA of rank r per layer (so diffusers' ``set_adapters``, ``fuse_lora``,
+``unfuse_lora``, ``disable_lora`` and ``delete_adapters`` treat it like any other), constrained to LoRA-X's form
+(Farhadzadeh et al., ICLR 2025, Sec. 4: ``ΔW = Ũ ΔΣ Ṽᵀ``):
+
+- ``lora_A.weight = Ṽᵀ`` ``(r, n)`` (conv: ``(r, in, kh, kw)``), frozen;
+- ``lora_B.weight = Ũ ΔΣ`` ``(m, r)`` (conv: ``(m, r, 1, 1)``), a ``torch.nn.utils.parametrize`` parametrization
+  (:class:`LoraXCore`) of the trainable core ``ΔΣ``: ``δ`` ``(r,)`` (``Ũ diag(δ)``) or ``C`` ``(r, r)`` (``Ũ C``);
+  ``Ũ`` is a non-persistent buffer;
+- ``lora_alpha = r`` per layer, so PEFT's scaling is 1 and ``ΔW = lora_B.weight @ lora_A.weight`` exactly.
+
+``Ũ``, ``Ṽ`` are the top-r singular vectors of the module's own base weight (conv flattened to ``(out, in·kh·kw)``),
+from the registry (computed once per weight and cached, like a transfer's bases). The core starts at zero, so the
+model's output is unchanged until it is trained; ``requires_grad`` is set on the cores only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import InvalidOptionsError, LoraxError, SourceModelError
+from ..registry import Registry, open_registry
+from ..weights import canonical_module, fingerprint
+from .bases import Wanted, fetch_bases, value_fingerprint
+from .config import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, LoraXConfig
+
+
+class LoraXCore(nn.Module):
+    """Parametrization of a PEFT ``lora_B`` weight: ``B = Ũ · diag(δ)`` (diagonal core) or ``Ũ · C`` (full core).
+
+    ``U``: ``Ũ`` ``(m, r)``, canonical signs (:func:`~diffusers_lorax.adapters.bases.canonical_signs`), in the
+    adapter's dtype. ``weight_shape``: ``(m, r)`` or ``(m, r, 1, 1)``. The attributes ``fingerprint`` (float32-value
+    fingerprint of the source base weight), ``weight_shape_base`` (the base weight's shape) and ``core`` are what
+    :func:`~diffusers_lorax.save_lorax_weights` records.
+    """
+
+    def __init__(self, U: torch.Tensor, core: str, weight_shape: tuple[int, ...], fingerprint: str,
+                 base_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("U", U, persistent=False)
+        self.core, self.weight_shape = core, tuple(weight_shape)
+        self.fingerprint, self.base_shape = fingerprint, tuple(base_shape)
+
+    @property
+    def r(self) -> int:
+        return int(self.U.shape[1])
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        B = self.U * core if self.core == "diagonal" else self.U @ core
+        return B.reshape(self.weight_shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The core nearest to a given ``B`` (least squares): ``C = Ũᵀ B`` (full) or its diagonal."""
+        C = self.U.T @ weight.reshape(weight.shape[0], -1).to(self.U.dtype)
+        return C.diagonal().clone() if self.core == "diagonal" else C
+
+
+def add_lorax_adapter(
+    model: nn.Module,
+    config: LoraXConfig | None = None,
+    adapter_name: str = "default",
+    *,
+    registry: Registry | str | None = None,
+) -> list[nn.Parameter]:
+    """Add a LoRA-X adapter named ``adapter_name`` to ``model`` (a diffusers ``UNet2DConditionModel`` /
+    transformer, a transformers ``CLIPTextModel``, or any module with Linear/Conv2d layers) and return its trainable
+    cores (one ``(r,)`` or ``(r, r)`` parameter per adapted layer, zeros), e.g. for the optimizer.
+
+    Every other parameter of ``model`` gets ``requires_grad=False``. ``registry``: where the bases are cached (a
+    :class:`Registry`, a directory or URL; default the user's registry).
+
+    Raises:
+        InvalidOptionsError: ``config.target_modules`` matches no Linear/Conv2d module.
+        LoraxError: ``adapter_name`` is already in use on ``model``.
+        SourceModelError: an adapted base weight holds NaN or Inf.
+    """
+    config = config or LoraXConfig()
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise LoraxError(f"adapter name {adapter_name!r} is already in use on this model; pick another or delete it")
+    targets = _target_modules(model, config)
+    plan = {name: _layer_plan(name, base, config) for name, base in targets.items()}
+    wanted: Wanted = {p["fp"]: (p["r"], (lambda w=targets[n].weight: w.detach()), n) for n, p in plan.items()}
+    with open_registry(registry).begin() as txn:
+        bases, _ = fetch_bases(wanted, txn.registry, txn)
+    _inject(model, adapter_name, plan)
+    cores = []
+    for name, p in plan.items():
+        basis = bases[p["fp"]]
+        cores.append(_constrain(model.get_submodule(name), adapter_name, basis, config.core, p))
+    owned = {id(c) for c in cores}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in owned)
+    if not hasattr(model, "lorax_configs"):
+        model.lorax_configs = {}
+    model.lorax_configs[adapter_name] = config
+    return cores
+
+
+def _target_modules(model: nn.Module, config: LoraXConfig) -> dict[str, nn.Module]:
+    """``name -> base Linear/Conv2d`` of the modules ``config.target_modules`` names (PEFT's matching: the name or
+    a dotted suffix). A module already wrapped by PEFT is named by its wrapper and adapted through its base layer."""
+    names = dict(model.named_modules())
+    candidates = {}
+    for name, module in names.items():
+        if name.endswith(".base_layer") or ".lora_" in f".{name}":
+            continue
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, (nn.Linear, nn.Conv2d)):
+            candidates[name] = base
+    targets = config.target_modules
+    if targets is None:
+        text = any(canonical_module(n).endswith(TEXT_ENCODER_TARGETS) for n in candidates)
+        denoiser = any(n.endswith(DENOISER_TARGETS) for n in candidates)
+        targets = DENOISER_TARGETS if denoiser or not text else TEXT_ENCODER_TARGETS
+    found = {n: m for n, m in candidates.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
+    if not found:
+        raise InvalidOptionsError(
+            f"LoraXConfig.target_modules {list(targets)} match no Linear/Conv2d module of this "
+            f"{type(model).__name__}; name modules as PEFT does (e.g. 'to_q', 'attn1.to_q', 'q_proj')"
+        )
+    return found
+
+
+def _layer_plan(name: str, base: nn.Module, config: LoraXConfig) -> dict:
+    W = base.weight.detach()
+    if not torch.isfinite(W).all():
+        raise SourceModelError(f"the base weight of {name} holds NaN or Inf; the base model is damaged")
+    stored = fingerprint(W)
+    return dict(r=config.r_for(tuple(W.shape)), shape=tuple(W.shape), fp=stored,
+                value_fp=value_fingerprint(W, stored))
+
+
+def _inject(model: nn.Module, adapter_name: str, plan: dict[str, dict]) -> None:
+    """A standard PEFT LoRA with ``r`` and ``lora_alpha = r`` (scaling 1) per layer: through diffusers'
+    ``add_adapter`` for a diffusers model, else PEFT's ``inject_adapter_in_model``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    top = max(p["r"] for p in plan.values())
+    lora_config = LoraConfig(
+        r=top, lora_alpha=top, target_modules=sorted(plan), init_lora_weights=True,
+        rank_pattern={n: p["r"] for n, p in plan.items()}, alpha_pattern={n: p["r"] for n, p in plan.items()},
+    )
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        model.add_adapter(lora_config, adapter_name=adapter_name)
+        return
+    # transformers' add_adapter asks for a newer PEFT than diffusers does; its load_adapter (which diffusers uses
+    # for text encoders) injects through PEFT as here.
+    inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
+
+
+def _constrain(wrapper: nn.Module, adapter_name: str, basis, core: str, plan: dict) -> nn.Parameter:
+    """Set ``lora_A = Ṽᵀ`` (frozen) and parametrise ``lora_B`` as ``Ũ · core`` (core zero); return the core."""
+    lora_A, lora_B = wrapper.lora_A[adapter_name], wrapper.lora_B[adapter_name]
+    dtype, r = lora_A.weight.dtype, plan["r"]
+    if lora_A.weight.shape[0] != r or wrapper.scaling[adapter_name] != 1:
+        raise LoraxError(f"PEFT built a rank-{lora_A.weight.shape[0]} layer (scaling {wrapper.scaling[adapter_name]})"
+                         f" where rank {r}, scaling 1 was asked; this PEFT version is not supported")
+    with torch.no_grad():
+        lora_A.weight.copy_(basis.V.T.reshape(lora_A.weight.shape).to(lora_A.weight))
+        lora_B.weight.zero_()
+    lora_A.weight.requires_grad_(False)
+    U = basis.U.to(device=lora_B.weight.device, dtype=dtype)
+    parametrize.register_parametrization(
+        lora_B, "weight", LoraXCore(U, core, tuple(lora_B.weight.shape), plan["value_fp"], plan["shape"]), unsafe=True)
+    return lora_B.parametrizations.weight.original

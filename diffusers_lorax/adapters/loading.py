@@ -1,0 +1,233 @@
+"""Recognise a LoRA-X file among the LoRAs a transfer is given, and turn it into ordinary LoRA layers of rank r.
+
+A LoRA-X layer ``ΔW_s = Ũ_s ΔΣ Ṽ_sᵀ`` is the LoRA ``B = Ũ_s ΔΣ`` ``(m, r)``, ``A = Ṽ_sᵀ`` ``(r, n)`` (scale 1), so
+after this step the transfer's own machinery applies unchanged: the LoRA-X transfer of Farhadzadeh et al. (ICLR
+2025, Eq. 3), ``ΔW_t = U_t U_tᵀ ΔW_s V_t V_tᵀ`` with ``k = r`` per layer, the subspace-similarity filter, the report
+and the registry's adapter cache. On the source itself ``U_t = Ũ_s`` and the adapter is reproduced.
+
+- A **compact** file holds only the cores: ``Ũ_s``, ``Ṽ_s`` are rebuilt from the source's weights (registry: no SVD
+  once cached), after every layer's source fingerprint has been checked against the file.
+- A **standalone** file holds ``A`` and ``B``; its source fingerprints are checked the same way (the similarity
+  filter compares the source's and the target's subspaces, so the source must be the one it was trained on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SourceMismatchError, SourceModelError
+from ..lora import LoraLayer
+from ..options import LORAX_FILE_METHOD, HubOptions, TransferRequest
+from ..registry import Registry, Transaction
+from ..report import TransferReport
+from ..weights import BaseModelWeights
+from .bases import Wanted, fetch_bases, value_fingerprint
+from .files import COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME, LoraXFile, digest, is_lorax_metadata, read_lorax_file
+
+
+def open_lorax(request: TransferRequest) -> LoraXFile | None:
+    """The LoRA-X file that ``request.lora`` names (a file; a folder or Hub repo with ``weight_name``, or holding
+    :data:`COMPACT_WEIGHT_NAME` or a LoRA-X :data:`STANDALONE_WEIGHT_NAME`), read and checked; ``None`` for anything
+    else (a state dict, a standard LoRA), which is then read as before. Raises :class:`LoraxFileError` for a LoRA-X
+    file that is damaged."""
+    lora = request.lora
+    if not isinstance(lora, (str, os.PathLike)):
+        return None
+    names = [request.weight_name] if request.weight_name else [COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME]
+    for name in names:
+        path = _local(Path(lora), name, request.lora_options)
+        if path is not None and is_lorax_metadata(header_metadata(path)):
+            return read_lorax_file(path)
+    return None
+
+
+def _local(path: Path, name: str, options: HubOptions) -> Path | None:
+    """A local path of file ``name`` of the LoRA ``path`` (itself a file, a folder, or a Hub repo id fetched
+    through huggingface_hub's cache), or ``None``."""
+    if path.is_file():
+        return path
+    folder = path / options.subfolder if options.subfolder else path
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    text = str(path)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(text, name, subfolder=options.subfolder or None, revision=options.revision,
+                                    token=options.token, cache_dir=options.cache_dir))
+    except Exception:  # not there, not cached offline, unreachable: read as a standard LoRA, which reports why
+        return None
+
+
+def header_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file's header, read without its tensors (so that a file whose data is
+    truncated is still recognised); ``None`` if the header cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 * 2**20:
+                return None
+            header = json.loads(f.read(size))
+        meta = header.get("__metadata__")
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def resolve_request(file: LoraXFile, request: TransferRequest) -> tuple[TransferRequest, str | None]:
+    """The request with the file's source filled in where ``request.source`` is ``None`` (its Hub id and revision),
+    :data:`~diffusers_lorax.options.LORAX_FILE_METHOD` where no method was given, and ``k = r`` per layer (the rank
+    option set to the file's r option); and a note saying where the source came
+    from (``None`` when it was given). Raises :class:`SourceModelError` when the source is ``None`` and the file
+    names no Hub repo."""
+    request = request.with_default_method(LORAX_FILE_METHOD)
+    config = dataclasses.replace(request.config, rank=file.config.r)
+    note = None
+    if request.source is None:
+        hub_id = file.source.get("hub_id")
+        if not hub_id:
+            raise SourceModelError(
+                f"source=None, but the LoRA-X file {file.path} names no Hub repo for its source (it was trained on "
+                f"the local model {file.source.get('label')!r}): pass that model (a pipeline or folder) as source")
+        options = request.source_options
+        if options.revision is None and file.source.get("revision"):
+            options = dataclasses.replace(options, revision=file.source["revision"])
+        request = dataclasses.replace(request, source=hub_id, source_options=options)
+        note = f"{hub_id} (named by the LoRA-X file's metadata)"
+    return dataclasses.replace(request, config=config), note
+
+
+@dataclass(frozen=True)
+class PendingLoraXLayer(LoraLayer):
+    """A compact file's layer before its factors are rebuilt: ``A``, ``B`` are placeholders of the right shapes on the
+    ``meta`` device until :func:`expand` fills them. ``identity`` (the core's digest, r and core kind) stands for the
+    factors in the registry's adapter-cache key, so that a repeated request is answered without the source's bases."""
+
+    identity: str = ""
+
+
+def lora_layers(file: LoraXFile) -> list[LoraLayer]:
+    """The file's layers as :class:`LoraLayer` s (scale 1): a standalone file's ``A``, ``B``; a compact file's as
+    :class:`PendingLoraXLayer` placeholders."""
+    layers = []
+    for key, info in file.layers.items():
+        component, module = key.split(".", 1)
+        if file.standalone:
+            layers.append(LoraLayer(component, module, file.tensors[f"{key}.lora_A.weight"],
+                                    file.tensors[f"{key}.lora_B.weight"], 1.0))
+            continue
+        A = torch.empty((info.r, *info.shape[1:]), device="meta")
+        B = torch.empty((info.shape[0], info.r, *([1, 1] if len(info.shape) == 4 else [])), device="meta")
+        identity = f"lora-x {file.config.core} r={info.r} core={digest({'core': file.core(key)})}"
+        layers.append(PendingLoraXLayer(component, module, A, B, 1.0, identity=identity))
+    return layers
+
+
+def check_source(file: LoraXFile, source: BaseModelWeights) -> dict[str, str]:
+    """Check every layer's source fingerprint against the file; return ``layer key -> the source weight's stored
+    fingerprint`` (the registry's key for its basis).
+
+    Raises :class:`SourceMismatchError` naming the first layer (in the file's order) whose source weight is missing
+    or differs."""
+    stored = {}
+    for key, info in file.layers.items():
+        component, module = key.split(".", 1)
+        try:
+            fp = source.fingerprint(component, module)
+            value = value_fingerprint(lambda: source.weight(component, module), fp)
+        except SourceModelError as err:
+            raise SourceMismatchError(f"the source {source.label} has no weight for {key}, which the {file.describe()}"
+                                      f" adapts ({err}); pass the source base model it was trained on") from err
+        if value != info.fingerprint:
+            raise SourceMismatchError(
+                f"the source {source.label} is not the base model this {file.describe()} was trained on: the weight "
+                f"of {key} differs (fingerprint {value[:12]}…, the file expects {info.fingerprint[:12]}…). Pass the "
+                "source it names (same weights, any dtype that holds them exactly), with its revision")
+        stored[key] = fp
+    return stored
+
+
+def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, fingerprints: dict[str, str],
+           registry: Registry, txn: Transaction, report: TransferReport) -> list[LoraLayer]:
+    """Fill a compact file's placeholder layers: ``B = Ũ_s ΔΣ`` ``(m, r[, 1, 1])``, ``A = Ṽ_sᵀ``
+    ``(r, in[, kh, kw])`` float32, with ``Ũ_s``, ``Ṽ_s`` the canonical-sign top-r bases of the source weights
+    (``fingerprints`` from :func:`check_source`) from the registry or computed and staged in ``txn``. Counts them in
+    ``report.bases_cached`` / ``bases_computed``. A standalone file's layers are returned as they are."""
+    if file.standalone:
+        return layers
+    wanted: Wanted = {}
+    for layer in layers:
+        if layer.A.device.type != "meta":
+            continue
+        key = layer.peft_key
+        wanted[fingerprints[key]] = (file.layers[key].r, _loader(source, layer.component, layer.module), key)
+    if not wanted:
+        return layers  # rebuilt already
+    bases, computed = fetch_bases(wanted, registry, txn)
+    report.bases_computed += computed
+    report.bases_cached += len(bases) - computed
+    out = []
+    for layer in layers:
+        if layer.A.device.type != "meta":
+            out.append(layer)
+            continue
+        basis, core = bases[fingerprints[layer.peft_key]], file.core(layer.peft_key)
+        B = basis.U * core if core.ndim == 1 else basis.U @ core
+        out.append(dataclasses.replace(layer, A=basis.V.T.reshape(layer.A.shape).contiguous(),
+                                       B=B.reshape(layer.B.shape).contiguous()))
+    return out
+
+
+def _loader(source: BaseModelWeights, component: str, module: str) -> Any:
+    return lambda: source.weight(component, module)
+
+
+class LoraXInput:
+    """A transfer's LoRA when it is a LoRA-X file: the hooks :func:`~diffusers_lorax.transfer.transferring` calls.
+
+    ``request``: the request with the file's source (where ``source`` was ``None``) and ``k = r``;
+    ``needs_registry``: a compact file needs the source's bases even for ``method="copy"``."""
+
+    def __init__(self, file: LoraXFile, request: TransferRequest):
+        self.file = file
+        self.request, self.source_note = resolve_request(file, request)
+        self.needs_registry = not file.standalone
+        self.fingerprints: dict[str, str] = {}
+
+    @classmethod
+    def open(cls, request: TransferRequest) -> LoraXInput | None:
+        """``None`` unless ``request.lora`` is a LoRA-X file (see :func:`open_lorax`)."""
+        file = open_lorax(request)
+        return None if file is None else cls(file, request)
+
+    def layers(self) -> list[LoraLayer]:
+        return lora_layers(self.file)
+
+    def check(self, source: BaseModelWeights, report: TransferReport) -> None:
+        """Check the source's fingerprints (:func:`check_source`) and say in the report what the LoRA is and where
+        the source came from."""
+        self.fingerprints = check_source(self.file, source)
+        report.lora = f"{report.lora} ({self.file.describe()})"
+        if hasattr(report, "lora_format"):
+            report.lora_format = f"LoRA-X ({self.file.kind})"
+        if self.source_note:
+            report.source = self.source_note
+
+    def expander(self, source: BaseModelWeights, registry: Registry | None, txn: Transaction,
+                 report: TransferReport) -> Callable[[list[LoraLayer]], list[LoraLayer]] | None:
+        """What rebuilds a compact file's layers (:func:`expand`), to be called only where the factors are needed
+        (not when the registry answers the whole request); ``None`` for a standalone file."""
+        if self.file.standalone:
+            return None
+        return lambda layers: expand(self.file, layers, source, self.fingerprints, registry, txn, report)

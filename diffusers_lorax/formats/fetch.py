@@ -1,0 +1,106 @@
+"""Fetch a LoRA file the way diffusers' ``lora_state_dict`` does (same resolution: file, folder, Hub repo with
+``weight_name``/``subfolder``/``revision``, safetensors first, else a pickled ``.bin``/``.pt`` read with
+``torch.load(weights_only=True)``), keeping the safetensors header metadata, and turn its failures into errors that
+say what happened: a truncated file (declared against actual bytes), offline without the file in the cache."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidLoraError
+from .safetensors_check import truncation_message
+
+
+@dataclass
+class LoraFile:
+    """A fetched LoRA: ``state_dict`` (what the file holds: a dict of tensors, or a list for legacy ``.pt`` files),
+    ``adapter_metadata`` (diffusers' parsed ``lora_adapter_metadata``, a PEFT ``LoraConfig`` per component),
+    ``file_metadata`` (the whole safetensors ``__metadata__``, strings), ``label`` (how messages name it)."""
+
+    state_dict: Any
+    adapter_metadata: dict | None = None
+    file_metadata: dict[str, str] = field(default_factory=dict)
+    label: str = "(state dict)"
+
+
+def describe(lora: Any) -> str:
+    return "(state dict)" if isinstance(lora, dict) else repr(str(lora))
+
+
+def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
+          token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+          local_files_only: bool | None = None, **_: Any) -> LoraFile:
+    """Read ``lora`` (a state dict, a file, a folder or a Hub repo id) into a :class:`LoraFile`. Raises
+    :class:`InvalidLoraError`: missing, unreadable or truncated file, or (offline) a file not in the local cache."""
+    if isinstance(lora, dict):
+        return LoraFile(dict(lora))  # diffusers' converters pop from the dict they are given
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    label = describe(lora)
+    local = _local_file(lora, weight_name, subfolder)
+    if local is not None:
+        _check_truncated(local)
+    try:
+        state_dict, adapter_metadata, file_metadata = _fetch_state_dict(
+            pretrained_model_name_or_path_or_dict=lora, weight_name=weight_name, use_safetensors=True,
+            local_files_only=local_files_only, cache_dir=cache_dir, force_download=False, proxies=None, token=token,
+            revision=revision, subfolder=subfolder, user_agent={"file_type": "attn_procs_weights",
+                                                                "framework": "pytorch"},
+            allow_pickle=True, return_file_metadata=True)
+    except Exception as err:  # diffusers raises ValueError/OSError/SafetensorError for unreadable LoRAs
+        cached = _cached_file(lora, weight_name, subfolder, revision, cache_dir)
+        if cached is not None:
+            _check_truncated(cached)
+        if local is None and _offline() and not Path(str(lora)).exists():
+            raise InvalidLoraError(
+                f"cannot read the LoRA {label}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and "
+                f"{'the file ' + repr(weight_name) if weight_name else 'the file'} of the repo is not in the local "
+                f"cache ({cache_dir or 'the default cache'}). Download it once with network access (e.g. "
+                f"`huggingface-cli download {lora}{' ' + weight_name if weight_name else ''}`), pass a local file, "
+                + ("" if weight_name else "or pass weight_name (offline, the repo's file list cannot be fetched), ")
+                + "or unset HF_HUB_OFFLINE") from err
+        raise InvalidLoraError(f"diffusers could not read the LoRA {label}: {type(err).__name__}: {err}") from err
+    return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()
+
+
+def _local_file(lora: Any, weight_name: str | None, subfolder: str | None) -> Path | None:
+    """The local safetensors file ``lora`` names: a file, a folder with ``weight_name``, or a folder's
+    ``pytorch_lora_weights.safetensors`` or only safetensors file (as diffusers picks it); else ``None``."""
+    path = Path(str(lora))
+    if path.is_dir():
+        folder = path / (subfolder or "")
+        found = sorted(folder.glob("*.safetensors")) if not weight_name else []
+        default = folder / "pytorch_lora_weights.safetensors"
+        path = folder / weight_name if weight_name else default if default.is_file() else (
+            found[0] if len(found) == 1 else folder)
+    return path if path.is_file() and path.suffix == ".safetensors" else None
+
+
+def _cached_file(lora: Any, weight_name: str | None, subfolder: str | None, revision: str | None,
+                 cache_dir: Any) -> Path | None:
+    """The file of a Hub repo in the local cache, if any (to say why it could not be read)."""
+    if not weight_name or not str(weight_name).endswith(".safetensors") or Path(str(lora)).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(str(lora), weight_name if not subfolder else f"{subfolder}/{weight_name}",
+                                       cache_dir=cache_dir, revision=revision)
+    except Exception:  # not a valid repo id: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _check_truncated(path: Path) -> None:
+    message = truncation_message(path, "the LoRA file")
+    if message is not None:
+        raise InvalidLoraError(message)

@@ -1,0 +1,91 @@
+"""Today's diffusers/transformers module trees, built on the ``meta`` device (no memory, no weights): what the legacy
+formats need from a base model without reading it.
+
+- :func:`meta_unet` builds ``UNet2DConditionModel`` from a UNet config (SD 1.x in ~0.06 s, SDXL in ~0.2 s here),
+  cached per config: module names, classes, kernel sizes, and their registration order (``named_modules``).
+- :func:`meta_clip` builds a ``CLIPTextModel`` of given widths and depth, cached.
+- :func:`find_modules` enumerates it the way cloneofsimo's ``lora_diffusion._find_modules`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+
+_SD = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, sample_size=64,
+           down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+           up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+#: The UNet configs of the base families (diffusers' ``unet/config.json`` of SD 1.5, SD 2.1 and SDXL base 1.0,
+#: architecture keys only): what ``lorax inspect`` reads a LoRA against when no target is given and the file's
+#: names or shapes need a module tree (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels).
+KNOWN_UNETS = {
+    "sd1": dict(_SD, cross_attention_dim=768, attention_head_dim=8),
+    "sd2": dict(_SD, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+    "sdxl": dict(
+        block_out_channels=[320, 640, 1280], layers_per_block=2, sample_size=128, cross_attention_dim=2048,
+        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+}
+
+
+def meta_unet(unet_config: Any) -> torch.nn.Module | None:
+    """A ``UNet2DConditionModel`` of ``unet_config`` (a dict or diffusers ``FrozenDict``) on the meta device, or
+    ``None`` without a config or when diffusers cannot build one from it."""
+    if not unet_config:
+        return None
+    text = json.dumps({k: v for k, v in dict(unet_config).items()}, sort_keys=True, default=str)
+    return _meta_unet(text)
+
+
+@lru_cache(maxsize=4)
+def _meta_unet(config_json: str) -> torch.nn.Module | None:
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(config_json)
+    try:
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception:  # a config of another model class: the caller says what it needed it for
+        return None
+
+
+@lru_cache(maxsize=8)
+def meta_clip(hidden_size: int, num_layers: int, intermediate_size: int | None = None) -> torch.nn.Module:
+    """A ``CLIPTextModel`` with ``num_layers`` encoder layers of width ``hidden_size`` on the meta device (its
+    vocabulary and heads are irrelevant to module names and weight shapes)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+                            num_hidden_layers=num_layers, num_attention_heads=1)
+    with torch.device("meta"):
+        return CLIPTextModel(config)
+
+
+def conv_modules(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Module name → weight shape ``(out, in, kh, kw)`` of every ``Conv2d`` of ``model``."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def find_modules(
+    model: torch.nn.Module, ancestor_classes: Iterable[str], search: tuple[type, ...] = (torch.nn.Linear,)
+) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, weight shape)`` of every ``search`` module below a module whose class name is in
+    ``ancestor_classes``, in the order of cloneofsimo's ``lora_diffusion._find_modules_v2``: ancestors in
+    ``model.modules()`` order, then each ancestor's ``named_modules()``. An ancestor nested in another is visited
+    again, as there (the listed SD classes do not nest)."""
+    wanted = set(ancestor_classes)
+    found = []
+    for prefix, ancestor in model.named_modules():
+        if type(ancestor).__name__ not in wanted:
+            continue
+        for name, module in ancestor.named_modules():
+            if isinstance(module, search):
+                found.append((f"{prefix}.{name}" if prefix else name, tuple(module.weight.shape)))
+    return found

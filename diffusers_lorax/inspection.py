@@ -1,0 +1,290 @@
+"""``lorax inspect`` / :func:`inspect_lora`: will this LoRA work? Before anything is loaded or computed.
+
+Reads the file (offline for a local file; no ΔW, no SVD: LyCORIS modules are read as shapes only), and says its
+format, components, layer count, ranks and alphas, the architecture family its layer shapes fit, the base model its
+metadata names, and with a target: which layers would apply, which not and why (``matching.match_layers`` on the
+target's lazy weights: safetensors headers only), or in one line that the LoRA is for another family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import formats
+from .errors import (ArchitectureMismatchError, LoraxError, NoMatchingLayersError, SourceModelError,
+                     UnsupportedFormatError)
+from .formats.skeleton import KNOWN_UNETS
+from .lora import LoraLayer, layers_of
+from .matching import check_known_hub_ids, match_layers
+from .models import BaseModel
+from .options import HubOptions
+from .registry.families import FamilyMatch, family_of_hub_id, identify_layers
+from .report import LayerReport, TransferReport
+
+#: Metadata keys that name the base model a LoRA was trained on (kohya ``ss_*``, Stability's ``modelspec.*``).
+BASE_MODEL_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name", "ss_v2",
+                   "ss_network_module", "modelspec.title")
+
+
+@dataclass
+class LoraInspection:
+    """What :func:`inspect_lora` found. ``ranks``/``alphas``: value → number of layers (the file's own rank for
+    LyCORIS and ``lora_diffusion`` layers; alpha None where the file has none). ``base_model``: the metadata entries
+    naming the base model (and a LoRA-X file's ``source``). With a target: ``applies`` (``component.module``),
+    ``skipped`` (reason → layers), ``target_family``. ``verdict``: the answer in one line."""
+
+    lora: str
+    format: str
+    layers: int = 0
+    components: dict[str, int] = field(default_factory=dict)
+    ranks: dict[Any, int] = field(default_factory=dict)
+    alphas: dict[Any, int] = field(default_factory=dict)
+    algorithms: dict[str, int] = field(default_factory=dict)
+    family: str | None = None
+    base_model: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    target: str | None = None
+    target_family: str | None = None
+    applies: list[str] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    verdict: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        def counts(c: dict) -> str:
+            return ", ".join(f"{k} ({n})" if len(c) > 1 else str(k) for k, n in sorted(c.items(), key=str)) or "-"
+
+        lines = [f"LoRA {self.lora}", f"  format: {self.format}",
+                 f"  layers: {self.layers} (" + ", ".join(f"{c} {n}" for c, n in self.components.items()) + ")",
+                 f"  rank: {counts(self.ranks)}; alpha: {counts(self.alphas)}",
+                 f"  fits: {self.family or 'no known family'}"]
+        if len(self.algorithms) > 1 or any(a.startswith("LyCORIS") for a in self.algorithms):
+            lines.insert(2, "  adapter types: " + ", ".join(f"{a} ×{n}" for a, n in self.algorithms.items()))
+        if self.base_model:
+            lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in self.base_model.items()))
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.target is not None:
+            lines.append(f"  target: {self.target} [{self.target_family or 'family not identified'}]: "
+                         f"{len(self.applies)} of {self.layers} layers would apply")
+            lines += [f"    not applied ({len(names)}): {reason}" for reason, names in self.skipped.items()]
+        lines.append(f"  verdict: {self.verdict}")
+        return "\n".join(lines)
+
+
+def inspect_lora(
+    lora: str | os.PathLike | dict[str, torch.Tensor],
+    target: Any = None,
+    *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    target_revision: str | None = None,
+    target_subfolder: str | None = None,
+    target_variant: str | None = None,
+) -> LoraInspection:
+    """Describe ``lora`` (anything :func:`~diffusers_lorax.transfer_lora` reads) and, with ``target`` (a pipeline, a
+    local diffusers folder or a Hub repo id), say which of its layers would apply there.
+
+    Reads no base-model weights (only safetensors headers of the target) and computes no SVD. Raises
+    :class:`~diffusers_lorax.errors.InvalidLoraError` (or its subclass ``UnsupportedFormatError``, naming the format
+    and the way forward) when the file cannot be read, :class:`~diffusers_lorax.errors.SourceModelError` when the
+    target cannot be resolved."""
+    started = time.perf_counter()
+    file = formats.fetch(lora, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
+                         cache_dir=cache_dir)
+    found = LoraInspection(lora="(state dict)" if isinstance(lora, dict) else str(lora),
+                           format=formats.detect(file.state_dict, file.file_metadata))
+    found.base_model = {k: file.file_metadata[k] for k in BASE_MODEL_KEYS if k in file.file_metadata}
+    model = None
+    if target is not None:
+        model = BaseModel(target, HubOptions(target_revision, target_subfolder, target_variant, token, cache_dir),
+                          "target")
+        found.target = model.label
+    layers, lora_family = _layers(file, found)
+    _describe(found, layers, lora_family)
+    if model is not None:
+        _against_target(found, _target_layers(file, model) or layers, lora_family, model)
+    else:
+        found.verdict = (f"a {lora_family.family.label} LoRA: use it with a {lora_family.family.label} model"
+                         if lora_family else "its layer shapes fit no known family; check it against your model with "
+                         "--target")
+    found.seconds = time.perf_counter() - started
+    return found
+
+
+def _layers(file: formats.LoraFile, found: LoraInspection) -> tuple[list[LoraLayer], FamilyMatch | None]:
+    """The LoRA's layers (shapes only for LyCORIS) and the family they fit, read on their own: without a UNet config
+    and, where that fits no family (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels), against
+    each known family's UNet config in turn (the first that its family fits)."""
+    if found.format == "LoRA-X":
+        layers = _lorax_layers(file, found)
+        return layers, identify_layers(_shapes(layers))
+    from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
+    from diffusers.configuration_utils import FrozenDict
+
+    first, failure, fits = None, None, None
+    for name, config in [(None, None), *((n, FrozenDict(c)) for n, c in KNOWN_UNETS.items())]:
+        if name is not None and fits is not None and name != fits.family.name:
+            continue  # identified without a config, but not all shapes fit: read against its own config
+        try:
+            normalised = _stub(file, found if first is None else None, config)
+            layers = layers_of(StableDiffusionXLPipeline, normalised, file.adapter_metadata, file.label, config)
+        except UnsupportedFormatError:
+            raise
+        except LoraxError as err:
+            failure = failure or err
+            continue
+        match = identify_layers(_shapes(layers))
+        if match is not None and (name is None or match.family.name == name):
+            if match.matched == match.total or name is not None or match.family.name not in KNOWN_UNETS:
+                return layers, match
+            first, fits = layers, match
+        first = first if first is not None else layers
+    if first is None:
+        raise failure
+    return first, fits
+
+
+def _target_layers(file: formats.LoraFile, model: BaseModel) -> list[LoraLayer] | None:
+    """The LoRA's layers as the target's pipeline class and UNet config read them (what a transfer would match), or
+    ``None`` where they cannot read it (a LoRA of another architecture: the layers read on their own are used)."""
+    if formats.detect(file.state_dict, file.file_metadata) == "LoRA-X":
+        return None
+    try:
+        normalised = _stub(file, None, model.unet_config)
+        return layers_of(model.pipeline_class, normalised, file.adapter_metadata, file.label, model.unet_config)
+    except UnsupportedFormatError:
+        raise
+    except LoraxError:
+        return None
+
+
+def _stub(file: formats.LoraFile, found: LoraInspection | None, unet_config: Any) -> formats.Normalised:
+    """The file normalised with shapes only (LyCORIS modules as rank-1 stand-ins); its skip notes go to ``found``."""
+    normalised = formats.normalise(file.state_dict, file.file_metadata, where=file.label, stub=True,
+                                   unet_config=unet_config)
+    if found is not None:
+        found.notes += [note for note in normalised.notes if "skipped" in note and note not in found.notes]
+    return normalised
+
+
+def _shapes(layers: list[LoraLayer]) -> dict[tuple[str, str], tuple[int, ...]]:
+    return {layer.key: layer.weight_shape for layer in layers}
+
+
+def _lorax_layers(file: formats.LoraFile, found: LoraInspection) -> list[LoraLayer]:
+    """A LoRA-X file's layers from its metadata (``adapters/files.py`` defines it): zero stand-ins of their shapes."""
+    meta = json.loads(file.file_metadata.get("lorax", "{}"))
+    found.format = f"LoRA-X ({'standalone' if meta.get('standalone') else 'compact'})"
+    source = meta.get("source") or {}
+    found.base_model["lora-x source"] = source.get("hub_id") or source.get("label")
+    layers = []
+    for key, info in (meta.get("layers") or {}).items():
+        component, module = key.split(".", 1)
+        shape, r = tuple(info["shape"]), int(info["r"])
+        layers.append(LoraLayer(component, module, torch.zeros(r, *shape[1:]),
+                                torch.zeros(shape[0], r, *([1, 1] if len(shape) == 4 else [])), 1.0,
+                                formats.Origin("LoRA-X", r)))
+    return layers
+
+
+def _describe(found: LoraInspection, layers: list[LoraLayer], lora_family: FamilyMatch | None) -> None:
+    found.layers = len(layers)
+    found.components = dict(Counter(layer.component for layer in layers))
+    found.family = str(lora_family) if lora_family else None
+    found.algorithms = dict(Counter(layer.origin.format if layer.origin else found.format for layer in layers))
+    ranks, alphas = Counter(), Counter()
+    for layer in layers:
+        origin = layer.origin
+        own = origin is not None and (origin.rank is not None or origin.kept is not None or origin.alpha is not None)
+        ranks[origin.rank if own else layer.r] += 1
+        alphas[(origin.alpha if own else round(layer.scale * layer.r, 6))] += 1
+    found.ranks, found.alphas = dict(ranks), {("none" if a is None else a): n for a, n in alphas.items()}
+    hint = _family_named(found.base_model)
+    if hint and lora_family and hint != lora_family.family.name:
+        found.notes.append(f"the metadata names a {hint} base model but the layer shapes fit {lora_family.family.label}")
+
+
+def _family_named(metadata: dict[str, Any]) -> str | None:
+    """The base family a kohya/modelspec metadata entry names, if it names one."""
+    text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")).lower()
+    if "xl" in text:
+        return "sdxl"
+    if "v2" in text or "sd_2" in text or str(metadata.get("ss_v2", "")).lower() == "true":
+        return "sd2"
+    if "v1" in text or "sd_1" in text:
+        return "sd1"
+    return None
+
+
+class _OwnShapes:
+    """The LoRA's own layer shapes standing in for a source (inspection has none): every layer fits it."""
+
+    def __init__(self, layers: list[LoraLayer]):
+        self.label = "(the LoRA's own shapes)"
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for layer in layers:
+            self._shapes.setdefault(layer.component, {})[layer.key[1]] = layer.weight_shape
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        return self._shapes.get(component, {})
+
+
+class _FamilyShapes(_OwnShapes):
+    """A known Hub id's shapes from the registry, when the repo is not at hand (offline and not cached)."""
+
+    def __init__(self, family):
+        self.label = f"(shapes of {family.label} from the registry)"
+        self._shapes = family.shapes
+
+
+def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family: FamilyMatch | None,
+                    model: BaseModel) -> None:
+    report = TransferReport(source="(none)", target=model.label, lora=found.lora, method="copy", rank=1, threshold=0,
+                            layers=[LayerReport(x.component, x.module, x.weight_shape, x.r) for x in layers])
+    try:
+        check_known_hub_ids(lora_family, model)
+        known = family_of_hub_id(model.hub_id) if model.hub_id else None
+        try:
+            target_w = model.weights(sorted(found.components))
+            target_w.shapes(next(iter(found.components), "unet"))
+        except SourceModelError:
+            if known is None:
+                raise
+            target_w = _FamilyShapes(known)
+            found.notes.append(f"{model.label} is not at hand: compared with {known.label}'s shapes in the registry")
+        match_layers(layers, lora_family, _OwnShapes(layers), target_w, report, match="name")
+    except ArchitectureMismatchError as err:
+        known = family_of_hub_id(model.hub_id) if model.hub_id else None
+        found.target_family = report.target_family or (known.label if known else None)
+        found.verdict = (f"will not apply: this LoRA is for {lora_family.family.label}, the target {model.label} is "
+                         f"{found.target_family}" if lora_family and found.target_family else
+                         f"will not apply: {str(err).split('. ')[0]}")
+        found.skipped = {"another architecture family": [f"{x.component}.{x.module}" for x in layers]}
+        return
+    except NoMatchingLayersError:
+        pass
+    found.target_family = report.target_family
+    for row in report.layers:
+        name = f"{row.component}.{row.module}"
+        if row.reason:
+            found.skipped.setdefault(row.reason.split(":")[0], []).append(name)
+        else:
+            found.applies.append(name)
+    n, total = len(found.applies), len(layers)
+    found.verdict = (f"all {total} layers apply to {model.label}" if n == total else
+                     f"{n} of {total} layers apply to {model.label}; " + (
+                         "the others have no module of the same name and shape there (a distilled or renamed "
+                         "target: transfer can match them by subspace similarity)" if n else "none applies"))

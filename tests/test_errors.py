@@ -1,0 +1,133 @@
+"""The failures users met, each with its own message (what happened, what to do), a LoraxError subclass, and the
+pipeline and registry exactly as before: truncated files, offline misses, folders saved with a PEFT adapter inside."""
+
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+from diffusers_lorax import InvalidLoraError, Registry, SourceModelError, toy, transfer_lora
+from diffusers_lorax.cli import main
+
+from helpers import ALL_TARGETS, assert_unchanged, module_names, save_toy_pair, state_of
+
+
+def empty(registry):
+    return not any(registry.stats().values())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    source = save_toy_pair(root)
+    lora = toy.random_lora(source, rank=4, seed=3, targets=ALL_TARGETS, components=("unet", "text_encoder"))
+    save_file(toy.to_kohya(lora, {m: 4.0 for m in module_names(lora)}), root / "lora.safetensors")
+    wrapped = toy.sd_pipeline(seed=0)
+    # a pipeline that still holds an adapter on its UNet, saved: PEFT wrapper keys in its weights (transformers 5
+    # needs peft >= 0.22 to save a text encoder that holds one)
+    wrapped.load_lora_weights({k: v for k, v in lora.items() if k.startswith("unet.")}, adapter_name="style")
+    wrapped.save_pretrained(root / "wrapped")
+    return root
+
+
+@pytest.fixture
+def target():
+    pipe = toy.finetune(toy.sd_pipeline(seed=0), seed=1)
+    return pipe, state_of(pipe)
+
+
+def declared_bytes(path):
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + n])
+    return n, max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+
+
+def test_truncated_lora_says_so_with_declared_and_actual_bytes(files, target, tmp_path):
+    pipe, before = target
+    data = (files / "lora.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 1000])
+    header, payload = declared_bytes(files / "lora.safetensors")
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", cut, registry=registry, method="prolora")
+    message = str(caught.value)
+    assert "is truncated" in message and "download or copy it again" in message
+    assert f"{8 + header + payload:,d} bytes, but the file has {len(data) - 1000:,d} bytes (1,000 missing)" in message
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def test_truncated_header_is_a_truncated_file_too(files, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((files / "lora.safetensors").read_bytes()[:200])
+    with pytest.raises(InvalidLoraError, match="is truncated: its safetensors header declares a .*-byte header"):
+        transfer_lora(files / "source", files / "target", cut)
+
+
+def test_truncated_base_model_weights_say_so(files, tmp_path):
+    import shutil
+
+    shutil.copytree(files / "target", tmp_path / "target")
+    weights = tmp_path / "target" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceModelError, match=r"the weight file .* is truncated: .* \(.* missing\)"):
+        transfer_lora(files / "source", tmp_path / "target", files / "lora.safetensors")
+
+
+@pytest.mark.parametrize("role", ["target", "source"])
+def test_offline_uncached_hub_model_says_offline_and_not_cached(files, target, tmp_path, role):
+    pipe, before = target
+    registry = Registry(tmp_path / "reg")
+    models = {"source": files / "source", "target": pipe, role: "someone/not-cached"}
+    with pytest.raises(SourceModelError) as caught:
+        transfer_lora(models["source"], models["target"], files / "lora.safetensors", registry=registry,
+                      cache_dir=str(tmp_path / "hf-cache"), method="prolora")
+    message = str(caught.value)
+    assert f"cannot read the {role} 'someone/not-cached': the Hugging Face Hub is offline" in message
+    assert "model_index.json" in message and "not in the local cache" in message and str(tmp_path / "hf-cache") in message
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+@pytest.mark.parametrize("weight_name", [None, "pytorch_lora_weights.safetensors"])
+def test_offline_uncached_hub_lora_says_offline_and_not_cached(files, target, tmp_path, weight_name):
+    pipe, before = target
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", "someone/not-cached-lora", weight_name=weight_name,
+                                     cache_dir=str(tmp_path / "hf-cache"))
+    message = str(caught.value)
+    assert "the Hugging Face Hub is offline (HF_HUB_OFFLINE is set)" in message and "not in the local cache" in message
+    assert ("pass weight_name" in message) == (weight_name is None)
+    assert_unchanged(pipe, before)
+
+
+@pytest.mark.parametrize("role", ["target", "source"])
+def test_folder_saved_with_an_adapter_inside_says_how_to_fix_it(files, target, tmp_path, role):
+    pipe, before = target
+    models = {"source": files / "source", "target": files / "target", role: files / "wrapped"}
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(SourceModelError) as caught:
+        transfer_lora(models["source"], models["target"], files / "lora.safetensors", registry=registry,
+                      method="prolora")
+    message = str(caught.value)
+    assert "saved from a pipeline that still held a LoRA adapter" in message and ".base_layer.weight" in message
+    assert "pipe.unload_lora_weights()" in message and "before `pipe.save_pretrained(...)`" in message
+    assert empty(registry)
+    if role == "source":
+        with pytest.raises(SourceModelError, match="unload_lora_weights"):
+            pipe.load_lora_weights_cross(files / "wrapped", files / "lora.safetensors")
+        assert_unchanged(pipe, before)
+
+
+def test_cli_prints_each_of_them_as_one_line(files, tmp_path, capsys):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((files / "lora.safetensors").read_bytes()[:-10])
+    for args in ([str(files / "source"), str(files / "target"), str(cut)],
+                 [str(files / "source"), "someone/not-cached", str(files / "lora.safetensors")],
+                 [str(files / "wrapped"), str(files / "target"), str(files / "lora.safetensors")]):
+        assert main(["transfer", *args, "-o", str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lorax: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()

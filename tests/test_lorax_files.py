@@ -1,0 +1,263 @@
+"""LoRA-X files: saved compact (cores only) and standalone (an ordinary LoRA), loaded by ``load_lora_weights_cross``.
+
+Float64 references on fresh random inputs: compact on its own source reproduces the trained ``Ũ ΔΣ Ṽᵀ``
+(rel. err ≤ 1e-5); on a perturbed target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone
+and compact give the same adapter (≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
+than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry."""
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffusers_lorax import (
+    InvalidLoraError,
+    LoraXConfig,
+    LoraxFileError,
+    Registry,
+    SourceMismatchError,
+    SourceModelError,
+    add_lorax_adapter,
+    read_lorax_file,
+    save_lorax_weights,
+    subspace,
+    toy,
+    transfer_lora,
+)
+from diffusers_lorax.adapters.files import digest, file_size_bytes
+
+from helpers import assert_unchanged, delta_weights, state_of
+
+R_UNET, R_TEXT = 16, 0.5
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Source and perturbed target folders, and a LoRA-X adapter trained (random cores) on the source: its float64
+    ΔW_s per layer and its compact and standalone files."""
+    root = tmp_path_factory.mktemp("lorax")
+    toy.sd_pipeline(seed=0).save_pretrained(root / "source")
+    toy.finetune(toy.sd_pipeline(seed=0), seed=1).save_pretrained(root / "target")
+    trained = toy.sd_pipeline(seed=0)
+    registry = Registry(root / "train-registry")
+    g = torch.Generator().manual_seed(7)
+    for model, r in ((trained.unet, R_UNET), (trained.text_encoder, R_TEXT)):
+        for core in add_lorax_adapter(model, LoraXConfig(r=r), "style", registry=registry):
+            with torch.no_grad():
+                core.copy_(torch.randn(core.shape, generator=g))
+    kwargs = dict(unet=trained.unet, text_encoder=trained.text_encoder, adapter_name="style", source=str(root / "source"),
+                  training={"steps": 0, "lr": 0.1})
+    compact = save_lorax_weights(root / "adapter", **kwargs)
+    standalone = save_lorax_weights(root / "adapter", standalone=True, **kwargs)
+    return dict(root=root, deltas=delta_weights(trained, "style"), compact=compact, standalone=standalone)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return Registry(tmp_path / "registry")
+
+
+def _pipe(saved, name):
+    pipe = StableDiffusionPipeline.from_pretrained(saved["root"] / name, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_files_hold_the_cores_or_the_factors(saved):
+    compact, standalone = read_lorax_file(saved["compact"]), read_lorax_file(saved["standalone"])
+    assert compact.kind == "compact" and standalone.kind == "standalone"
+    assert compact.layers == standalone.layers and len(compact.layers) == len(saved["deltas"])
+    assert compact.source == {"hub_id": None, "revision": None, "label": str(saved["root"] / "source")}
+    assert compact.config.r == R_UNET and compact.training == {"steps": 0, "lr": 0.1}
+    shapes = {key: info.shape for key, info in compact.layers.items()}
+    for key, info in compact.layers.items():
+        m, n = info.shape[0], math.prod(info.shape[1:])
+        assert info.r == min(m, n, R_UNET) if key.startswith("unet.") else info.r == round(min(m, n) * R_TEXT)
+        assert compact.core(key).shape == (info.r,) and compact.core(key).dtype == torch.float32
+    unet = {k: s for k, s in shapes.items() if k.startswith("unet.")}
+    tensor_bytes = sum(t.numel() * t.element_size() for t in compact.tensors.values() if True)
+    assert tensor_bytes == file_size_bytes(unet, R_UNET) + file_size_bytes(
+        {k: s for k, s in shapes.items() if k not in unet}, R_TEXT)
+    standalone_bytes = sum(t.numel() * t.element_size() for t in standalone.tensors.values())
+    assert standalone_bytes == file_size_bytes(unet, R_UNET, standalone=True) + file_size_bytes(
+        {k: s for k, s in shapes.items() if k not in unet}, R_TEXT, standalone=True)
+    assert saved["compact"].stat().st_size < saved["standalone"].stat().st_size / 5
+
+
+def test_compact_on_its_own_source_reproduces_the_adapter(saved, registry):
+    pipe = _pipe(saved, "source")
+    report = pipe.load_lora_weights_cross(saved["root"] / "source", saved["compact"], adapter_name="x",
+                                          method="lorax", threshold=0.0, registry=registry)
+    assert len(report.applied) == len(saved["deltas"]) and "LoRA-X compact file" in report.lora
+    got = delta_weights(pipe, "x")
+    assert got.keys() == saved["deltas"].keys()
+    for key, ref in saved["deltas"].items():
+        assert _rel(got[key], ref) <= 1e-5, key
+    # and the standalone file through plain diffusers, on the source: the same adapter
+    pipe.load_lora_weights(saved["standalone"], adapter_name="plain")
+    plain = delta_weights(pipe, "plain")
+    assert all(_rel(plain[key], ref) <= 1e-5 for key, ref in saved["deltas"].items())
+
+
+def _target_weight(pipe, component, module):
+    W = getattr(pipe, component).get_submodule(module).base_layer.weight.detach()
+    return W.double().reshape(W.shape[0], -1)
+
+
+def test_compact_on_a_perturbed_target_is_eq3_and_equals_standalone(saved, registry):
+    pipe = _pipe(saved, "target")
+    report = pipe.load_lora_weights_cross(saved["root"] / "source", saved["compact"], adapter_name="compact",
+                                          method="lorax", threshold=0.0, registry=registry)
+    pipe.load_lora_weights_cross(saved["root"] / "source", saved["standalone"], adapter_name="standalone",
+                                 method="lorax", threshold=0.0, registry=registry)
+    compact, standalone = delta_weights(pipe, "compact"), delta_weights(pipe, "standalone")
+    rows = {(r.component, r.module): r for r in report.layers}
+    for (component, module), dW in saved["deltas"].items():
+        Wt = _target_weight(pipe, component, module)
+        k = rows[(component, module)].k
+        U, _, Vh = torch.linalg.svd(Wt, full_matrices=False)
+        Ut, Vt = U[:, :k], Vh[:k].T
+        expected = Ut @ Ut.T @ dW @ Vt @ Vt.T  # LoRA-X, Eq. 3, with k = r
+        assert k == (R_UNET if component == "unet" else round(min(Wt.shape) * R_TEXT))
+        assert _rel(compact[(component, module)], expected) <= 1e-3, module
+        assert _rel(standalone[(component, module)], compact[(component, module)]) <= 1e-5, module
+
+
+def test_warm_compact_load_computes_no_svd_and_copy_keeps_the_update(saved, registry, monkeypatch):
+    target = saved["root"] / "target"
+    transfer_lora(saved["root"] / "source", target, saved["compact"], method="lorax", registry=registry)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("SVD on a warm call")
+
+    monkeypatch.setattr(subspace, "compute_basis", no_svd)
+    _, report = transfer_lora(saved["root"] / "source", target, saved["compact"], method="lorax", registry=registry)
+    assert report.adapter_cached and report.bases_computed == 0 and report.bases_cached == 0  # no basis even read
+    # copy: the rebuilt source update as it is (bases from the registry, no projection)
+    state_dict, report = transfer_lora(saved["root"] / "source", target, saved["compact"], method="copy",
+                                       registry=registry)
+    assert report.method == "copy" and report.bases_computed == 0
+    for (component, module), dW in saved["deltas"].items():
+        key = f"{component}.{module}"
+        A, B = state_dict[f"{key}.lora_A.weight"].double(), state_dict[f"{key}.lora_B.weight"].double()
+        assert _rel(B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1), dW) <= 1e-5, key
+
+
+def _rewrite(path, out, meta=None, tensors=None, fix_digest=True):
+    """Copy a LoRA-X file with its metadata JSON and/or tensors edited; the digest recomputed unless told not to."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata, data = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    lorax = json.loads(metadata["lorax"])
+    if meta:
+        meta(lorax)
+    if tensors:
+        tensors(data)
+    metadata["lorax"] = json.dumps(lorax)
+    if fix_digest:
+        metadata["digest"] = digest(data)
+    save_file(data, str(out), metadata=metadata)
+    return out
+
+
+def _first(saved):
+    return next(iter(read_lorax_file(saved["compact"]).layers))
+
+
+def _bigger_r(saved, key):
+    def edit_meta(m):
+        m["layers"][key]["r"] = 10_000
+
+    def edit_tensors(t):
+        t[f"{key}.lorax_core"] = torch.ones(10_000)
+
+    return edit_meta, edit_tensors
+
+
+def _bad_files(saved, tmp):
+    key = _first(saved)
+    raw = saved["compact"].read_bytes()
+    (tmp / "truncated.safetensors").write_bytes(raw[:-100])  # the header intact, the tensors cut short
+    (tmp / "header.safetensors").write_bytes(raw[: len(raw) // 4])  # not even the header: no format to tell
+    nan = lambda t: t.__setitem__(f"{key}.lorax_core", torch.full_like(t[f"{key}.lorax_core"], float("nan")))  # noqa: E731
+    edited = lambda t: t[f"{key}.lorax_core"].add_(1.0)  # noqa: E731
+    return {
+        "truncated": (tmp / "truncated.safetensors", "damaged or truncated"),
+        "truncated header": (tmp / "header.safetensors", "truncated"),
+        "edited values": (_rewrite(saved["compact"], tmp / "edited.safetensors", tensors=edited, fix_digest=False),
+                          "digest"),
+        "r larger than the layer": (_rewrite(saved["compact"], tmp / "big.safetensors", *_bigger_r(saved, key)),
+                                    "r must lie in"),
+        "NaN": (_rewrite(saved["compact"], tmp / "nan.safetensors", tensors=nan), "NaN"),
+        "damaged metadata": (_rewrite(saved["compact"], tmp / "meta.safetensors", meta=lambda m: m.pop("layers")),
+                             "metadata"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "truncated header", "edited values", "r larger than the layer", "NaN", "damaged metadata"])
+def test_damaged_files_are_refused_and_change_nothing(saved, registry, tmp_path, case):
+    path, message = _bad_files(saved, tmp_path)[case]
+    pipe = _pipe(saved, "target")
+    before, stats = state_of(pipe), registry.stats()
+    # a file cut inside its header cannot be told from a standard LoRA: the LoRA reader's InvalidLoraError
+    error = InvalidLoraError if case == "truncated header" else LoraxFileError
+    with pytest.raises(error, match=message):
+        pipe.load_lora_weights_cross(saved["root"] / "source", path, method="lorax", registry=registry)
+    assert_unchanged(pipe, before)
+    assert registry.stats() == stats
+
+
+def test_unknown_format_version_says_to_upgrade(saved, tmp_path):
+    with safe_open(str(saved["compact"]), framework="pt") as f:
+        metadata, data = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(data, str(tmp_path / "v9.safetensors"), metadata=dict(metadata, format_version="9"))
+    with pytest.raises(LoraxFileError, match="upgrade diffusers-lorax"):
+        read_lorax_file(tmp_path / "v9.safetensors")
+
+
+def test_another_source_is_refused_naming_the_first_layer(saved, registry):
+    pipe = _pipe(saved, "target")
+    before, stats = state_of(pipe), registry.stats()
+    first = _first(saved)
+    for lora in (saved["compact"], saved["standalone"]):
+        with pytest.raises(SourceMismatchError, match=f"weight of {first} differs"):
+            pipe.load_lora_weights_cross(saved["root"] / "target", lora, method="lorax", registry=registry)
+    assert_unchanged(pipe, before)
+    assert registry.stats() == stats
+
+
+def test_source_none_needs_a_hub_id_in_the_file(saved, registry):
+    pipe = _pipe(saved, "target")
+    before = state_of(pipe)
+    with pytest.raises(SourceModelError, match="pass that model"):
+        pipe.load_lora_weights_cross(None, saved["compact"], registry=registry)
+    assert_unchanged(pipe, before)
+    assert registry.stats()["bases"] == 0
+
+
+def test_save_refuses_what_is_not_a_lorax_adapter_or_diverged(saved, tmp_path):
+    pipe = toy.sd_pipeline(seed=0)
+    with pytest.raises(LoraxFileError, match="no LoRA-X adapter"):
+        save_lorax_weights(tmp_path, unet=pipe.unet, source="someone/model")
+    cores = add_lorax_adapter(pipe.unet, LoraXConfig(r=4), registry=tmp_path / "registry")
+    with torch.no_grad():
+        cores[0][0] = float("nan")
+    with pytest.raises(LoraxFileError, match="diverged"):
+        save_lorax_weights(tmp_path / "out", unet=pipe.unet, source="someone/model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_method_is_lorax_for_lorax_files_and_copy_for_others(saved, registry):
+    _, report = transfer_lora(saved["root"] / "source", saved["root"] / "target", saved["compact"], registry=registry)
+    assert report.method == "lorax" and report.rank == R_UNET  # Eq. 3 with k = r
+    standard = {f"{c}.{m}.lora_{p}.weight": torch.randn(4, 64) if p == "A" else torch.randn(64, 4)
+                for (c, m) in list(saved["deltas"])[:1] for p in "AB"}
+    _, report = transfer_lora(saved["root"] / "source", saved["root"] / "target", standard, registry=registry)
+    assert report.method == "copy"

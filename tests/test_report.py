@@ -1,0 +1,59 @@
+"""Readable reports: the summary fits on a screen whatever the transfer (at most 15 lines), the per-layer table has
+every layer, and the JSON keeps everything."""
+
+import json
+
+from diffusers_lorax.report import LayerReport, TransferReport
+
+REASONS = ["no module of this name in the target", "shape differs in the target: (64, 32)",
+           "subspace similarity below threshold 0.9", "dropped by the student", "another reason: x"]
+
+
+def big_report(n=300):
+    layers = []
+    for i in range(n):
+        row = LayerReport("unet" if i % 3 else "text_encoder", f"down_blocks.{i}.attn1.to_q", (64, 32), 4)
+        if i % 4:
+            row.applied, row.k, row.phi_u, row.phi_v, row.r_out, row.kept = True, 16, 0.9 + i / 1e4, 0.95, 8, 0.5 + i / 1e3
+            row.matched_by, row.target_module = ("name", row.module) if i % 5 else ("similarity", f"x.{i}")
+            row.scale = 1.0 + i / 1e3
+        else:
+            row.reason = REASONS[i % len(REASONS)]
+        if i % 7 == 0:
+            row.origin, row.energy = "LyCORIS LoKr", 1 - i / 1e9
+        layers.append(row)
+    return TransferReport(source="src", target="tgt", lora="lora.safetensors", method="prolora", rank=0.5,
+                          threshold=0.9, lora_family="Stable Diffusion 1.x (300/300 layer shapes match)",
+                          lora_format="LyCORIS LoKr, kohya", layers=layers, bases_cached=3, bases_computed=5,
+                          calibration={"rule": "global", "cached": False}, seconds={"read": 0.1, "bases": 1.0})
+
+
+def test_summary_is_at_most_15_lines_and_says_what_matters():
+    report = big_report()
+    lines = str(report).splitlines()
+    assert str(report) == report.summary() and len(lines) <= 15, "\n".join(lines)
+    text = report.summary()
+    assert lines[0] == ("LoRA transfer (prolora, rank=0.5, threshold=0.9): 225 of 300 layers applied, 75 skipped")
+    assert "[LyCORIS LoKr, kohya; fits Stable Diffusion 1.x (300/300 layer shapes match)]" in text
+    assert "  skipped 15: no module of this name in the target" in text  # grouped by reason, counted
+    assert "other reasons (table())" in text and "matched: 180 by name, 45 by similarity" in text
+    assert "similarity Φ_U 0.900–0.930, Φ_V 0.950" in text and "kept ‖ΔW_t‖/‖ΔW_s‖ 0.501–0.799" in text
+    assert "re-factorised to LoRA (LyCORIS LoKr): 43 layers, rank 4, energy kept 1.000000" in text
+    assert "calibration (global): scale 1.001–1.299" in text and "total 1.10 s" in text
+
+
+def test_table_has_every_layer_and_json_everything():
+    report = big_report()
+    table = report.table().splitlines()
+    assert len(table) == 301 and "energy" in table[0] and "scale" in table[0]
+    assert sum(line.endswith("applied") for line in table) == 225
+    assert sum("skipped: shape differs in the target: (64, 32)" in line for line in table) == 15
+    assert sum(" → x." in line for line in table) == 45  # a layer matched to another module shows where it went
+    data = json.loads(json.dumps(report.to_dict()))
+    assert len(data["layers"]) == 300 and data["layers"][7]["energy"] == 1 - 7 / 1e9 and data["lora_format"]
+
+
+def test_copy_summary_has_no_projection_options():
+    report = TransferReport(source="s", target="t", lora="l", method="copy", rank=0.5, threshold=0.9,
+                            layers=[LayerReport("unet", "a", (4, 4), 2, applied=True, kept=1.0)])
+    assert report.summary().splitlines()[0] == "LoRA transfer (copy): 1 of 1 layers applied, 0 skipped"
