@@ -1,24 +1,27 @@
 """What ``lorax inspect`` and reading LyCORIS files cost, on full-size SD 1.x and SDXL layouts, next to reading the
-same file with ``safetensors.torch.load_file`` (measured side by side, interleaved, median of --repeat runs).
+same file with ``safetensors.torch.load_file`` (measured in the same run, median of --repeat runs). Kept cheap (about
+a minute of CPU on 2 cores) so that it can be rerun on a busy machine: it prints wall and CPU seconds, since on a
+shared machine the wall time mostly measures the other processes.
 
-    python benchmarks/inspect_cost.py [--repeat 5] [--threads N]
+    python benchmarks/inspect_cost.py [--repeat 3] [--threads N] [--no-read] [--loha]
 
 Files (random values, real layer shapes from the registry's families; written to a temp dir):
 
 - ``kohya``: rank 16, every attention projection, feed-forward, proj_in/out and resnet conv of the UNet and every
-  attention/MLP layer of the text encoder(s) (SD 1.x: 2 × 462 tensors + alphas, SDXL: 2 × 1,546 + alphas);
+  attention/MLP layer of the text encoder(s) (SD 1.x: 308 layers, SDXL: 1,030 layers);
 - ``lokr``: the same layers as LyCORIS LoKr (``lokr_w1`` (4, 4), ``lokr_w2_a``/``_b`` rank 8, conv kernels flattened);
-- ``loha``: the same layers as LyCORIS LoHa rank 8 (ΔW rank ≤ 64).
+- ``loha`` (``--loha``): the same layers as LyCORIS LoHa rank 8 (ΔW rank ≤ 64).
 
-Measured: ``inspect_lora(file)`` and ``inspect_lora(file, target)`` (a meta-device pipeline of the family), and
-reading the LyCORIS files for a transfer (``read_lora``: ΔW from lycoris-lora and the re-factorisation), against
-``load_file`` of the same file. Also the wall time of the ``lorax inspect`` command (a new Python process: imports
-included).
+Measured: ``inspect_lora(file)`` and ``inspect_lora(file, target)`` (a meta-device pipeline of the family), and, for
+the SD 1.x LyCORIS files, reading them for a transfer (``read_lora``: ΔW from lycoris-lora and the
+re-factorisation, once), against ``load_file`` of the same file. Also the wall time of the ``lorax inspect`` command
+on the SD 1.x kohya file (a new Python process: imports included), next to ``python -c "import diffusers_lorax"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -101,51 +104,70 @@ def meta_pipeline(name: str):
     return Meta(components), components["unet"].config
 
 
-def timed(fn, repeat: int) -> float:
-    times = []
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """Median wall and CPU seconds (this process, all threads) of ``repeat`` calls."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def child(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one run of ``command`` in a new process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-read", action="store_true", help="skip reading the LyCORIS files for a transfer")
+    parser.add_argument("--loha", action="store_true", help="also a LyCORIS LoHa file of each family")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lorax-inspect-bench-"))
-    print(f"torch threads: {torch.get_num_threads()}; median of {args.repeat}")
-    print("| family | file | layers | MB | load_file s | inspect s (×) | inspect --target s (×) | read for transfer s (×) |")
+    started = time.perf_counter()
+    print(f"torch threads: {torch.get_num_threads()}; median of {args.repeat}; seconds as wall (CPU)")
+    print("| family | file | layers | MB | load_file s | inspect s (× load_file) | inspect --target s (×) | "
+          "read for transfer s (×) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("sd1", "sdxl"):
         target, unet_config = meta_pipeline(name)
         base = kohya(name)
-        for kind, tensors in (("kohya", base), ("lokr", lycoris(base, "lokr")), ("loha", lycoris(base, "loha"))):
+        kinds = ["kohya", "lokr"] + (["loha"] if args.loha else [])
+        for kind in kinds:
             path = root / f"{name}-{kind}.safetensors"
-            save_file(tensors, path)
+            save_file(base if kind == "kohya" else lycoris(base, kind), path)
             inspect_lora(path), inspect_lora(path, target)  # warm: imports, meta UNets
             found = inspect_lora(path)
             load = timed(lambda: load_file(path), args.repeat)
             alone = timed(lambda: inspect_lora(path), args.repeat)
             against = timed(lambda: inspect_lora(path, target), args.repeat)
             read = "-"
-            if kind != "kohya" and not args.no_read:
+            if kind != "kohya" and name == "sd1" and not args.no_read:
                 seconds = timed(lambda: read_lora(type(target), str(path), unet_config=unet_config), 1)
-                read = f"{seconds:.2f} ({seconds / load:.0f}×)"
-            print(f"| {name} | {kind} | {found.layers} | {path.stat().st_size / 1e6:.1f} | {load:.3f} | "
-                  f"{alone:.2f} ({alone / load:.1f}×) | {against:.2f} ({against / load:.1f}×) | {read} |")
-    path = root / "sdxl-kohya.safetensors"
-    command = [sys.executable, "-m", "diffusers_lorax", "inspect", str(path)]
-    wall = timed(lambda: subprocess.run(command, check=True, capture_output=True), max(1, args.repeat // 2))
-    empty = timed(lambda: subprocess.run([sys.executable, "-c", "import diffusers_lorax"], check=True,
-                                         capture_output=True), max(1, args.repeat // 2))
-    print(f"\n`lorax inspect` on the SDXL kohya file, new process: {wall:.2f} s, of which `import diffusers_lorax` "
-          f"alone takes {empty:.2f} s")
+                read = f"{seconds[0]:.2f} ({seconds[1]:.2f}) ({seconds[0] / load[0]:.0f}×)"
+            print(f"| {name} | {kind} | {found.layers} | {path.stat().st_size / 1e6:.1f} | {load[0]:.3f} ({load[1]:.3f}) | "
+                  f"{alone[0]:.2f} ({alone[1]:.2f}) ({alone[0] / load[0]:.0f}×) | "
+                  f"{against[0]:.2f} ({against[1]:.2f}) ({against[0] / load[0]:.0f}×) | {read} |")
+    path = root / "sd1-kohya.safetensors"
+    wall, cpu = child([sys.executable, "-m", "diffusers_lorax", "inspect", str(path)])
+    empty, empty_cpu = child([sys.executable, "-c", "import diffusers_lorax"])
+    print(f"\n`lorax inspect` on the SD 1.x kohya file, new process: {wall:.2f} s ({cpu:.2f} s CPU); "
+          f"`python -c \"import diffusers_lorax\"` alone: {empty:.2f} s ({empty_cpu:.2f} s CPU)")
+    print(f"benchmark: {time.perf_counter() - started:.0f} s wall, {time.process_time():.0f} s CPU (this process); "
+          f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ baseline measured in the same run.
     python benchmarks/lorax_adapters.py train-step [--repeat 3] [--steps 8]
     python benchmarks/lorax_adapters.py sizes
     python benchmarks/lorax_adapters.py load [--repeat 5] [--configs DIR] [--no-svd]
+    python benchmarks/lorax_adapters.py warm-testbed [--repeat 5]
 
 ``train-step``: on the digits testbed's source (the style LoRA's 80 layers, batch 64, the build's batches), a
 training step (forward, backward, AdamW) with a LoRA-X adapter (rank r = min(m, n) per layer, diagonal and full
@@ -21,6 +22,10 @@ layers, random diagonal cores) saved compact and standalone. Measured on the tar
 ``load_lora_weights_cross(source, compact)`` (registry filled by a first call) against plain
 ``load_lora_weights(standalone)`` (medians of interleaved calls), and the cold call (empty registry) against a full
 thin ``torch.linalg.svd`` of the same source and target weights.
+
+``warm-testbed``: the same warm comparison on the digits testbed (the shipped ``lorax-slant-source`` file, source ->
+fine-tune; the equivalent standalone file written from it), medians of interleaved calls, then a cProfile of one warm
+call: where the time goes, this package's functions listed separately.
 """
 
 from __future__ import annotations
@@ -139,8 +144,9 @@ def _zero_file(shapes: dict[str, tuple[int, ...]], r, core: str, standalone: boo
             tensors[f"{key}.lora_B.weight"] = torch.zeros(m, k, *([1, 1] if len(shape) == 4 else []))
         else:
             tensors[key + CORE_SUFFIX] = torch.zeros(config.core_shape(k))
+    components = {key.split(".", 1)[0]: config.to_dict() for key in shapes}
     meta = {"source": {"hub_id": "owner/some-base-model", "revision": None, "label": None}, "config": config.to_dict(),
-            "standalone": standalone, "layers": layers, "training": {}}
+            "components": components, "standalone": standalone, "layers": layers, "training": {}}
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": FORMAT_VERSION,
                                             "lorax": json.dumps(meta), "digest": digest(tensors)})
     return path.stat().st_size
@@ -243,6 +249,57 @@ def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
     print("target (issue 10): warm/plain ≤ 1.2")
 
 
+def warm_testbed(repeat: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    from safetensors.torch import save_file
+
+    from diffusers_lorax import Registry, transfer_lora
+    from diffusers_lorax.quality import ASSETS
+    from diffusers_lorax.quality.evaluate import load_pipeline, quiet_logging
+
+    quiet_logging()
+    work = Path(tempfile.mkdtemp(prefix="lorax-warm-testbed-"))
+    source, compact = ASSETS / "source", ASSETS / "loras" / "lorax-slant-source.safetensors"
+    registry = Registry(work / "registry")
+    state_dict, _ = transfer_lora(source, source, compact, method="copy", registry=registry)  # B = Ũ ΔΣ, A = Ṽᵀ
+    save_file(state_dict, str(work / "standalone.safetensors"))
+    pipe = load_pipeline("target-finetune")
+
+    def timed(call, name: str) -> float:
+        t = time.perf_counter()
+        call(name)
+        seconds = time.perf_counter() - t
+        pipe.delete_adapters(name)
+        return seconds
+
+    def warm(name):
+        pipe.load_lora_weights_cross(source, compact, adapter_name=name, registry=registry)
+
+    def plain(name):
+        pipe.load_lora_weights(work / "standalone.safetensors", adapter_name=name)
+
+    timed(warm, "cold"), timed(plain, "first")  # fills the registry; imports and PEFT set-up outside the measures
+    times = {"plain": [], "warm": []}
+    for i in range(repeat):
+        times["plain"].append(timed(plain, f"p{i}"))
+        times["warm"].append(timed(warm, f"w{i}"))
+    plain_s, warm_s = (statistics.median(times[k]) for k in ("plain", "warm"))
+    print(f"digits testbed, {torch.get_num_threads()} threads: plain load_lora_weights(standalone) {plain_s:.3f} s, "
+          f"warm compact {warm_s:.3f} s, warm/plain {warm_s / plain_s:.2f}")
+    profile = cProfile.Profile()
+    profile.enable()
+    timed(warm, "profiled")
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
+    stats.print_stats(25)
+    stats.print_stats("diffusers_lorax", 25)
+    print(out.getvalue())
+
+
 def _full_svd_seconds(source: Path, target, report) -> float:
     from diffusers_lorax.models import BaseModel
 
@@ -270,11 +327,15 @@ def main() -> None:
     ld.add_argument("--configs", type=Path, default=HERE.parent.parent / "shared" / "realcases" / "configs")
     ld.add_argument("--no-svd", action="store_true", help="skip the full-SVD baseline")
     ld.add_argument("--no-cold", action="store_true", help="skip the cold measure (and the SVD baseline): warm only")
+    wt = sub.add_parser("warm-testbed")
+    wt.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     if args.command == "train-step":
         train_step(args.repeat, args.steps)
     elif args.command == "sizes":
         sizes()
+    elif args.command == "warm-testbed":
+        warm_testbed(args.repeat)
     else:
         load(args.repeat, args.configs, not (args.no_svd or args.no_cold), not args.no_cold)
 

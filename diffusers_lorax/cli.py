@@ -1,8 +1,8 @@
 """The ``lorax`` command line.
 
     lorax transfer SOURCE TARGET LORA -o OUT.safetensors [--method M] [--threshold T] [--rank R] [--weight-name W]
-                   [--calibrate [RULE]] [--calibration-prompt TEXT ...]
-    lorax inspect LORA [--target MODEL] [--weight-name W] [--json]
+                   [--calibrate [RULE]] [--calibration-prompt TEXT ...] [--json FILE] [--plot PNG]
+    lorax inspect LORA [--target MODEL] [--weight-name W] [--json] [--plot PNG]
     lorax demo
     lorax registry path|list|stats|verify|prune|clear [--registry DIR] [--url URL]
 
@@ -24,10 +24,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LoraxError
+from .errors import InvalidOptionsError, LoraxError
 from .methods import METHODS
 from .options import (CALIBRATION_RULES, DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD,
                       MATCH_RULES)
+from .plot import require_matplotlib
+from .report import LayerReport, TransferReport
 from .transfer import save_transferred, transfer_lora
 
 
@@ -64,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-revision")
     t.add_argument("--target-revision")
     t.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    t.add_argument("--plot", type=Path, metavar="PNG", help="also draw the report per layer to this image (Φ, kept, "
+                   "applied/skipped by reason, layer map; needs matplotlib: pip install \"diffusers-lorax[plot]\")")
     t.add_argument("--verbose", "-v", action="store_true", help="also print one line per layer (report.table())")
-    t.add_argument("--summary", action="store_true", help="print only the summary (the default; kept for scripts)")
 
     i = sub.add_parser("inspect", help="what a LoRA file is, and whether it fits a model, before loading anything")
     i.add_argument("lora", help="LoRA: file, folder or Hub repo id")
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
     i.add_argument("--target-revision")
     i.add_argument("--json", action="store_true", help="print the findings as JSON")
+    i.add_argument("--plot", type=Path, metavar="PNG", help="with --target: draw which layers would apply there, per "
+                   "layer along the depth, skipped ones coloured by reason (needs matplotlib)")
 
     r = sub.add_parser("registry", help="inspect and maintain the basis registry")
     r.add_argument("action", choices=("path", "list", "stats", "verify", "prune", "clear"))
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return registry_command(args)
         if args.command == "inspect":
             return inspect_command(args)
+        if args.plot:
+            require_matplotlib()  # before any work: a missing extra is said at once
         state_dict, report = transfer_lora(
             args.source,
             args.target,
@@ -120,15 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output} ({len(report.applied)} layers)")
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
+    if args.plot:
+        report.plot(args.plot)
+        print(f"drew {args.plot}")
     return 0
 
 
 def inspect_command(args: argparse.Namespace) -> int:
     from .inspection import inspect_lora
 
+    if args.plot:
+        if not args.target:
+            raise InvalidOptionsError("lorax inspect --plot draws which layers would apply to a target: give --target")
+        require_matplotlib()
     found = inspect_lora(args.lora, args.target, weight_name=args.weight_name, target_revision=args.target_revision)
     print(json.dumps(found.to_dict(), indent=1, default=str) if args.json else found)
+    if args.plot:
+        _inspection_report(found).plot(args.plot)
+        print(f"drew {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _inspection_report(found) -> TransferReport:
+    """What ``inspect`` found against its target, as a report with one row per layer (applied or skipped by reason;
+    no similarity or kept ratio: inspect computes none), for :meth:`TransferReport.plot`."""
+    rows = [(name, True, "") for name in found.applies]
+    rows += [(name, False, reason) for reason, names in found.skipped.items() for name in names]
+    layers = [LayerReport(*name.split(".", 1), shape=(), r=0, applied=applied, reason=reason)
+              for name, applied, reason in rows]
+    return TransferReport(source=found.lora, target=found.target or "", lora=found.lora, method="inspect, by name",
+                          rank=0, threshold=0, layers=layers)
 
 
 def registry_command(args: argparse.Namespace) -> int:

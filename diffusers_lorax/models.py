@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import SourceModelError
+from .formats.fetch import offline
 from .options import HubOptions
 from .registry.families import family_of_hub_id
 from .weights import BaseModelWeights, PipelineWeights, SafetensorsWeights, component_files
@@ -138,7 +139,7 @@ class BaseModel:
             self._required_model_index()
         files = {c: component_files(c, self.options.variant, self.resolve, self.label) for c in components}
         missing = [c for c, found in files.items() if not found and c in (self.model_index or {})]
-        if self.kind == "hub" and missing and _offline():
+        if self.kind == "hub" and missing and offline():
             raise SourceModelError(self._offline_message(f"{missing[0]} weights"))
         for component, found in files.items():
             if not found and self.kind == "folder" and (self.path / component).is_dir():
@@ -152,7 +153,7 @@ class BaseModel:
         if self.model_index is None:
             where = (f"the Hub repo {self.hub_id!r} (revision={self.options.revision!r}, "
                      f"subfolder={self.options.subfolder!r})" if self.kind == "hub" else str(self.path))
-            if self.kind == "hub" and _offline():
+            if self.kind == "hub" and offline():
                 raise SourceModelError(self._offline_message("model_index.json"))
             raise SourceModelError(f"no model_index.json in {where}: not a diffusers model")
         return self.model_index
@@ -165,9 +166,3 @@ class BaseModel:
             f"network access (e.g. `huggingface-cli download {self.hub_id}`), pass a local diffusers folder, or "
             "unset HF_HUB_OFFLINE."
         )
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()

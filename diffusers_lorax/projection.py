@@ -52,7 +52,8 @@ def transfer_layers(
         factors = {i: strategy.transfer(*layers[i].factors(), None) for i in matched}
         return peft_state_dict(layers, matched, factors, report)
     fps = _fingerprints(layers, matched, weights)
-    ks = {i: config.k(layers[i].weight_shape) for i in matched}
+    # a LoRA-X file's layer keeps its own r as k (adapters.loading.LoraXLayer.k); any other layer the rank option's k
+    ks = {i: getattr(layers[i], "k", None) or config.k(layers[i].weight_shape) for i in matched}
     key = adapter_key(layers, matched, fps, ks, config)
     cached = registry.get_adapter(key)
     if cached is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -134,6 +136,14 @@ class TransferReport:
                 + f"  {status}"
             )
         return "\n".join(rows)
+
+    def plot(self, path: str | os.PathLike | None = None, *, dpi: int = 100) -> Any:
+        """Draw the report per layer along the network's depth (Φ_U/Φ_V, kept ratio, applied or skipped by reason,
+        layers sent to another target module) and save it to ``path`` (PNG); returns the matplotlib ``Figure``.
+        Needs matplotlib (``pip install "diffusers-lorax[plot]"``); see :func:`diffusers_lorax.plot.plot_report`."""
+        from .plot import plot_report  # lazy: matplotlib only when drawing
+
+        return plot_report(self, path, dpi=dpi)
 
     def __str__(self) -> str:
         return self.summary()

@@ -65,8 +65,9 @@ def transfer_lora(
     """Transfer ``lora`` (trained on ``source``) to ``target`` without training or data.
 
     Args:
-        source, target: a loaded diffusers pipeline, a local diffusers folder, or a Hub repo id. Only the weights of
-            the layers the LoRA touches are read, lazily, from safetensors files.
+        source: the base model the LoRA was trained on: a loaded diffusers pipeline, a local diffusers folder, or a
+            Hub repo id. Only the weights of the layers the LoRA touches are read, lazily, from safetensors files.
+        target: the base model to transfer to, in the same forms as ``source``.
         lora: anything ``load_lora_weights`` accepts: Hub repo id (with ``weight_name``, ``subfolder``, ``revision``),
             local file or folder, or a state dict; PEFT, diffusers, old attention-processor or kohya/A1111 keys.
         method: ``None`` (default): ``"lorax"`` for a LoRA-X adapter file (Eq. 3, k = its r), ``"copy"`` for any
@@ -87,9 +88,14 @@ def transfer_lora(
         registry: for the projections: a :class:`Registry`, a directory, a database URL (blobs in the default
             directory), or ``None`` for ``$LORAX_REGISTRY_URL`` / ``$LORAX_CACHE_DIR`` / the user cache dir. A request
             answered before (same LoRA, base weights, method, k, threshold) is served from it without projecting.
-        token, cache_dir: used for the LoRA and for both base models, as in diffusers.
-        source_revision, source_subfolder, source_variant, target_revision, target_subfolder, target_variant: where
-            to read each base model from a Hub repo or folder.
+        token: used for the LoRA and for both base models, as in diffusers.
+        cache_dir: used for the LoRA and for both base models, as in diffusers.
+        source_revision: where to read the source base model from a Hub repo (as diffusers' ``revision``).
+        source_subfolder: the source's subfolder in its Hub repo or folder.
+        source_variant: the source's weight variant (e.g. ``"fp16"``).
+        target_revision: as ``source_revision``, for the target.
+        target_subfolder: as ``source_subfolder``, for the target.
+        target_variant: as ``source_variant``, for the target.
 
     Returns:
         ``(state_dict, report)``: a PEFT-format LoRA (``unet.<module>.lora_A.weight`` ``(r', in[, kh, kw])``,
@@ -128,8 +134,8 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     source = BaseModel(request.source, request.source_options, "source")
     target = BaseModel(request.target, request.target_options, "target")
     layers = lorax.layers() if lorax is not None else read_lora(
-        target.pipeline_class, request.lora, unet_config=target.unet_config, weight_name=request.weight_name,
-        **request.lora_options.kwargs())
+        target.pipeline_class, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
+        weight_name=request.weight_name, **request.lora_options.kwargs())
     lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
     check_known_hub_ids(lora_family, source, target)
     components = sorted({layer.component for layer in layers})

@@ -332,3 +332,28 @@ def test_reported_standard_error_matches_the_spread_of_the_scale_over_draws():
     assert statistics.fmean(errors) == pytest.approx(statistics.stdev(estimates), rel=0.15)
     assert calibration.scale_error([4.0, 8.0, 2.0], [1.0, 2.0, 0.5]) == pytest.approx(0.0, abs=1e-12)
     assert calibration.scale_error([1.0], [1.0]) is None and calibration.scale_error([1.0, 2.0], [0.0, 0.0]) is None
+
+
+def test_a_compact_lorax_file_is_calibrated_on_its_rebuilt_factors(source_folder, registry, tmp_path):
+    """A compact LoRA-X file's layers are rebuilt from the source's bases before the passes (the branch that expands
+    them early): on the halved-output target the scale is 2 within 5 % and is folded into the Eq. 3 transfer's
+    lora_B, lora_A untouched."""
+    from diffusers_lorax import LoraXConfig, add_lorax_adapter, save_lorax_weights
+
+    trained = toy.sd_pipeline(seed=0)
+    g = torch.Generator().manual_seed(3)
+    for core in add_lorax_adapter(trained.unet, LoraXConfig(r=0.5), "style", registry=registry):
+        with torch.no_grad():
+            core.copy_(0.2 * torch.randn(core.shape, generator=g))
+    compact = save_lorax_weights(tmp_path / "adapter", unet=trained.unet, adapter_name="style",
+                                 source=str(source_folder))
+    target = halved_output(toy.sd_pipeline(seed=0))
+    plain, _ = transfer_lora(source_folder, target, compact, registry=registry)
+    state_dict, report = transfer_lora(source_folder, target, compact, calibrate=True, calibration_prompts=STYLED,
+                                       registry=registry)
+    assert report.method == "lorax" and len(report.applied) == len(plain) // 2
+    scale = only_scale(report)
+    assert scale == pytest.approx(2.0, rel=0.05)
+    assert plain.keys() == state_dict.keys()
+    for key, value in plain.items():
+        assert torch.allclose(state_dict[key], value if ".lora_A." in key else value * scale, rtol=1e-5, atol=1e-7), key

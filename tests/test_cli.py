@@ -59,7 +59,7 @@ def test_transfer_writes_a_file_plain_diffusers_loads(files, tmp_path, capsys):
 def test_options_reach_the_transfer(files, tmp_path, capsys):
     out = tmp_path / "t.safetensors"
     args = [str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o", str(out)]
-    assert main(["transfer", *args, "--method", "lorax", "--rank", "8", "--threshold", "0.5", "--summary",
+    assert main(["transfer", *args, "--method", "lorax", "--rank", "8", "--threshold", "0.5",
                  "--registry", str(tmp_path / "reg")]) == 0
     printed = capsys.readouterr().out
     assert "(lorax, rank=8, threshold=0.5)" in printed and not any(line.startswith("  layer ") for line in

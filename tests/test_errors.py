@@ -58,22 +58,35 @@ def test_truncated_lora_says_so_with_declared_and_actual_bytes(files, target, tm
     assert empty(registry)
 
 
-def test_truncated_header_is_a_truncated_file_too(files, tmp_path):
+def test_truncated_header_is_a_truncated_file_too(files, target, tmp_path):
+    pipe, before = target
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((files / "lora.safetensors").read_bytes()[:200])
+    registry = Registry(tmp_path / "reg")
     with pytest.raises(InvalidLoraError, match="is truncated: its safetensors header declares a .*-byte header"):
-        transfer_lora(files / "source", files / "target", cut)
+        pipe.load_lora_weights_cross(files / "source", cut, registry=registry, method="prolora")
+    assert_unchanged(pipe, before)
+    assert empty(registry)
 
 
-def test_truncated_base_model_weights_say_so(files, tmp_path):
+@pytest.mark.parametrize("role", ["target", "source"])
+def test_truncated_base_model_weights_say_so(files, target, tmp_path, role):
+    """A truncated source folder with a pipeline as target, or a truncated target folder with a pipeline as source:
+    that pipeline and the registry stay as they were."""
     import shutil
 
-    shutil.copytree(files / "target", tmp_path / "target")
-    weights = tmp_path / "target" / "unet" / "diffusion_pytorch_model.safetensors"
+    pipe, before = target
+    shutil.copytree(files / role, tmp_path / role)
+    weights = tmp_path / role / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    registry = Registry(tmp_path / "reg")
+    models = {"source": pipe, "target": pipe, role: tmp_path / role}
     with pytest.raises(SourceModelError, match=r"the weight file .* is truncated: .* \(.* missing\)"):
-        transfer_lora(files / "source", tmp_path / "target", files / "lora.safetensors")
+        transfer_lora(models["source"], models["target"], files / "lora.safetensors", registry=registry,
+                      method="prolora")
+    assert_unchanged(pipe, before)
+    assert empty(registry)
 
 
 @pytest.mark.parametrize("role", ["target", "source"])
@@ -94,31 +107,34 @@ def test_offline_uncached_hub_model_says_offline_and_not_cached(files, target, t
 @pytest.mark.parametrize("weight_name", [None, "pytorch_lora_weights.safetensors"])
 def test_offline_uncached_hub_lora_says_offline_and_not_cached(files, target, tmp_path, weight_name):
     pipe, before = target
+    registry = Registry(tmp_path / "reg")
     with pytest.raises(InvalidLoraError) as caught:
         pipe.load_lora_weights_cross(files / "source", "someone/not-cached-lora", weight_name=weight_name,
-                                     cache_dir=str(tmp_path / "hf-cache"))
+                                     cache_dir=str(tmp_path / "hf-cache"), registry=registry, method="prolora")
     message = str(caught.value)
     assert "the Hugging Face Hub is offline (HF_HUB_OFFLINE is set)" in message and "not in the local cache" in message
     assert ("pass weight_name" in message) == (weight_name is None)
     assert_unchanged(pipe, before)
+    assert empty(registry)
 
 
 @pytest.mark.parametrize("role", ["target", "source"])
 def test_folder_saved_with_an_adapter_inside_says_how_to_fix_it(files, target, tmp_path, role):
+    """The wrapped folder as target (the pipeline as source) or as source (loaded into the pipeline): the pipeline
+    and the registry stay as they were."""
     pipe, before = target
-    models = {"source": files / "source", "target": files / "target", role: files / "wrapped"}
     registry = Registry(tmp_path / "reg")
     with pytest.raises(SourceModelError) as caught:
-        transfer_lora(models["source"], models["target"], files / "lora.safetensors", registry=registry,
-                      method="prolora")
+        if role == "target":
+            transfer_lora(pipe, files / "wrapped", files / "lora.safetensors", registry=registry, method="prolora")
+        else:
+            pipe.load_lora_weights_cross(files / "wrapped", files / "lora.safetensors", registry=registry,
+                                         method="prolora")
     message = str(caught.value)
     assert "saved from a pipeline that still held a LoRA adapter" in message and ".base_layer.weight" in message
     assert "pipe.unload_lora_weights()" in message and "before `pipe.save_pretrained(...)`" in message
+    assert_unchanged(pipe, before)
     assert empty(registry)
-    if role == "source":
-        with pytest.raises(SourceModelError, match="unload_lora_weights"):
-            pipe.load_lora_weights_cross(files / "wrapped", files / "lora.safetensors")
-        assert_unchanged(pipe, before)
 
 
 def test_cli_prints_each_of_them_as_one_line(files, tmp_path, capsys):

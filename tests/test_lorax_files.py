@@ -83,7 +83,7 @@ def test_files_hold_the_cores_or_the_factors(saved):
         assert info.r == min(m, n, R_UNET) if key.startswith("unet.") else info.r == round(min(m, n) * R_TEXT)
         assert compact.core(key).shape == (info.r,) and compact.core(key).dtype == torch.float32
     unet = {k: s for k, s in shapes.items() if k.startswith("unet.")}
-    tensor_bytes = sum(t.numel() * t.element_size() for t in compact.tensors.values() if True)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in compact.tensors.values())
     assert tensor_bytes == file_size_bytes(unet, R_UNET) + file_size_bytes(
         {k: s for k, s in shapes.items() if k not in unet}, R_TEXT)
     standalone_bytes = sum(t.numel() * t.element_size() for t in standalone.tensors.values())
@@ -149,6 +149,39 @@ def test_warm_compact_load_computes_no_svd_and_copy_keeps_the_update(saved, regi
         key = f"{component}.{module}"
         A, B = state_dict[f"{key}.lora_A.weight"].double(), state_dict[f"{key}.lora_B.weight"].double()
         assert _rel(B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1), dW) <= 1e-5, key
+
+
+def test_components_with_different_configs_are_saved_and_loaded_per_layer(saved, registry, tmp_path):
+    """A UNet at r=4 with a full core and a text encoder at r=0.5 with a diagonal one: the file records each
+    component's config, reads back, and on the target every layer is Eq. 3 with its own k = r (float64 SVDs)."""
+    configs = {"unet": LoraXConfig(r=4, core="full"), "text_encoder": LoraXConfig(r=0.5)}
+    trained = toy.sd_pipeline(seed=0)
+    g = torch.Generator().manual_seed(11)
+    for component, config in configs.items():
+        for core in add_lorax_adapter(getattr(trained, component), config, "mixed", registry=tmp_path / "train"):
+            with torch.no_grad():
+                core.copy_(torch.randn(core.shape, generator=g))
+    source = saved["root"] / "source"
+    path = save_lorax_weights(tmp_path / "mixed", unet=trained.unet, text_encoder=trained.text_encoder,
+                              adapter_name="mixed", source=str(source))
+    file = read_lorax_file(path)
+    assert file.configs == configs and "unet r=4 core=full, text_encoder r=0.5 core=diagonal" in file.describe()
+    deltas = delta_weights(trained, "mixed")
+    assert {tuple(key.split(".", 1)) for key in file.layers} == deltas.keys()
+    for key, info in file.layers.items():
+        m, n = info.shape[0], math.prod(info.shape[1:])
+        r = min(4, m, n) if key.startswith("unet.") else round(min(m, n) * 0.5)
+        assert info.r == r and tuple(file.core(key).shape) == ((r, r) if key.startswith("unet.") else (r,)), key
+    pipe = _pipe(saved, "target")
+    report = pipe.load_lora_weights_cross(source, path, adapter_name="m", threshold=0.0, registry=registry)
+    got, rows = delta_weights(pipe, "m"), {(row.component, row.module): row for row in report.layers}
+    assert got.keys() == deltas.keys()
+    for (component, module), dW in deltas.items():
+        U, _, Vh = torch.linalg.svd(_target_weight(pipe, component, module), full_matrices=False)
+        k = file.layers[f"{component}.{module}"].r
+        assert rows[(component, module)].k == k, module
+        expected = U[:, :k] @ U[:, :k].T @ dW @ Vh[:k].T @ Vh[:k]  # Eq. 3 with k = this layer's r
+        assert _rel(got[(component, module)], expected) <= 1e-3, module
 
 
 def _rewrite(path, out, meta=None, tensors=None, fix_digest=True):

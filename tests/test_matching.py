@@ -270,12 +270,18 @@ def _sgm_kohya(peft_lora):
 def test_a_kohya_sdxl_lora_onto_an_ssd1b_shaped_target_applies_every_surviving_block(tmp_path):
     """kohya SDXL keys onto an SSD-1B-shaped student: every layer of a kept block lands on its (possibly renamed)
     module; each layer of a dropped block (the mid attention, 6 of 10 blocks per deep attention, …) is reported by
-    name with the reason. A plain ``load_lora_weights`` of the same file loads the 360 layers whose names exist,
-    including teacher block 3's onto the student's block 3, which holds teacher block 6 (docs/method.md)."""
+    name with the reason. For comparison, a plain diffusers ``load_lora_weights`` of the same file on a fresh student
+    raises nothing, injects the 360 modules whose names exist, warns about the other 362 layers' keys ("unexpected
+    keys"), and puts 40 of them on the wrong layer: the teacher's ``transformer_blocks.3`` of each of the four
+    attentions where 10 blocks became 4 lands on the student's ``transformer_blocks.3``, which holds the teacher's
+    ``transformer_blocks.6`` (docs/method.md)."""
+    import logging
+
     teacher_of = family("ssd-1b").teacher_module
     teacher = _teacher(XL_TEACHER)
     student = _pipeline(toy.distilled_unet(teacher, XL_STUDENTS["ssd-1b"], teacher_of), StableDiffusionXLPipeline)
-    kohya = _sgm_kohya(toy.random_lora(SimpleNamespace(unet=teacher), rank=2, seed=3, targets=LORA_TARGETS[:8]))
+    peft_lora = toy.random_lora(SimpleNamespace(unet=teacher), rank=2, seed=3, targets=LORA_TARGETS[:8])
+    kohya = _sgm_kohya(peft_lora)
     assert any(k.startswith("lora_unet_output_blocks_") for k in kohya)
     expected = _inverse(student.unet, teacher_of)
     report = student.load_lora_weights_cross(_pipeline(teacher, StableDiffusionXLPipeline), kohya, adapter_name="k",
@@ -290,6 +296,29 @@ def test_a_kohya_sdxl_lora_onto_an_ssd1b_shaped_target_applies_every_surviving_b
     assert all(reason.startswith(("no related module", "no module of this kind")) for reason in dropped.values())
     injected = {n for n, m in student.unet.named_modules() if hasattr(m, "lora_A") and "k" in m.lora_A}
     assert injected == {r.target_module for r in report.applied}
+
+    # the same file through plain diffusers, on a fresh student
+    fresh = _pipeline(toy.distilled_unet(teacher, XL_STUDENTS["ssd-1b"], teacher_of), StableDiffusionXLPipeline)
+    messages, handler = [], logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        fresh.load_lora_weights(dict(kohya), adapter_name="plain")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    plain = {n: m for n, m in fresh.unet.named_modules() if hasattr(m, "lora_A") and "plain" in m.lora_A}
+    assert len(plain) == 360 and set(plain) == {r.module for r in report.layers} & set(expected.values())
+    (warning,) = [m for m in messages if "unexpected keys" in m]
+    missing = {r.module for r in report.layers} - set(expected.values())
+    assert len(missing) == 362 and set(warning.split(": ", 1)[1].rstrip(". ").split(", ")) == \
+        {f"{m}.lora_{side}.weight" for m in missing for side in "AB"}
+    wrong = sorted(n for n in plain if teacher_of(n) != n)
+    assert len(wrong) == 40 and {n.split(".transformer_blocks.")[0] + "/" + n.split(".")[5] for n in wrong} == \
+        {f"{a}/3" for a in ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.0.attentions.0",
+                            "up_blocks.0.attentions.1")}
+    for n in wrong:  # the teacher's block 3 update on the module initialised from the teacher's block 6
+        assert torch.equal(plain[n].lora_A["plain"].weight, peft_lora[f"unet.{n}.lora_A.weight"])
+        assert teacher_of(n) == n.replace("transformer_blocks.3.", "transformer_blocks.6.")
 
 
 @pytest.mark.parametrize("target, renamed", [("target-distilled", 0), ("target-renamed", 12)])

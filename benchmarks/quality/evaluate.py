@@ -1,6 +1,6 @@
 """Transfer quality of every method on the digits testbed: the table of docs/quality.md and its PNG grid.
 
-    python benchmarks/quality/evaluate.py [--seeds 8] [--grid quality_grid.png] [--assets DIR]
+    python benchmarks/quality/evaluate.py [--seeds 8] [--grid quality_grid.png] [--bars quality_bars.png] [--assets DIR]
 
 For each target (the source itself as the identity check, the fine-tune, the distilled model) it generates the ten
 styled prompts × ``--seeds`` seeds with no LoRA, with the source's style LoRA transferred by each method (defaults
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffusers_lorax import DEFAULT_RANK, DEFAULT_THRESHOLD
+from diffusers_lorax.plot import plot_gaps
 from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.quality.classifiers import Scorers
 from diffusers_lorax.quality.evaluate import evaluate_target, grid, quiet_logging, table
@@ -33,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default 8: 80 images per row)")
     parser.add_argument("--grid", type=Path, default=Path("quality_grid.png"), help="where to write the PNG grid")
+    parser.add_argument("--bars", type=Path, help="also draw the gap closed per method and target as a bar chart "
+                        "(PNG; needs matplotlib)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="testbed folder (default: the shipped one)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the rank/threshold sweep")
     args = parser.parse_args()
@@ -56,6 +59,9 @@ def main() -> None:
         print(table(rows))
         grid(sections, len(seeds), args.grid)
         print(f"\ngrid: {args.grid}")
+        if args.bars:
+            plot_gaps(rows, args.bars)
+            print(f"bars: {args.bars}")
         if not args.no_sweep:
             sweep = []
             for target in TARGETS[1:]:

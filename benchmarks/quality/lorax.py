@@ -127,7 +127,7 @@ def core_on_target(compact: Path, target: str) -> dict[str, torch.Tensor]:
     """The paper's Table 5 ablation: the source's cores ΔΣ_s re-used on the target's own top-r singular vectors,
     ``ΔW_t = U_t ΔΣ_s V_tᵀ`` (no projection), as a PEFT state dict; layers the target lacks are left out."""
     from diffusers_lorax import read_lorax_file, subspace
-    from diffusers_lorax.adapters.bases import canonical_signs
+    from diffusers_lorax.adapters.bases import canonical_signs, times_core
 
     file, pipe = read_lorax_file(compact), load_pipeline(target)
     out = {}
@@ -142,7 +142,7 @@ def core_on_target(compact: Path, target: str) -> dict[str, torch.Tensor]:
             continue
         basis = canonical_signs(subspace.compute_basis(W, info.r))
         core = file.core(key)
-        B = basis.U * core if core.ndim == 1 else basis.U @ core
+        B = times_core(basis.U, core)
         out[f"{key}.lora_A.weight"] = basis.V.T.reshape(info.r, *info.shape[1:]).contiguous()
         out[f"{key}.lora_B.weight"] = B.reshape(info.shape[0], info.r, *([1, 1] if len(info.shape) == 4 else []))
     return out

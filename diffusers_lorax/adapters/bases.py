@@ -38,6 +38,12 @@ def canonical_signs(basis: Basis) -> Basis:
     return Basis(basis.U * signs, basis.S, basis.V * signs)
 
 
+def times_core(U: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """``Ũ ΔΣ`` ``(m, r)``: ``U`` ``(m, r)`` times a diagonal core ``δ`` ``(r,)`` (``Ũ diag(δ)``, the paper's ΔΣ) or a
+    full core ``C`` ``(r, r)`` (``Ũ C``); the result in the promoted dtype of both."""
+    return U * core if core.ndim == 1 else U @ core
+
+
 def value_fingerprint(weight: torch.Tensor | Callable[[], torch.Tensor], stored: str | None = None) -> str:
     """:func:`~diffusers_lorax.weights.fingerprint` of a weight's values in float32: the same for a float16 file
     and the float32 model loaded from it (an exact upcast), so an adapter trained in float32 on weights shipped in

@@ -10,7 +10,7 @@ matrix (allowed by the paper); only the core is trained.
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import InvalidOptionsError
 from ..subspace import resolve_k
@@ -44,7 +44,6 @@ class LoraXConfig:
     r: int | float = DEFAULT_R
     target_modules: tuple[str, ...] | None = None
     core: str = "diagonal"
-    extra: dict = field(default_factory=dict, compare=False)  # free-form training settings, recorded in files
 
     def __post_init__(self) -> None:
         try:
@@ -82,5 +81,4 @@ class LoraXConfig:
         if not isinstance(r, numbers.Real) or isinstance(r, bool):
             raise InvalidOptionsError(f"LoraXConfig.r must be an int or a float fraction, got {r!r}")
         targets = data.get("target_modules")
-        return cls(r=r, target_modules=tuple(targets) if targets else None, core=data.get("core", "diagonal"),
-                   extra=dict(data.get("extra") or {}))
+        return cls(r=r, target_modules=tuple(targets) if targets else None, core=data.get("core", "diagonal"))

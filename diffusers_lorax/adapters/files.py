@@ -4,8 +4,9 @@ Both are safetensors files with the same metadata (all values strings, as safete
 
 - ``format`` = ``"lora-x"``, ``format_version`` = ``"1"``, ``digest`` (XXH3-128 of the tensors, :func:`digest`);
 - ``lorax``: JSON with ``source`` (``hub_id`` and ``revision`` of the source base model on the Hub, or a local
-  ``label``), ``config`` (:class:`LoraXConfig` as a dict: the r option, core, target modules, training settings),
-  ``standalone`` (bool) and ``layers``: per adapted layer ``"<component>.<module>"`` its rank ``r``, its base
+  ``label``), ``components``: per component (``unet``, ``text_encoder``, ...) its :class:`LoraXConfig` as a dict (the
+  r option, core, target modules), ``config`` (the first component's, for readers of files without ``components``),
+  ``training`` (the settings given), ``standalone`` (bool) and ``layers``: per adapted layer ``"<component>.<module>"`` its rank ``r``, its base
   weight's ``shape`` and ``fingerprint`` (XXH3-128 of the source base weight's values in float32,
   :func:`~diffusers_lorax.adapters.bases.value_fingerprint`).
 
@@ -55,7 +56,7 @@ class LoraXFile:
     """A LoRA-X file read and checked: its metadata and tensors (cores, or the standalone's ``lora_A``/``lora_B``)."""
 
     path: Path | None
-    config: LoraXConfig
+    configs: dict[str, LoraXConfig]
     source: dict[str, str | None]
     layers: dict[str, LoraXLayerInfo]
     tensors: dict[str, torch.Tensor] = field(repr=False)
@@ -66,15 +67,30 @@ class LoraXFile:
     def kind(self) -> str:
         return "standalone" if self.standalone else "compact"
 
+    @property
+    def config(self) -> LoraXConfig:
+        """The first component's config (the only one, unless components were trained with different ones)."""
+        return next(iter(self.configs.values()))
+
+    def config_for(self, key: str) -> LoraXConfig:
+        """The config of the component of layer ``key`` (``"<component>.<module>"``)."""
+        return self.configs[key.split(".", 1)[0]]
+
     def core(self, key: str) -> torch.Tensor:
         """The core of layer ``key`` (``"<component>.<module>"``), float32 ``(r,)`` or ``(r, r)``."""
         return self.tensors[key + CORE_SUFFIX]
 
+    def settings(self) -> str:
+        """``r=…, core=…``, per component where they differ."""
+        distinct = {(c.r, c.core) for c in self.configs.values()}
+        if len(distinct) == 1:
+            return f"r={self.config.r}, core={self.config.core}"
+        return ", ".join(f"{name} r={c.r} core={c.core}" for name, c in self.configs.items())
+
     def describe(self) -> str:
         where = self.source.get("hub_id") or self.source.get("label")
         rev = f"@{self.source['revision']}" if self.source.get("revision") else ""
-        return (f"LoRA-X {self.kind} file, {len(self.layers)} layers, r={self.config.r}, core={self.config.core}, "
-                f"trained on {where}{rev}")
+        return f"LoRA-X {self.kind} file, {len(self.layers)} layers, {self.settings()}, trained on {where}{rev}"
 
 
 def lorax_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, tuple[torch.nn.Module, LoraXCore]]:
@@ -119,12 +135,13 @@ def save_lorax_weights(
     from safetensors.torch import save_file
 
     models = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    tensors, layers, config = _collect(models, adapter_name, standalone)
-    is_hub = _looks_like_hub_id(source)
+    tensors, layers, configs = _collect(models, adapter_name, standalone)
+    is_hub = looks_like_hub_id(source)
     meta = {"source": {"hub_id": source if is_hub else None, "revision": source_revision if is_hub else None,
                        "label": None if is_hub else str(source)},
-            "config": config.to_dict(), "standalone": bool(standalone), "layers": layers,
-            "training": training or {}}
+            "config": next(iter(configs.values())).to_dict(),
+            "components": {name: config.to_dict() for name, config in configs.items()},
+            "standalone": bool(standalone), "layers": layers, "training": training or {}}
     try:
         text = json.dumps(meta)
     except TypeError as err:
@@ -141,18 +158,19 @@ def save_lorax_weights(
 
 
 def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, standalone: bool
-             ) -> tuple[dict[str, torch.Tensor], dict[str, dict], LoraXConfig]:
-    """The tensors to write (cores, or standalone ``lora_A``/``lora_B``, float32), the per-layer metadata and the
-    adapter's config. Raises :class:`LoraxFileError` when no component has the adapter."""
+             ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, LoraXConfig]]:
+    """The tensors to write (cores, or standalone ``lora_A``/``lora_B``, float32), the per-layer metadata and each
+    component's config (components may use different ones, e.g. a UNet at r=4 with a full core and a text encoder at
+    r=0.5). Raises :class:`LoraxFileError` when no component has the adapter."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    configs = []
+    configs: dict[str, LoraXConfig] = {}
     for component, model in models.items():
         if model is None:
             continue
         found = lorax_layers(model, adapter_name)
         if found:
-            configs.append(getattr(model, "lorax_configs", {}).get(adapter_name))
+            configs[component] = _config_of(model, adapter_name, found)
         for name, (B, core) in found.items():
             key = f"{component}.{name}"
             layers[key] = {"r": core.r, "shape": list(core.base_shape), "fingerprint": core.fingerprint}
@@ -166,15 +184,28 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
     if not layers:
         raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components: add one with "
                              "add_lorax_adapter (and pass the component, e.g. unet=pipe.unet)")
-    return tensors, layers, next((c for c in configs if c is not None), None) or LoraXConfig()
+    return tensors, layers, configs
+
+
+def _config_of(model: torch.nn.Module, adapter_name: str, found: dict[str, tuple[torch.nn.Module, LoraXCore]]
+               ) -> LoraXConfig:
+    """The config :func:`~diffusers_lorax.add_lorax_adapter` recorded on ``model``; for an adapter built otherwise,
+    one that gives every layer its r (the largest r, capped per layer) and its core."""
+    config = getattr(model, "lorax_configs", {}).get(adapter_name)
+    if config is not None:
+        return config
+    cores = [core for _, core in found.values()]
+    return LoraXConfig(r=max(core.r for core in cores), core=cores[0].core)
 
 
 def _lora_A_of(model: torch.nn.Module, name: str, adapter_name: str) -> torch.Tensor:
     return model.get_submodule(name).lora_A[adapter_name].weight
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    text = str(source)
+def looks_like_hub_id(text: str | os.PathLike) -> bool:
+    """Whether ``text`` reads as a Hub repo id (``owner/name``) rather than a local path: one slash, not starting
+    with ``.``, ``/`` or ``~``, and nothing at that path."""
+    text = str(text)
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
@@ -212,7 +243,8 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
                              f"diffusers-lorax reads version {FORMAT_VERSION}: upgrade diffusers-lorax")
     try:
         meta = json.loads(metadata["lorax"])
-        config = LoraXConfig.from_dict(meta["config"])
+        default = LoraXConfig.from_dict(meta["config"])
+        configs = {name: LoraXConfig.from_dict(c) for name, c in (meta.get("components") or {}).items()}
         layers = {key: LoraXLayerInfo(int(v["r"]), tuple(int(d) for d in v["shape"]), str(v["fingerprint"]))
                   for key, v in meta["layers"].items()}
         source = {k: meta["source"].get(k) for k in ("hub_id", "revision", "label")}
@@ -226,7 +258,9 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
     if metadata.get("digest") != digest(tensors):
         raise LoraxFileError(f"the tensors of the LoRA-X file {where} do not match the digest it records: the file "
                              "was damaged or edited after it was saved; download or save it again")
-    out = LoraXFile(path, config, source, layers, tensors, standalone, training)
+    for key in layers:  # a file written without per-component configs: one config for all
+        configs.setdefault(key.split(".", 1)[0], default)
+    out = LoraXFile(path, configs, source, layers, tensors, standalone, training)
     _check_tensors(out, where)
     return out
 
@@ -251,15 +285,16 @@ def _check_tensors(file: LoraXFile, where: str) -> None:
         if info.r < 1 or info.r > min(m, n) or len(info.shape) not in (2, 4):
             raise LoraxFileError(f"{where}: layer {key} records r={info.r} for a base weight of shape {info.shape} "
                                  f"(r must lie in 1..min(m, n) = {min(m, n)}); the file is damaged or was edited")
-        if info.r != file.config.r_for(info.shape):
-            raise LoraxFileError(f"{where}: layer {key} records r={info.r}, but the file's r option "
-                                 f"{file.config.r!r} gives {file.config.r_for(info.shape)} for shape {info.shape}; the "
+        config = file.config_for(key)
+        if info.r != config.r_for(info.shape):
+            raise LoraxFileError(f"{where}: layer {key} records r={info.r}, but its component's r option "
+                                 f"{config.r!r} gives {config.r_for(info.shape)} for shape {info.shape}; the "
                                  "file is damaged or was edited")
         if file.standalone:
             expected[f"{key}.lora_A.weight"] = (info.r, *info.shape[1:])
             expected[f"{key}.lora_B.weight"] = (m, info.r, *([1, 1] if len(info.shape) == 4 else []))
         else:
-            expected[key + CORE_SUFFIX] = file.config.core_shape(info.r)
+            expected[key + CORE_SUFFIX] = config.core_shape(info.r)
     missing, extra = sorted(expected.keys() - file.tensors.keys()), sorted(file.tensors.keys() - expected.keys())
     if missing or extra:
         raise LoraxFileError(f"{where}: tensors do not match the recorded layers (missing {missing[:3]}, unexpected "

@@ -83,7 +83,9 @@ def model_card(file: LoraXFile, repo_id: str, has_standalone: bool = False,
         "([diffusers-lorax](https://pypi.org/project/diffusers-lorax/)).",
         "",
         f"- source base model: {where}" + (f" (revision {file.source['revision']})" if file.source.get("revision") else ""),
-        f"- r: {file.config.r} (per layer: {_ranks(file)}), core: {file.config.core}, layers: {len(file.layers)}",
+        (f"- r: {file.config.r} (per layer: {_ranks(file)}), core: {file.config.core}, layers: {len(file.layers)}"
+         if len({(c.r, c.core) for c in file.configs.values()}) == 1
+         else f"- {file.settings()} (per layer: {_ranks(file)}), layers: {len(file.layers)}"),
         f"- files: `{COMPACT_WEIGHT_NAME}` (compact: the cores only, needs the source's weights)"
         + (f", `{STANDALONE_WEIGHT_NAME}` (an ordinary LoRA for plain `load_lora_weights` on the source)"
            if has_standalone else ""),

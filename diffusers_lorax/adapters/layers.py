@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from ..errors import InvalidOptionsError, LoraxError, SourceModelError
 from ..registry import Registry, open_registry
 from ..weights import canonical_module, fingerprint
-from .bases import Wanted, fetch_bases, value_fingerprint
+from .bases import Wanted, fetch_bases, times_core, value_fingerprint
 from .config import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, LoraXConfig
 
 
@@ -49,8 +49,7 @@ class LoraXCore(nn.Module):
         return int(self.U.shape[1])
 
     def forward(self, core: torch.Tensor) -> torch.Tensor:
-        B = self.U * core if self.core == "diagonal" else self.U @ core
-        return B.reshape(self.weight_shape)
+        return times_core(self.U, core).reshape(self.weight_shape)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """The core nearest to a given ``B`` (least squares): ``C = Ũᵀ B`` (full) or its diagonal."""

@@ -14,9 +14,7 @@ and the registry's adapter cache. On the source itself ``U_t = Ũ_s`` and the ad
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +23,22 @@ from typing import Any
 import torch
 
 from ..errors import SourceMismatchError, SourceModelError
+from ..formats.safetensors_check import read_layout
 from ..lora import LoraLayer
 from ..options import LORAX_FILE_METHOD, HubOptions, TransferRequest
 from ..registry import Registry, Transaction
 from ..report import TransferReport
 from ..weights import BaseModelWeights
-from .bases import Wanted, fetch_bases, value_fingerprint
-from .files import COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME, LoraXFile, digest, is_lorax_metadata, read_lorax_file
+from .bases import Wanted, fetch_bases, times_core, value_fingerprint
+from .files import (
+    COMPACT_WEIGHT_NAME,
+    STANDALONE_WEIGHT_NAME,
+    LoraXFile,
+    digest,
+    is_lorax_metadata,
+    looks_like_hub_id,
+    read_lorax_file,
+)
 
 
 def open_lorax(request: TransferRequest) -> LoraXFile | None:
@@ -45,9 +52,16 @@ def open_lorax(request: TransferRequest) -> LoraXFile | None:
     names = [request.weight_name] if request.weight_name else [COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME]
     for name in names:
         path = _local(Path(lora), name, request.lora_options)
-        if path is not None and is_lorax_metadata(header_metadata(path)):
+        if path is not None and is_lorax_metadata(_metadata(path)):
             return read_lorax_file(path)
     return None
+
+
+def _metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors ``__metadata__`` of ``path`` from its header alone (a file whose data is truncated is still
+    recognised, then refused by :func:`read_lorax_file` with what is missing); ``None`` for no safetensors file."""
+    layout = read_layout(path)
+    return layout.metadata if layout is not None else None
 
 
 def _local(path: Path, name: str, options: HubOptions) -> Path | None:
@@ -58,38 +72,22 @@ def _local(path: Path, name: str, options: HubOptions) -> Path | None:
     folder = path / options.subfolder if options.subfolder else path
     if folder.is_dir():
         return folder / name if (folder / name).is_file() else None
-    text = str(path)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not looks_like_hub_id(path):
         return None
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(text, name, subfolder=options.subfolder or None, revision=options.revision,
+        return Path(hf_hub_download(str(path), name, subfolder=options.subfolder or None, revision=options.revision,
                                     token=options.token, cache_dir=options.cache_dir))
     except Exception:  # not there, not cached offline, unreachable: read as a standard LoRA, which reports why
         return None
 
 
-def header_metadata(path: Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file's header, read without its tensors (so that a file whose data is
-    truncated is still recognised); ``None`` if the header cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 * 2**20:
-                return None
-            header = json.loads(f.read(size))
-        meta = header.get("__metadata__")
-        return meta if isinstance(meta, dict) else None
-    except (OSError, ValueError, struct.error):
-        return None
-
-
 def resolve_request(file: LoraXFile, request: TransferRequest) -> tuple[TransferRequest, str | None]:
     """The request with the file's source filled in where ``request.source`` is ``None`` (its Hub id and revision),
-    :data:`~diffusers_lorax.options.LORAX_FILE_METHOD` where no method was given, and ``k = r`` per layer (the rank
-    option set to the file's r option); and a note saying where the source came
-    from (``None`` when it was given). Raises :class:`SourceModelError` when the source is ``None`` and the file
+    :data:`~diffusers_lorax.options.LORAX_FILE_METHOD` where no method was given, and the rank option set to the
+    first component's r option (what the report shows; each layer's k is its own r, :attr:`LoraXLayer.k`); and a
+    note saying where the source came from (``None`` when it was given). Raises :class:`SourceModelError` when the source is ``None`` and the file
     names no Hub repo."""
     request = request.with_default_method(LORAX_FILE_METHOD)
     config = dataclasses.replace(request.config, rank=file.config.r)
@@ -109,28 +107,31 @@ def resolve_request(file: LoraXFile, request: TransferRequest) -> tuple[Transfer
 
 
 @dataclass(frozen=True)
-class PendingLoraXLayer(LoraLayer):
-    """A compact file's layer before its factors are rebuilt: ``A``, ``B`` are placeholders of the right shapes on the
-    ``meta`` device until :func:`expand` fills them. ``identity`` (the core's digest, r and core kind) stands for the
-    factors in the registry's adapter-cache key, so that a repeated request is answered without the source's bases."""
+class LoraXLayer(LoraLayer):
+    """A LoRA-X file's layer. ``k``: the singular vectors the projection keeps for it, its own r (Eq. 3 with k = r,
+    whatever r option its component was trained with). A compact file's layer before its factors are rebuilt has
+    placeholders ``A``, ``B`` of the right shapes on the ``meta`` device until :func:`expand` fills them, and an
+    ``identity`` (the core's digest, r and core kind) that stands for the factors in the registry's adapter-cache key,
+    so that a repeated request is answered without the source's bases (``""`` for a standalone file's layer)."""
 
     identity: str = ""
+    k: int | None = None
 
 
 def lora_layers(file: LoraXFile) -> list[LoraLayer]:
-    """The file's layers as :class:`LoraLayer` s (scale 1): a standalone file's ``A``, ``B``; a compact file's as
-    :class:`PendingLoraXLayer` placeholders."""
+    """The file's layers as :class:`LoraXLayer` s (scale 1, ``k = r``): a standalone file's ``A``, ``B``; a compact
+    file's as placeholders."""
     layers = []
     for key, info in file.layers.items():
         component, module = key.split(".", 1)
         if file.standalone:
-            layers.append(LoraLayer(component, module, file.tensors[f"{key}.lora_A.weight"],
-                                    file.tensors[f"{key}.lora_B.weight"], 1.0))
+            layers.append(LoraXLayer(component, module, file.tensors[f"{key}.lora_A.weight"],
+                                     file.tensors[f"{key}.lora_B.weight"], 1.0, k=info.r))
             continue
         A = torch.empty((info.r, *info.shape[1:]), device="meta")
         B = torch.empty((info.shape[0], info.r, *([1, 1] if len(info.shape) == 4 else [])), device="meta")
-        identity = f"lora-x {file.config.core} r={info.r} core={digest({'core': file.core(key)})}"
-        layers.append(PendingLoraXLayer(component, module, A, B, 1.0, identity=identity))
+        identity = f"lora-x {file.config_for(key).core} r={info.r} core={digest({'core': file.core(key)})}"
+        layers.append(LoraXLayer(component, module, A, B, 1.0, identity=identity, k=info.r))
     return layers
 
 
@@ -183,7 +184,7 @@ def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, f
             out.append(layer)
             continue
         basis, core = bases[fingerprints[layer.peft_key]], file.core(layer.peft_key)
-        B = basis.U * core if core.ndim == 1 else basis.U @ core
+        B = times_core(basis.U, core)
         out.append(dataclasses.replace(layer, A=basis.V.T.reshape(layer.A.shape).contiguous(),
                                        B=B.reshape(layer.B.shape).contiguous()))
     return out

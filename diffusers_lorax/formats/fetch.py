@@ -54,7 +54,7 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
         cached = _cached_file(lora, weight_name, subfolder, revision, cache_dir)
         if cached is not None:
             _check_truncated(cached)
-        if local is None and _offline() and not Path(str(lora)).exists():
+        if local is None and offline() and not Path(str(lora)).exists():
             raise InvalidLoraError(
                 f"cannot read the LoRA {label}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and "
                 f"{'the file ' + repr(weight_name) if weight_name else 'the file'} of the repo is not in the local "
@@ -66,7 +66,9 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
     return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label)
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE``, as huggingface_hub reads it): files are
+    then served from the local cache only. The one test for it (``models.py`` uses it too)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()

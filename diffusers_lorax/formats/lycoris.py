@@ -56,14 +56,21 @@ REFUSED = {
 _OTHER = ("alpha", "rescale", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "weight", "q_layer.weight",
           "p_layer.weight")
 _SUFFIXES = sorted({*(p for ps in ALGORITHMS.values() for p in ps), *REFUSED, *_OTHER}, key=len, reverse=True)
-#: Parameter names that only LyCORIS writes (a plain kohya LoRA has none of them).
+#: Parameter names that only LyCORIS writes (a plain kohya LoRA has none of them); some span two key parts
+#: (``lora_mid.weight``, ``a1.weight``).
 _MARKERS = {p for name, ps in ALGORITHMS.items() if name != "LoCon" for p in ps} | {"lora_mid.weight"} | set(REFUSED)
 
 
 def is_lycoris(state_dict: dict) -> bool:
-    """Whether ``state_dict`` holds LyCORIS-only parameters (LoHa, LoKr, full, Tucker LoCon, IA³, OFT, DoRA, …)."""
-    return any(key.rsplit(".", 1)[-1] in _MARKERS or key.endswith(".lora_mid.weight") or key.endswith(".a1.weight")
-               for key in state_dict)
+    """Whether ``state_dict`` holds LyCORIS-only parameters (LoHa, LoKr, full, Tucker LoCon, IA³, OFT, DoRA, …) or
+    keys under LyCORIS' own ``lycoris_`` prefix (its ``LycorisNetwork`` wrapper; plain LoCon modules included)."""
+    for key in state_dict:
+        if key.startswith("lycoris_"):
+            return True
+        parts = key.rsplit(".", 2)
+        if parts[-1] in _MARKERS or ".".join(parts[-2:]) in _MARKERS:
+            return True
+    return False
 
 
 @dataclass
@@ -75,9 +82,6 @@ class Module:
     algorithm: str
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     alpha: float | None = None
-
-    def get(self, name: str) -> torch.Tensor | None:
-        return self.params.get(name)
 
     @property
     def rank(self) -> int | None:
@@ -184,13 +188,10 @@ def modules(state_dict: dict[str, torch.Tensor], where: str) -> list[Module]:
 def delta_weight(module: Module) -> torch.Tensor:
     """ΔW = scale · update of one module, float32, computed with ``lycoris.functional`` (its ``diff_weight`` /
     ``kron_weight``, eager torch backend): ``(out, in[, kh, kw])`` or flat ``(out, in·kh·kw)`` (see
-    :attr:`Module.shape`). Raises :class:`InvalidLoraError` when ``lycoris-lora`` is not installed."""
-    try:
-        from lycoris.functional import locon, loha, lokr
-    except ImportError as err:
-        raise InvalidLoraError(
-            f"this is a LyCORIS {module.algorithm} adapter; reading it needs the lycoris-lora package: "
-            "pip install lycoris-lora") from err
+    :attr:`Module.shape`). ``lycoris-lora`` is a dependency of this package; it is imported here, on first use,
+    to keep ``lorax inspect`` (which computes no ΔW) from paying for its import."""
+    from lycoris.functional import locon, loha, lokr
+
     p = {k: v.detach().to("cpu", torch.float32) for k, v in module.params.items()}
     scale = module.scale
     if module.algorithm == "full":
