@@ -43,7 +43,7 @@ def test_report_plot_of_a_copy_to_the_finetune(tmp_path):
 
 
 def test_cli_plot_of_a_projection_to_the_renamed_student(tmp_path, capsys):
-    png, json_path = tmp_path / "renamed.png", tmp_path / "r.json"
+    png = tmp_path / "renamed.png"
     code = main(["transfer", str(ASSETS / "source"), str(ASSETS / "target-renamed"), str(LORA), "-o",
                  str(tmp_path / "out.safetensors"), "--method", "prolora", "--registry", str(tmp_path / "reg"),
                  "--plot", str(png)])
@@ -121,3 +121,40 @@ def test_gap_bars_have_one_bar_per_method_target_and_defined_gap(tmp_path):
     assert len(heights) == 4 and heights == expected  # 2 targets × 2 methods; no LoRA and trained left out
     assert abs(max(heights) - 100 * (0.6 - 0.1) / 0.8) < 1e-4
     assert sum(p.get_gid() == "gap" for p in distance.patches) == 4
+
+
+def test_bars_from_a_printed_table_match_the_rows_that_printed_it(tmp_path, capsys, monkeypatch):
+    """``benchmarks/quality/evaluate.py --bars-from TABLE --bars PNG`` reads back the gaps the script printed (to the
+    percent, "—" as no bar) and draws the same bars as the rows themselves, without evaluating anything."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers_lorax.quality.evaluate import NO_LORA, TRAINED, Row, gaps, table
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_evaluate", Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "evaluate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for target, trained_style in (("target-finetune", 0.9), ("target-distilled", 0.12)):  # 2nd: style gap undefined
+        block = [Row(target, NO_LORA, 0.1, 0.98, 0.30), Row(target, "copy", 0.6, 0.98, 0.2),
+                 Row(target, "lorax", 0.11, 0.97, 0.29), Row(target, TRAINED, trained_style, 0.99, 0.0)]
+        gaps(block)
+        rows += block
+    printed = tmp_path / "table.md"
+    printed.write_text(f"## Methods\n\n{table(rows)}\n\ngrid: x.png\n\n## Rank and threshold sweep\n\n{table(rows[:4])}\n")
+    read = bench.rows_from_table(printed.read_text())
+    assert [(r.target, r.method) for r in read] == [(r.target, r.method) for r in rows]  # the first table only
+    for mine, back in zip(rows, read):
+        assert back.style == round(mine.style, 3) and back.distance == round(mine.distance, 4)
+        for metric, value in mine.gap.items():
+            assert (back.gap[metric] is None) == (value is None)
+            assert value is None or abs(back.gap[metric] - value) <= 0.005 + 1e-9
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--bars-from", str(printed), "--bars", str(tmp_path / "b.png")])
+    bench.main()
+    assert f"bars: {tmp_path / 'b.png'} (8 rows" in capsys.readouterr().out
+    assert min(png_size(tmp_path / "b.png")) > 300
+    style = bench.plot_gaps(read).axes[0]
+    assert sum(p.get_gid() == "gap" for p in style.patches) == 2  # distilled style gap undefined: no bars there
+    with pytest.raises(ValueError, match="no methods table"):
+        bench.rows_from_table("no table here\n| a | b |\n")

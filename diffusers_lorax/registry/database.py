@@ -21,7 +21,7 @@ logger = logging.get_logger(__name__)
 
 #: 3: columns named ``k`` (singular vectors), adapter keys independent of layer order. A registry of another version
 #: is rebuilt empty (it is a cache), with a warning.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: calibrations and correspondences tables
 
 
 class Base(DeclarativeBase):
@@ -69,7 +69,7 @@ class AdapterRow(BlobColumns, Base):
 
 class CalibrationRow(Base):
     """A calibration result (scales and what they were matched on, JSON), keyed by a hash of everything it depends
-    on (``calibration.calibration_key``). No blob: a few hundred bytes."""
+    on (``calibration.calibration_key``). No blob: one scale per applied layer, a few kilobytes."""
 
     __tablename__ = "calibrations"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
