@@ -1,20 +1,21 @@
 """What ``lorax inspect`` and reading LyCORIS files cost, on full-size SD 1.x and SDXL layouts, next to reading the
-same file with ``safetensors.torch.load_file`` (measured in the same run, median of --repeat runs). Kept cheap (about
-a minute of CPU on 2 cores) so that it can be rerun on a busy machine: it prints wall and CPU seconds, since on a
-shared machine the wall time mostly measures the other processes.
+same file with ``safetensors.torch.load_file`` (measured in the same run, median of --repeat runs). Kept cheap by
+default (SD 1.x files only, about 15 s of CPU) so that it can be rerun on a busy machine; ``--sdxl`` adds the SDXL
+files (about 30 s of CPU more), ``--read`` the LyCORIS ΔW and re-factorisation (about 45 s of CPU). It prints wall and
+CPU seconds: on a shared machine the wall time mostly measures the other processes.
 
-    python benchmarks/inspect_cost.py [--repeat 3] [--threads N] [--no-read] [--loha]
+    python benchmarks/inspect_cost.py [--repeat 3] [--threads N] [--sdxl] [--read] [--loha]
 
 Files (random values, real layer shapes from the registry's families; written to a temp dir):
 
 - ``kohya``: rank 16, every attention projection, feed-forward, proj_in/out and resnet conv of the UNet and every
-  attention/MLP layer of the text encoder(s) (SD 1.x: 308 layers, SDXL: 1,030 layers);
+  attention/MLP layer of the text encoder(s) (SD 1.x: 308 layers, SDXL: 1,020 layers);
 - ``lokr``: the same layers as LyCORIS LoKr (``lokr_w1`` (4, 4), ``lokr_w2_a``/``_b`` rank 8, conv kernels flattened);
 - ``loha`` (``--loha``): the same layers as LyCORIS LoHa rank 8 (ΔW rank ≤ 64).
 
-Measured: ``inspect_lora(file)`` and ``inspect_lora(file, target)`` (a meta-device pipeline of the family), and, for
-the SD 1.x LyCORIS files, reading them for a transfer (``read_lora``: ΔW from lycoris-lora and the
-re-factorisation, once), against ``load_file`` of the same file. Also the wall time of the ``lorax inspect`` command
+Measured: ``inspect_lora(file)`` and ``inspect_lora(file, target)`` (a meta-device pipeline of the family), and, with
+``--read``, reading the SD 1.x LyCORIS files for a transfer (``read_lora``: ΔW from lycoris-lora and the
+re-factorisation, once; about 45 s of CPU for the LoKr file), against ``load_file`` of the same file. Also the wall time of the ``lorax inspect`` command
 on the SD 1.x kohya file (a new Python process: imports included), next to ``python -c "import diffusers_lorax"``.
 """
 
@@ -131,8 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--no-read", action="store_true", help="skip reading the LyCORIS files for a transfer")
+    parser.add_argument("--read", action="store_true", help="also read the SD 1.x LyCORIS files for a transfer")
     parser.add_argument("--loha", action="store_true", help="also a LyCORIS LoHa file of each family")
+    parser.add_argument("--sdxl", action="store_true", help="also the SDXL files")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +144,7 @@ def main() -> None:
     print("| family | file | layers | MB | load_file s | inspect s (× load_file) | inspect --target s (×) | "
           "read for transfer s (×) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("sd1", "sdxl"):
+    for name in ("sd1", "sdxl") if args.sdxl else ("sd1",):
         target, unet_config = meta_pipeline(name)
         base = kohya(name)
         kinds = ["kohya", "lokr"] + (["loha"] if args.loha else [])
@@ -155,7 +157,7 @@ def main() -> None:
             alone = timed(lambda: inspect_lora(path), args.repeat)
             against = timed(lambda: inspect_lora(path, target), args.repeat)
             read = "-"
-            if kind != "kohya" and name == "sd1" and not args.no_read:
+            if kind != "kohya" and name == "sd1" and args.read:
                 seconds = timed(lambda: read_lora(type(target), str(path), unet_config=unet_config), 1)
                 read = f"{seconds[0]:.2f} ({seconds[1]:.2f}) ({seconds[0] / load[0]:.0f}×)"
             print(f"| {name} | {kind} | {found.layers} | {path.stat().st_size / 1e6:.1f} | {load[0]:.3f} ({load[1]:.3f}) | "

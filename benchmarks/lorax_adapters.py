@@ -3,7 +3,7 @@ baseline measured in the same run.
 
     python benchmarks/lorax_adapters.py train-step [--repeat 3] [--steps 8]
     python benchmarks/lorax_adapters.py sizes
-    python benchmarks/lorax_adapters.py load [--repeat 5] [--configs DIR] [--no-svd]
+    python benchmarks/lorax_adapters.py load [--repeat 5] [--configs DIR] [--no-svd] [--no-cold] [--only PREFIX]
     python benchmarks/lorax_adapters.py warm-testbed [--repeat 5]
 
 ``train-step``: on the digits testbed's source (the style LoRA's 80 layers, batch 64, the build's batches), a
@@ -18,7 +18,8 @@ with zero cores and the full metadata, so the sizes include the header.
 ``load``: a full-size SD 1.5-architecture pair (random weights from a fixed seed, configs from
 ../shared/realcases/configs/sd15, built as ``benchmarks/performance.py`` builds it: the source saved as a folder,
 the target its ``toy.finetune`` perturbation), a LoRA-X adapter at r = 320 on every UNet attention projection (128
-layers, random diagonal cores) saved compact and standalone. Measured on the target: the warm
+layers; ``--only mid_block``: those whose name starts so, a shorter run) with random diagonal cores, saved compact
+and standalone. Measured on the target: the warm
 ``load_lora_weights_cross(source, compact)`` (registry filled by a first call) against plain
 ``load_lora_weights(standalone)`` (medians of interleaved calls), and the cold call (empty registry) against a full
 thin ``torch.linalg.svd`` of the same source and target weights.
@@ -184,7 +185,7 @@ def _mb(b: int) -> str:
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
-def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
+def load(repeat: int, configs: Path, svd: bool, cold: bool = True, only: str | None = None) -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging
 
@@ -200,7 +201,9 @@ def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
     print(f"built and saved the SD 1.5-architecture pair in {time.perf_counter() - t:.0f} s ({work})", flush=True)
     unet = UNet2DConditionModel.from_pretrained(work / "source" / "unet")
     t = time.perf_counter()
-    cores = add_lorax_adapter(unet, LoraXConfig(r=320), registry=work / "train-registry")
+    targets = None if only is None else tuple(
+        name for name, _ in unet.named_modules() if name.startswith(only) and name.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    cores = add_lorax_adapter(unet, LoraXConfig(r=320, target_modules=targets), registry=work / "train-registry")
     add_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -210,7 +213,7 @@ def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
     standalone = save_lorax_weights(work / "adapter", unet=unet, source="source-folder", standalone=True)
     del unet
     gc.collect()
-    print(f"add_lorax_adapter (128 layers, r = 320, bases computed): {add_s:.1f} s; compact "
+    print(f"add_lorax_adapter ({len(cores)} layers, r = 320, bases computed): {add_s:.1f} s; compact "
           f"{compact.stat().st_size / 1e6:.3f} MB, standalone {standalone.stat().st_size / 1e6:.0f} MB", flush=True)
 
     # --no-cold: load through the registry add_lorax_adapter filled (it holds the source's bases), untimed first call
@@ -239,6 +242,8 @@ def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
         assert warm.adapter_cached and warm.bases_computed == 0
     plain_s, warm_s = (statistics.median(times[k]) for k in ("plain", "warm"))
     print(f"warm phases {json.dumps({k: round(v, 3) for k, v in warm.seconds.items()})}")
+    _profile(lambda: (target.load_lora_weights_cross(work / "source", compact, adapter_name="profiled", method="lorax",
+                                                      registry=registry), target.delete_adapters("profiled")))
     svd_s = _full_svd_seconds(work / "source", target, report) if svd else None
     print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers-lorax {diffusers_lorax.__version__}")
     print("| pair | layers | plain load_lora_weights(standalone) s | warm compact s | warm/plain | full SVD s | cold s "
@@ -250,10 +255,6 @@ def load(repeat: int, configs: Path, svd: bool, cold: bool = True) -> None:
 
 
 def warm_testbed(repeat: int) -> None:
-    import cProfile
-    import io
-    import pstats
-
     from safetensors.torch import save_file
 
     from diffusers_lorax import Registry, transfer_lora
@@ -289,9 +290,18 @@ def warm_testbed(repeat: int) -> None:
     plain_s, warm_s = (statistics.median(times[k]) for k in ("plain", "warm"))
     print(f"digits testbed, {torch.get_num_threads()} threads: plain load_lora_weights(standalone) {plain_s:.3f} s, "
           f"warm compact {warm_s:.3f} s, warm/plain {warm_s / plain_s:.2f}")
+    _profile(lambda: timed(warm, "profiled"))
+
+
+def _profile(call) -> None:
+    """cProfile of one ``call()``: the 25 most expensive functions by cumulative time, then this package's."""
+    import cProfile
+    import io
+    import pstats
+
     profile = cProfile.Profile()
     profile.enable()
-    timed(warm, "profiled")
+    call()
     profile.disable()
     out = io.StringIO()
     stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
@@ -327,6 +337,7 @@ def main() -> None:
     ld.add_argument("--configs", type=Path, default=HERE.parent.parent / "shared" / "realcases" / "configs")
     ld.add_argument("--no-svd", action="store_true", help="skip the full-SVD baseline")
     ld.add_argument("--no-cold", action="store_true", help="skip the cold measure (and the SVD baseline): warm only")
+    ld.add_argument("--only", help="adapt only the attention projections whose module name starts so (e.g. mid_block)")
     wt = sub.add_parser("warm-testbed")
     wt.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -337,7 +348,7 @@ def main() -> None:
     elif args.command == "warm-testbed":
         warm_testbed(args.repeat)
     else:
-        load(args.repeat, args.configs, not (args.no_svd or args.no_cold), not args.no_cold)
+        load(args.repeat, args.configs, not (args.no_svd or args.no_cold), not args.no_cold, args.only)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Train a LoRA-X adapter (Farhadzadeh et al., ICLR 2025) for Stable Diffusion, in the shape of diffusers'
-``examples/text_to_image/train_text_to_image_lora.py``, on the shipped digits testbed (two CPU cores, minutes).
+``examples/text_to_image/train_text_to_image_lora.py``, on the shipped digits testbed (500 steps of batch 64 with
+the testbed's recipe, ``benchmarks/quality/lorax.py train``, took 655 s with a diagonal core and 132 s with a full
+core at 1 thread on a shared 2-core machine).
 
     pip install scikit-learn   # the digits
     python examples/train_lorax.py --output_dir lorax-slant --max_train_steps 500 \\

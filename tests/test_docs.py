@@ -90,6 +90,29 @@ def test_python_blocks_compile(page):
         compile(block, f"{page}[{i}]", "exec")
 
 
+def test_every_page_and_the_readme_show_valid_python_and_real_lorax_options():
+    """Every Python block of every page and of the README compiles; every ``--option`` a shown ``lorax`` command
+    (also a usage synopsis with ``[…]``) uses exists on that subcommand."""
+    pages = [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for path in pages:
+        text = path.read_text()
+        for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)):
+            compile(block, f"{path.name}[{i}]", "exec")
+        for block in re.findall(r"^```(?:bash|sh)\n(.*?)^```", text, flags=re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                for part in line.split("&&"):
+                    words = shlex.split(part, comments=True)
+                    if words[:1] != ["lorax"] or len(words) < 2:
+                        continue
+                    sub = subcommands[words[1]]
+                    options = {o for action in sub._actions for o in action.option_strings}
+                    for word in words[2:]:
+                        option = word.strip("[]").split("=")[0]
+                        if option.startswith("--"):
+                            assert option in options, f"{path.name}: `lorax {words[1]}` has no option {option}"
+
+
 def test_every_lorax_command_shown_parses():
     parser = build_parser()
     seen = set()

@@ -205,15 +205,16 @@ def test_inspect_answers_for_every_family_and_format(name, fmt, tmp_path):
 
 
 def test_inspect_of_a_local_file_takes_well_under_a_second(tmp_path):
-    """An SDXL kohya LoRA (UNet and both text encoders), warm process (benchmarks/inspect_cost.py times full-size files)."""
+    """An SDXL kohya LoRA (UNet and both text encoders), warm process. docs/performance.md#lorax-inspect gives the
+    figures of benchmarks/inspect_cost.py on full-size files; the bound leaves a margin for a loaded CI machine."""
     path = tmp_path / "sdxl.safetensors"
     write("sdxl", "kohya", path)
     inspect_lora(path)  # imports and the meta UNet cache
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     found = inspect_lora(path)
-    elapsed = time.perf_counter() - started
-    print(f"\ninspect_lora on an SDXL kohya LoRA of {found.layers} layers: {elapsed:.2f} s")
-    assert found.family.startswith(LABELS["sdxl"]) and elapsed < 3.0
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    print(f"\ninspect_lora on an SDXL kohya LoRA of {found.layers} layers: {elapsed:.2f} s ({cpu:.2f} s CPU)")
+    assert found.family.startswith(LABELS["sdxl"]) and elapsed < 2.0
 
 
 def test_metadata_naming_another_base_is_reported(tmp_path):

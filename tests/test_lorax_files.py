@@ -280,6 +280,10 @@ def test_save_refuses_what_is_not_a_lorax_adapter_or_diverged(saved, tmp_path):
     with pytest.raises(LoraxFileError, match="no LoRA-X adapter"):
         save_lorax_weights(tmp_path, unet=pipe.unet, source="someone/model")
     cores = add_lorax_adapter(pipe.unet, LoraXConfig(r=4), registry=tmp_path / "registry")
+    pipe.unet.lorax_configs["default"] = LoraXConfig(r=8)  # not what the layers were built with
+    with pytest.raises(LoraxFileError, match="does not follow its component's config"):
+        save_lorax_weights(tmp_path / "out", unet=pipe.unet, source="someone/model")
+    pipe.unet.lorax_configs["default"] = LoraXConfig(r=4)
     with torch.no_grad():
         cores[0][0] = float("nan")
     with pytest.raises(LoraxFileError, match="diverged"):

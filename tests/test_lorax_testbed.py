@@ -4,7 +4,6 @@ docs/quality.md measured, in a reduced run (10 prompts × 2 seeds): exact on the
 the LoRA-X transfer moves toward the adapter trained there."""
 
 import pytest
-import torch
 
 from diffusers_lorax import read_lorax_file
 from diffusers_lorax.quality import ASSETS
@@ -52,5 +51,6 @@ def test_on_the_finetune_the_transfer_moves_toward_the_adapter_trained_there(row
     by, _ = rows["target-finetune"]
     trained, transferred, none = by["LoRA-X trained on target"], by["LoRA-X transferred"], by[NO_LORA]
     assert trained.style - none.style >= 0.5
-    assert (transferred.style - none.style) / (trained.style - none.style) >= 0.5  # table (80 images): 78 %
-    assert torch.isfinite(torch.tensor(transferred.content)) and transferred.content >= 0.7  # table: 0.887
+    # this reduced run measured 0.959 (P(slanted) 0.922 against 0.961); the table's 80 images 78 %
+    assert (transferred.style - none.style) / (trained.style - none.style) >= 0.7
+    assert transferred.content >= 0.7  # table: 0.887

@@ -129,8 +129,9 @@ def save_lorax_weights(
     ``load_lora_weights`` loads, instead of the compact cores; default file names :data:`COMPACT_WEIGHT_NAME` and
     :data:`STANDALONE_WEIGHT_NAME`. ``training``: settings to record (JSON-serialisable; shown on the Hub card).
 
-    Raises :class:`LoraxFileError` when no given component has a LoRA-X adapter of that name, or ``training`` is not
-    JSON-serialisable.
+    Components may use different configs (each is recorded). Raises :class:`LoraxFileError`, writing nothing, when
+    no given component has a LoRA-X adapter of that name, a layer does not follow its component's config, a core holds
+    NaN/Inf, or ``training`` is not JSON-serialisable.
     """
     from safetensors.torch import save_file
 
@@ -191,11 +192,16 @@ def _config_of(model: torch.nn.Module, adapter_name: str, found: dict[str, tuple
                ) -> LoraXConfig:
     """The config :func:`~diffusers_lorax.add_lorax_adapter` recorded on ``model``; for an adapter built otherwise,
     one that gives every layer its r (the largest r, capped per layer) and its core."""
-    config = getattr(model, "lorax_configs", {}).get(adapter_name)
-    if config is not None:
-        return config
     cores = [core for _, core in found.values()]
-    return LoraXConfig(r=max(core.r for core in cores), core=cores[0].core)
+    config = getattr(model, "lorax_configs", {}).get(adapter_name) or LoraXConfig(r=max(c.r for c in cores),
+                                                                                 core=cores[0].core)
+    odd = next((name for name, (_, c) in found.items()
+                if c.r != config.r_for(c.base_shape) or c.core != config.core), None)
+    if odd is not None:
+        raise LoraxFileError(f"layer {odd} of the LoRA-X adapter {adapter_name!r} does not follow its component's "
+                             f"config (r={config.r}, core={config.core}); nothing was written. Build each "
+                             "component's adapter with one add_lorax_adapter call")
+    return config
 
 
 def _lora_A_of(model: torch.nn.Module, name: str, adapter_name: str) -> torch.Tensor:

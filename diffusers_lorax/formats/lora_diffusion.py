@@ -45,8 +45,8 @@ def normalise(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | No
     ``<model>:<i>`` pair, the module found by enumeration (see the module docstring); ranks from the metadata.
 
     Raises :class:`InvalidLoraError` when a pair is incomplete, a rank disagrees with its tensor, the UNet part
-    comes without a ``unet_config`` (the module tree is needed to name its layers), or no enumeration of the
-    listed classes has exactly the file's layers and shapes."""
+    comes without a ``unet_config`` (of the model the LoRA was trained on: its module tree names the layers), or no
+    enumeration of the listed classes has exactly the file's layers and shapes."""
     metadata = metadata or {}
     pairs: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     tokens = []
@@ -105,7 +105,8 @@ def _module_names(model: str, ordered: list, metadata: dict, where: str, unet_co
     raise InvalidLoraError(
         f"the lora_diffusion file {where} has {len(shapes)} {model} layers for the classes {listed}, but enumerating "
         f"{classes} over the model's module tree gives {' or '.join(map(str, tried))} layers of other shapes: it was "
-        "trained on another architecture than this pipeline's (check the target), or with other target classes")
+        "trained on another architecture than the base model it is read against (the source: pass the model it was "
+        "trained on), or with other target classes")
 
 
 def _tree(model: str, ordered: list, classes: list[str], search: tuple, unet_config: Any, where: str
@@ -116,8 +117,9 @@ def _tree(model: str, ordered: list, classes: list[str], search: tuple, unet_con
         tree = meta_unet(unet_config)
         if tree is None:
             raise InvalidLoraError(
-                f"the lora_diffusion file {where} names its UNet layers only by position, so reading it needs the "
-                "target's UNet config: pass a target (a pipeline, a diffusers folder or a Hub id) with a UNet")
+                f"the lora_diffusion file {where} names its UNet layers only by position, so reading it needs the UNet "
+                "config of the model it was trained on: pass that model as the source (a pipeline, a diffusers folder "
+                "or a Hub id with a UNet)")
         return tree
     if model.startswith("text_encoder"):
         hidden = int(ordered[0][1].shape[1])
