@@ -2,6 +2,7 @@
 SSD-1B- / Vega-shaped pairs with random weights (docs/performance.md, "Distilled targets").
 
     python benchmarks/correspondence.py [--configs ../shared/realcases/configs] [--pairs bk-sdm-v1-base,ssd-1b]
+                                        [--unrelated PAIRS] [--width 0.25]
 
 Per pair: a teacher UNet of the real config with random weights (seed 0; SD 1.5 in float32, SDXL in float16 as it
 is distributed), a student of the real (BK-SDM) or reconstructed (SSD-1B, Vega: ``registry/build.py``) config
@@ -85,6 +86,19 @@ def pair_configs(configs: Path) -> dict:
     return out
 
 
+def narrow(config: dict, width: float) -> dict:
+    """``config`` with its channel widths (``block_out_channels``, ``cross_attention_dim``) scaled by ``width`` and
+    ``norm_num_groups`` halved until it divides them: the same blocks and layers, smaller weights."""
+    if width == 1:
+        return config
+    out = dict(config, block_out_channels=[int(c * width) for c in config["block_out_channels"]],
+               cross_attention_dim=int(config["cross_attention_dim"] * width))
+    groups = config.get("norm_num_groups", 32)
+    while any(c % groups for c in out["block_out_channels"]):
+        groups //= 2
+    return dict(out, norm_num_groups=groups)
+
+
 def run_pair(name: str, spec: tuple, unrelated: bool) -> dict:
     from diffusers.utils import logging as dlogging
 
@@ -137,9 +151,13 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, default=ROOT.parent / "shared" / "realcases" / "configs")
     parser.add_argument("--pairs", default="bk-sdm-v1-base,bk-sdm-v1-small,bk-sdm-v1-tiny,ssd-1b,vega")
     parser.add_argument("--unrelated", default="bk-sdm-v1-base,ssd-1b", help="pairs also run onto an unrelated student")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="scale every channel width by this (e.g. 0.25; 1 = the real, full-width configs)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    specs = pair_configs(args.configs)
+    specs = {name: (narrow(t, args.width), narrow(s, args.width), *rest)
+             for name, (t, s, *rest) in pair_configs(args.configs).items()}
+    print(f"channel width: {args.width:g} of the real configs")
     print("| pair | LoRA layers | kept | recovered | dropped mapped | unrelated mapped | cold s (phases) | bases | Φ pairs "
           "| warm s | plain load s | warm / plain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -119,14 +119,20 @@ def test_catalogued_hub_ids_are_checked_before_any_download(tmp_path):
 ])
 def test_family_check_refuses_another_architecture_everywhere(tmp_path, lora_family, target_family, label):
     """Pre-flight on the catalogue's own shapes (meta-device models, no ../shared needed): an SDXL LoRA on an SD 1.x
-    target (and the reverse) is an ArchitectureMismatchError, not a per-layer skip or a NoMatchingLayersError."""
+    target (and the reverse) is an ArchitectureMismatchError, not a per-layer skip or a NoMatchingLayersError; the
+    target pipeline gets no adapter and the registry stays empty."""
     from helpers import family_lora, family_pipeline
 
     source, target = family_pipeline(lora_family), family_pipeline(target_family)
-    lora = family_lora(lora_family)
+    lora, registry = family_lora(lora_family), Registry(tmp_path)
     for method in ("copy", "prolora"):
         with pytest.raises(ArchitectureMismatchError, match=label):
-            transfer_lora(source, target, lora, registry=tmp_path, method=method)
+            transfer_lora(source, target, lora, registry=registry, method=method)
+        with pytest.raises(ArchitectureMismatchError, match=label):
+            target.load_lora_weights_cross(source, lora, registry=registry, method=method)
+    assert not any(hasattr(m, "lora_A") for c in ("unet", "text_encoder", "text_encoder_2")
+                   for m in getattr(target, c, torch.nn.Module()).modules())
+    assert all(v == 0 for v in registry.stats().values())
     # the same LoRA on a target of its own family passes the check
     state_dict, report = transfer_lora(source, family_pipeline(lora_family), lora, registry=tmp_path)
     assert len(report.applied) == len(report.layers) == 8 and report.target_family.startswith(report.lora_family[:8])

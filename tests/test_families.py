@@ -136,4 +136,3 @@ def test_student_hub_ids_pass_the_check_for_their_teachers_lora_and_fail_for_oth
     with pytest.raises(ArchitectureMismatchError, match="'segmind/SSD-1B' is SSD-1B"):
         transfer_lora("stable-diffusion-v1-5/stable-diffusion-v1-5", "segmind/SSD-1B", family_lora("sd1"),
                       registry=tmp_path)
-    assert torch.get_default_dtype() == torch.float32

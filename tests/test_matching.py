@@ -174,15 +174,19 @@ def test_sdxl_students_recover_their_kept_blocks(tmp_path, name):
     _check_recovery(teacher, student, teacher_of, StableDiffusionXLPipeline, tmp_path)
 
 
-def test_an_unrelated_target_gets_nothing_and_keeps_pipeline_and_registry(tmp_path):
-    """A student of another teacher (random weights of the same shapes): 0 % mapped, a typed error saying what to
-    do, the target pipeline and the registry unchanged."""
-    teacher = _teacher(SD_TEACHER)
-    stranger = _pipeline(toy.distilled_unet(_teacher(SD_TEACHER, seed=9), BK["base"], family("bk-sdm-v1-base").teacher_module))
-    lora = toy.random_lora(SimpleNamespace(unet=teacher), rank=2, seed=3, targets=LORA_TARGETS)
+@pytest.mark.parametrize("name", ["bk-sdm-v1-base", "ssd-1b"])
+def test_an_unrelated_target_gets_nothing_and_keeps_pipeline_and_registry(tmp_path, name):
+    """A student of another teacher (random weights of the same shapes; SD 1.x-shaped → BK-SDM base, SDXL-shaped →
+    SSD-1B): 0 % mapped, a typed error saying what to do, the target pipeline and the registry unchanged."""
+    config, student, cls = (SD_TEACHER, BK["base"], StableDiffusionPipeline) if name.startswith("bk") else (
+        XL_TEACHER, XL_STUDENTS["ssd-1b"], StableDiffusionXLPipeline)
+    teacher = _teacher(config)
+    stranger = _pipeline(toy.distilled_unet(_teacher(config, seed=9), student, family(name).teacher_module), cls)
+    lora = toy.random_lora(SimpleNamespace(unet=teacher), rank=2, seed=3,
+                           targets=LORA_TARGETS if cls is StableDiffusionPipeline else LORA_TARGETS[:8])
     before, registry = state_of(stranger), Registry(tmp_path)
     with pytest.raises(NoMatchingLayersError, match="no.* related module .* use a target distilled or fine-tuned"):
-        stranger.load_lora_weights_cross(_pipeline(teacher), lora, registry=registry)
+        stranger.load_lora_weights_cross(_pipeline(teacher, cls), lora, registry=registry)
     assert_unchanged(stranger, before)
     assert all(v == 0 for v in registry.stats().values())
 

@@ -10,7 +10,7 @@ best related module, dropped layers skipped; ``"fold"``: and each dropped layer'
 layer of its kind), and with the style LoRA trained on the target; then prints the scores and gap closed
 (``diffusers_lorax/quality/evaluate.py``), and checks the similarity map against the known initialisation map
 (every LoRA layer whose source module the target was initialised from must go to that target module). Offline, on
-the shipped weights; about 3 minutes on two CPU cores.
+the shipped weights; 514 s with the default 8 seeds on two shared CPU cores (the run behind docs/quality.md).
 """
 
 from __future__ import annotations
