@@ -167,6 +167,8 @@ def _skipped(skipped: list[LayerReport], most: int = 3) -> list[str]:
     by_reason: dict[str, int] = {}
     for row in skipped:
         reason = row.reason.split(":")[0] or "not matched"
+        if reason.count("(") > reason.count(")"):  # the cut fell inside a parenthesis: drop it whole
+            reason = reason[: reason.rindex("(")].rstrip()
         by_reason[reason] = by_reason.get(reason, 0) + 1
     ordered = sorted(by_reason.items(), key=lambda item: -item[1])
     lines = [f"  skipped {n}: {reason}" for reason, n in ordered[:most]]

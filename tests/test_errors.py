@@ -42,6 +42,19 @@ def declared_bytes(path):
     return n, max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
 
 
+@pytest.mark.parametrize("name", ["./nope.safetensors", "{tmp}/missing/lora.safetensors", "{tmp}/missing-folder"])
+def test_a_missing_local_lora_says_no_such_file_not_a_hub_error(files, target, tmp_path, monkeypatch, name):
+    """A path that does not exist is not sent to the Hub as a repo id (online or offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe, before = target
+    registry = Registry(tmp_path / "registry")
+    with pytest.raises(InvalidLoraError, match=r"does not exist: no such file or folder") as caught:
+        pipe.load_lora_weights_cross(files / "source", name.format(tmp=tmp_path), registry=registry)
+    assert "huggingface-cli" not in str(caught.value) and "Repo id" not in str(caught.value)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
 def test_truncated_lora_says_so_with_declared_and_actual_bytes(files, target, tmp_path):
     pipe, before = target
     data = (files / "lora.safetensors").read_bytes()

@@ -281,6 +281,8 @@ def test_a_kohya_sdxl_lora_onto_an_ssd1b_shaped_target_applies_every_surviving_b
     ``transformer_blocks.6`` (docs/method.md)."""
     import logging
 
+    from diffusers.utils import logging as diffusers_logging
+
     teacher_of = family("ssd-1b").teacher_module
     teacher = _teacher(XL_TEACHER)
     student = _pipeline(toy.distilled_unet(teacher, XL_STUDENTS["ssd-1b"], teacher_of), StableDiffusionXLPipeline)
@@ -306,9 +308,12 @@ def test_a_kohya_sdxl_lora_onto_an_ssd1b_shaped_target_applies_every_surviving_b
     messages, handler = [], logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("diffusers").addHandler(handler)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # other tests quieten diffusers; its warning is what is compared here
     try:
         fresh.load_lora_weights(dict(kohya), adapter_name="plain")
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         logging.getLogger("diffusers").removeHandler(handler)
     plain = {n: m for n, m in fresh.unet.named_modules() if hasattr(m, "lora_A") and "plain" in m.lora_A}
     assert len(plain) == 360 and set(plain) == {r.module for r in report.layers} & set(expected.values())

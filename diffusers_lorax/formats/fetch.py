@@ -40,6 +40,9 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
     from diffusers.loaders.lora_base import _fetch_state_dict
 
     label = describe(lora)
+    if _missing_path(lora):
+        raise InvalidLoraError(f"the LoRA {label} does not exist: no such file or folder (and it is not a Hugging Face "
+                               "Hub repo id, `owner/name`). Check the path")
     local = _local_file(lora, weight_name, subfolder)
     if local is not None:
         _check_truncated(local)
@@ -72,6 +75,23 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()
+
+
+def _missing_path(lora: Any) -> bool:
+    """Whether ``lora`` names a local path that does not exist: it does not exist and is no valid Hub repo id
+    (``huggingface_hub``'s own check), or it looks like a path (``./``, ``/``, ``~``, a weight file's suffix)."""
+    text = str(lora)
+    if Path(text).exists():
+        return False
+    if text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
 
 
 def _local_file(lora: Any, weight_name: str | None, subfolder: str | None) -> Path | None:
