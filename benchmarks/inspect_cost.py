@@ -76,33 +76,18 @@ def lycoris(lora: dict[str, torch.Tensor], algo: str, rank: int = 8) -> dict[str
 
 
 def meta_pipeline(name: str):
+    """The family's pipeline on the meta device (``toy.meta_pipeline``): its UNet from the known config, its text
+    encoders as meta modules of the catalogued shapes; and the UNet's config."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
 
     cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
-
-    class Meta(cls):
-        def __init__(self, components):
-            for component, module in components.items():
-                object.__setattr__(self, component, module)
-
     fam = next(f for f in families() if f.name == name)
     components = {"unet": meta_unet(KNOWN_UNETS[name])}
-    for component, shapes in fam.shapes.items():
-        if component != "unet":
-            root = torch.nn.Module()
-            with torch.device("meta"):
-                for module, shape in shapes.items():
-                    parent = root
-                    *path, leaf = module.split(".")
-                    for part in path:
-                        if not hasattr(parent, part):
-                            parent.add_module(part, torch.nn.Module())
-                        parent = getattr(parent, part)
-                    parent.add_module(leaf, torch.nn.Linear(shape[1], shape[0]))
-            components[component] = root
-    return Meta(components), components["unet"].config
+    components |= {component: toy.meta_modules(shapes) for component, shapes in fam.shapes.items()
+                   if component != "unet"}
+    return toy.meta_pipeline(cls, components), components["unet"].config
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from .lora import LoraLayer
 from .models import BaseModel
 from .options import TransferRequest
 from .report import TransferReport
-from .weights import _file_identity, _tensor_state, component_files, fingerprint
+from .weights import _file_identity, component_files, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -262,7 +262,7 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = ("unet", *
             digest.update(f"|{component}|{getattr(module, 'config', '')}".encode())
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 if ".lora_" not in name and "lora_magnitude" not in name:
-                    digest.update(f"|{name.replace('.base_layer', '')}={_memo_fingerprint(tensor)}".encode())
+                    digest.update(f"|{name.replace('.base_layer', '')}={memoised_fingerprint(tensor)}".encode())
         return digest.hexdigest()
     for component in components:
         config = model.resolve(f"{component}/config.json")
@@ -272,16 +272,6 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = ("unet", *
         for path in component_files(component, model.options.variant, model.resolve, model.label):
             digest.update(f"|{_file_id(path)}".encode())
     return digest.hexdigest()
-
-
-def _memo_fingerprint(tensor: torch.Tensor) -> str:
-    state = _tensor_state(tensor, ())
-    memo = getattr(tensor, "_lorax_fingerprint", None)
-    if memo is not None and memo[0] == state:
-        return memo[1]
-    value = fingerprint(tensor)
-    tensor._lorax_fingerprint = (state, value)
-    return value
 
 
 def _file_id(path: Path) -> str:

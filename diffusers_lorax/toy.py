@@ -268,3 +268,31 @@ def to_kohya(peft_lora: dict[str, torch.Tensor], alphas: dict[str, float] | None
         alpha_key = next(k for k in stem if k.endswith(".alpha"))
         out[alpha_key if sdxl else alpha_key.replace("lora_te1_", "lora_te_")] = torch.tensor(float(alpha))
     return out
+
+
+def meta_modules(shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
+    """A module tree on the ``meta`` device (no memory) with, at each dotted name of ``shapes``, a ``Linear`` for a
+    2-D weight shape ``(out, in)`` or a ``Conv2d`` for a 4-D one ``(out, in, kh, kw)``: real architecture shapes
+    for tests and benchmarks that only read names and shapes."""
+    root = torch.nn.Module()
+    with torch.device("meta"):
+        for module, shape in shapes.items():
+            parent = root
+            *path, leaf = module.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            layer = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(
+                shape[1], shape[0], shape[2:])
+            parent.add_module(leaf, layer)
+    return root
+
+
+def meta_pipeline(cls: type, components: dict[str, torch.nn.Module]) -> Any:
+    """An instance of the pipeline class ``cls`` that holds ``components`` (e.g. :func:`meta_modules` trees) and
+    nothing else: its ``__init__`` (tokenizers, scheduler, VAE) is not run."""
+    pipe = cls.__new__(cls)
+    for component, module in components.items():
+        object.__setattr__(pipe, component, module)
+    return pipe

@@ -119,14 +119,19 @@ class PipelineWeights:
         """Memoised on the parameter itself while its storage, autograd version counter, PEFT merge state and a
         probe of its values are unchanged (see :func:`_tensor_state`); hashed in full otherwise."""
         mod = self._module(component, module)
-        param = getattr(mod, "base_layer", mod).weight
-        state = _tensor_state(param, tuple(getattr(mod, "merged_adapters", ())))
-        memo = getattr(param, "_lorax_fingerprint", None)
-        if memo is not None and memo[0] == state:
-            return memo[1]
-        value = fingerprint(param)
-        param._lorax_fingerprint = (state, value)
-        return value
+        return memoised_fingerprint(getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ())))
+
+
+def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
+    """:func:`fingerprint` of ``param``, memoised on the tensor itself while :func:`_tensor_state` (with the PEFT
+    adapters ``merged`` into it) is unchanged; hashed in full otherwise."""
+    state = _tensor_state(param, merged)
+    memo = getattr(param, "_lorax_fingerprint", None)
+    if memo is not None and memo[0] == state:
+        return memo[1]
+    value = fingerprint(param)
+    param._lorax_fingerprint = (state, value)
+    return value
 
 
 def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:

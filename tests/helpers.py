@@ -164,37 +164,32 @@ def assert_unchanged(pipe, before):
         assert torch.equal(v, now_params[k]), k
 
 
+def find_modules_v2(model, ancestor_class, search_class):
+    """lora_diffusion's ``_find_modules_v2`` (github.com/cloneofsimo/lora, lora_diffusion/lora.py): the modules it
+    adapts, in that project's order, as ``(full name, module)``: every ``search_class`` module inside every module
+    whose class name is in ``ancestor_class``."""
+    for prefix, ancestor in model.named_modules():
+        if ancestor.__class__.__name__ in ancestor_class:
+            for name, module in ancestor.named_modules():
+                if isinstance(module, tuple(search_class)):
+                    yield f"{prefix}.{name}", module
+
+
 def family_pipeline(name):
-    """A ``StableDiffusionPipeline`` subclass instance whose components hold meta-device Linear/Conv2d modules of
-    exactly the catalogued family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
+    """A ``StableDiffusionPipeline`` instance whose components hold meta-device Linear/Conv2d modules of exactly the
+    catalogued family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
     from diffusers import StableDiffusionPipeline
 
+    from diffusers_lorax import toy
     from diffusers_lorax.registry.families import families
 
     family = next(f for f in families() if f.name == name)
-
-    class MetaPipeline(StableDiffusionPipeline):
-        def __init__(self, components):
-            for component, module in components.items():
-                object.__setattr__(self, component, module)
-
     components = {}
     for component, shapes in family.shapes.items():
-        root = torch.nn.Module()
-        with torch.device("meta"):
-            for module, shape in shapes.items():
-                parent = root
-                *path, leaf = module.split(".")
-                for part in path:
-                    if not hasattr(parent, part):
-                        parent.add_module(part, torch.nn.Module())
-                    parent = getattr(parent, part)
-                layer = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(
-                    shape[1], shape[0], shape[2:])
-                parent.add_module(leaf, layer)
+        root = toy.meta_modules(shapes)
         root.config = None  # no diffusers config: LoRAs are read without the UNet's block layout
         components[component] = root
-    return MetaPipeline(components)
+    return toy.meta_pipeline(StableDiffusionPipeline, components)
 
 
 def family_lora(name, component="unet", rank=4, count=8, seed=0):

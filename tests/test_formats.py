@@ -15,7 +15,7 @@ from diffusers_lorax import InvalidLoraError, Registry, UnsupportedFormatError, 
 from diffusers_lorax.formats import detect, lycoris, normalise
 from diffusers_lorax.lora import read_lora
 
-from helpers import assert_unchanged, state_of
+from helpers import assert_unchanged, find_modules_v2, state_of
 
 
 #: The classic sd-scripts LyCORIS target set: every Linear and Conv2d of the UNet's transformer, resnet and
@@ -319,16 +319,6 @@ def test_lycoris_full_with_a_bias_difference_is_refused(base, preset):
 
 
 # -- cloneofsimo lora_diffusion -------------------------------------------------------------------------------------
-def find_modules_v2(model, ancestor_class, search_class):
-    """lora_diffusion's ``_find_modules_v2`` (github.com/cloneofsimo/lora, lora_diffusion/lora.py) on a real model,
-    as that project enumerates the modules it adapts; yields full module names."""
-    for prefix, ancestor in model.named_modules():
-        if ancestor.__class__.__name__ in ancestor_class:
-            for name, module in ancestor.named_modules():
-                if any(isinstance(module, c) for c in search_class):
-                    yield f"{prefix}.{name}"
-
-
 def write_lora_diffusion(pipe, path, unet_classes, te_classes, search_class, rank=3, seed=4, token=True):
     """A lora_diffusion safetensors file to the project's documented scheme (``save_safeloras_with_embeds``):
     ``<model>:<i>:up``/``down``, metadata ``<model>`` = JSON target classes and ``<model>:<i>:rank``, a
@@ -339,7 +329,7 @@ def write_lora_diffusion(pipe, path, unet_classes, te_classes, search_class, ran
         model = getattr(pipe, model_name)
         metadata[model_name] = json.dumps(classes)
         present = {c.replace("CrossAttention", "Attention") for c in classes}  # the class was renamed in diffusers
-        for i, name in enumerate(find_modules_v2(model, present, search_class)):
+        for i, (name, _) in enumerate(find_modules_v2(model, present, search_class)):
             W = model.get_submodule(name).weight
             down = torch.randn(rank, *W.shape[1:], generator=gen) * 0.1
             up = torch.randn(W.shape[0], rank, *([1, 1] if W.ndim == 4 else []), generator=gen) * 0.1

@@ -15,7 +15,7 @@ from diffusers_lorax.cli import main
 from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
 from diffusers_lorax.registry.families import families
 
-from helpers import save_toy_pair
+from helpers import find_modules_v2, save_toy_pair
 
 LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 OTHER = {"sd1": "sdxl", "sd2": "sd1", "sdxl": "sd2"}
@@ -85,15 +85,6 @@ def sgm_names(kohya):
     return out
 
 
-def find_modules_v2(model, ancestor_class, search_class=(torch.nn.Linear,)):
-    """lora_diffusion's ``_find_modules_v2`` enumeration (github.com/cloneofsimo/lora, lora_diffusion/lora.py)."""
-    for prefix, ancestor in model.named_modules():
-        if ancestor.__class__.__name__ in ancestor_class:
-            for sub, module in ancestor.named_modules():
-                if isinstance(module, search_class):
-                    yield f"{prefix}.{sub}", tuple(module.weight.shape)
-
-
 def lora_diffusion_lora(name, rank=3):
     """``(tensors, metadata)`` of a lora_diffusion safetensors file (``<model>:<i>:up/down``, target classes and
     ranks in the metadata, a ``<s1>`` token) over the family's UNet and first text encoder, default targets."""
@@ -108,7 +99,8 @@ def lora_diffusion_lora(name, rank=3):
     for model, tree, classes in (("unet", meta_unet(KNOWN_UNETS[name]), ["CrossAttention", "Attention", "GEGLU"]),
                                  ("text_encoder", clip, ["CLIPAttention"])):
         metadata[model] = json.dumps(classes)
-        for i, (_, shape) in enumerate(find_modules_v2(tree, {"Attention", "GEGLU", "CLIPAttention"})):
+        for i, (_, module) in enumerate(find_modules_v2(tree, {"Attention", "GEGLU", "CLIPAttention"}, [torch.nn.Linear])):
+            shape = tuple(module.weight.shape)
             tensors[f"{model}:{i}:up"], tensors[f"{model}:{i}:down"] = torch.ones(shape[0], rank), torch.ones(rank, shape[1])
             metadata[f"{model}:{i}:rank"] = str(rank)
     return tensors, metadata
@@ -150,28 +142,9 @@ def meta_pipeline(name):
     """A pipeline of the family's real architecture on the meta device (no memory): its UNet from the family's
     config, its text encoders as meta modules of the catalogued shapes."""
     cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
-
-    class Meta(cls):
-        def __init__(self, components):
-            for component, module in components.items():
-                object.__setattr__(self, component, module)
-
-    components = {"unet": meta_unet(KNOWN_UNETS[name])}
-    for component, shapes in family(name).shapes.items():
-        if component == "unet":
-            continue
-        root = torch.nn.Module()
-        with torch.device("meta"):
-            for module, shape in shapes.items():
-                parent = root
-                *path, leaf = module.split(".")
-                for part in path:
-                    if not hasattr(parent, part):
-                        parent.add_module(part, torch.nn.Module())
-                    parent = getattr(parent, part)
-                parent.add_module(leaf, torch.nn.Linear(shape[1], shape[0]))
-        components[component] = root
-    return Meta(components)
+    components = {component: toy.meta_modules(shapes) for component, shapes in family(name).shapes.items()
+                  if component != "unet"}
+    return toy.meta_pipeline(cls, {"unet": meta_unet(KNOWN_UNETS[name]), **components})
 
 
 def test_known_unet_configs_reproduce_the_registry_shapes():

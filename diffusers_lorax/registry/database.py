@@ -67,26 +67,28 @@ class AdapterRow(BlobColumns, Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
-class CalibrationRow(Base):
-    """A calibration result (scales and what they were matched on, JSON), keyed by a hash of everything it depends
-    on (``calibration.calibration_key``). No blob: one scale per applied layer, a few kilobytes."""
+class JsonColumns:
+    """The columns of a small entry stored inline as JSON (no blob): its key, value, creation and last use (epoch
+    seconds)."""
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used: Mapped[float] = mapped_column(Float)
+
+
+class CalibrationRow(JsonColumns, Base):
+    """A calibration result (scales and what they were matched on), keyed by a hash of everything it depends on
+    (``calibration.calibration_key``). One scale per applied layer, a few kilobytes."""
 
     __tablename__ = "calibrations"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[float] = mapped_column(Float)
-    last_used: Mapped[float] = mapped_column(Float)
 
 
-class CorrespondenceRow(Base):
-    """A layer correspondence by subspace similarity (per LoRA layer: target module, how, why, Φ_U, Φ_V; JSON), keyed
-    by a hash of both models' candidate weights and the rule (``correspondence.correspondence_key``). No blob."""
+class CorrespondenceRow(JsonColumns, Base):
+    """A layer correspondence by subspace similarity (per LoRA layer: target module, how, why, Φ_U, Φ_V), keyed by a
+    hash of both models' candidate weights and the rule (``correspondence.correspondence_key``)."""
 
     __tablename__ = "correspondences"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[float] = mapped_column(Float)
-    last_used: Mapped[float] = mapped_column(Float)
 
 
 class MetaRow(Base):

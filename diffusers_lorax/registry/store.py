@@ -148,22 +148,20 @@ class Registry(RegistryMaintenance):
 
     def get_calibration(self, key: str) -> dict | None:
         """A stored calibration result (JSON object) for a calibration key, or ``None``."""
-        with Session(self.engine) as session:
-            row = session.get(CalibrationRow, key)
-            value = row.value if row is not None else None
-        if value is None:
-            return None
-        self._touch(CalibrationRow, CalibrationRow.key, [key])
-        return json.loads(value)
+        return self._get_json(CalibrationRow, key)
 
     def get_correspondence(self, key: str) -> list | None:
         """A stored layer correspondence (one row per LoRA layer, JSON) for a correspondence key, or ``None``."""
+        return self._get_json(CorrespondenceRow, key)
+
+    def _get_json(self, table, key: str):
+        """The decoded value of ``table``'s entry ``key`` (marked used), or ``None``."""
         with Session(self.engine) as session:
-            row = session.get(CorrespondenceRow, key)
+            row = session.get(table, key)
             value = row.value if row is not None else None
         if value is None:
             return None
-        self._touch(CorrespondenceRow, CorrespondenceRow.key, [key])
+        self._touch(table, table.key, [key])
         return json.loads(value)
 
     def _read(self, table, where, blob: str, checksum: str) -> Path | None:
