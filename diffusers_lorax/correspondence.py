@@ -23,7 +23,6 @@ registry under a key of both models' candidate weights and the rule: a repeated 
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from .matching import Matches
 from .options import DEFAULT_RANK
 from .projection import Bases
 from .report import TransferReport
-from .weights import BaseModelWeights
+from .weights import BaseModelWeights, fingerprints
 
 #: Truncation of the bases compared: k = this fraction of ``min(m, n)`` (the projections' default rank).
 MATCH_RANK: float = DEFAULT_RANK
@@ -130,13 +129,10 @@ class Correspondence:
             self.order[i] = sorted(peers.get(group, [s.position])).index(s.position)
 
     def fingerprints(self) -> tuple[dict[int, str], dict[Key, str]]:
-        """Source fingerprint per layer and target fingerprint per candidate, on every core."""
+        """Source fingerprint per layer and target fingerprint per candidate."""
         wanted = sorted({key for keys in self.candidates.values() for key in keys})
-        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            src = dict(zip(self.candidates, pool.map(lambda i: self.weights["source"].fingerprint(*self.layers[i].key),
-                                                      self.candidates)))
-            tgt = dict(zip(wanted, pool.map(lambda key: self.weights["target"].fingerprint(*key), wanted)))
-        return src, tgt
+        src = fingerprints(self.weights["source"], [self.layers[i].key for i in self.candidates])
+        return {i: src[self.layers[i].key] for i in self.candidates}, fingerprints(self.weights["target"], wanted)
 
     def measure(self, src: dict[int, str], tgt: dict[Key, str], registry, txn, report: TransferReport) -> None:
         """Φ_U, Φ_V of every (layer, candidate) pair: 1 for identical weights (and then no other candidate is

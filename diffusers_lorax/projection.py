@@ -9,7 +9,6 @@ strategy. The result is a PEFT-format state dict with alpha folded into ``lora_B
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import torch
@@ -24,7 +23,7 @@ from .registry import Registry, Transaction
 from .registry.store import StoredBasis
 from .report import PhaseClock, TransferReport
 from .subspace import Basis
-from .weights import BaseModelWeights, PipelineWeights, fingerprint
+from .weights import BaseModelWeights, PipelineWeights, fingerprint, fingerprints
 
 #: The per-layer report fields a cached adapter restores.
 _ROW_FIELDS = ("applied", "reason", "k", "phi_u", "phi_v", "r_out", "kept")
@@ -99,16 +98,10 @@ def _project(layers, matched, bases: Bases, config, report, registry, txn) -> di
 
 
 def _fingerprints(layers, matched, weights) -> dict[int, tuple[str, str]]:
-    """(source, target) fingerprints per matched layer, on every core (XXH3 at memory speed; each thread holds one
-    weight at a time; unchanged source files are not read again within a process)."""
-    from diffusers.utils.logging import tqdm
-
-    def both(i: int) -> tuple[str, str]:
-        return weights["source"].fingerprint(*layers[i].key), weights["target"].fingerprint(*matched[i])
-
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        jobs = tqdm(pool.map(both, matched), total=len(matched), desc="fingerprints", disable=len(matched) < 64)
-        return dict(zip(matched, jobs))
+    """(source, target) fingerprints per matched layer (:func:`~diffusers_lorax.weights.fingerprints`)."""
+    src = fingerprints(weights["source"], [layers[i].key for i in matched])
+    tgt = fingerprints(weights["target"], list(matched.values()))
+    return {i: (src[layers[i].key], tgt[matched[i]]) for i in matched}
 
 
 def adapter_key(

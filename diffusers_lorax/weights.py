@@ -11,7 +11,9 @@ Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +46,10 @@ class BaseModelWeights(Protocol):
     def fingerprint(self, component: str, module: str) -> str:
         """:func:`fingerprint` of the ``module``'s weight. Raises ``SourceModelError`` if it is absent."""
 
+    def known_fingerprint(self, component: str, module: str) -> str | None:
+        """The ``module``'s fingerprint when it is known without reading the weight (memoised in this process and
+        still valid), else ``None``. Raises ``SourceModelError`` if it is absent."""
+
 
 def fingerprint(weight: torch.Tensor) -> str:
     """Content fingerprint of a weight: XXH3-128 (hex, 32 chars) over dtype, shape and the raw bytes.
@@ -67,8 +73,27 @@ _FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
 
 
 def _file_identity(path: Path) -> tuple[str, int, int]:
+    # abspath, not resolve(): this runs once per weight on every warm call, and resolve() walks the file system
     stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """:meth:`BaseModelWeights.fingerprint` of every ``(component, module)`` of ``keys``: those known without
+    reading (a warm call) in this thread, the others hashed on every core (XXH3 at memory speed; each thread holds
+    one weight at a time), with a progress bar from 64 weights. Raises ``SourceModelError`` for an absent one."""
+    from diffusers.utils.logging import tqdm
+
+    out = {key: weights.known_fingerprint(*key) for key in dict.fromkeys(keys)}
+    todo = [key for key, value in out.items() if value is None]
+    if len(todo) == 1:
+        out[todo[0]] = weights.fingerprint(*todo[0])
+    elif todo:  # a thread pool costs more than a memo lookup: only for weights that must be read
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            jobs = pool.map(lambda key: weights.fingerprint(*key), todo)
+            out.update(zip(todo, tqdm(jobs, total=len(todo), desc=f"fingerprints ({weights.label})",
+                                      disable=len(todo) < 64)))
+    return out
 
 
 class PipelineWeights:
@@ -121,6 +146,10 @@ class PipelineWeights:
         mod = self._module(component, module)
         return memoised_fingerprint(getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ())))
 
+    def known_fingerprint(self, component: str, module: str) -> str | None:
+        mod = self._module(component, module)
+        return known_fingerprint(getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ())))
+
 
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
     """:func:`fingerprint` of ``param``, memoised on the tensor itself while :func:`_tensor_state` (with the PEFT
@@ -132,6 +161,12 @@ def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> s
     value = fingerprint(param)
     param._lorax_fingerprint = (state, value)
     return value
+
+
+def known_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str | None:
+    """The memo of :func:`memoised_fingerprint` when it is still valid, else ``None`` (nothing is hashed)."""
+    memo = getattr(param, "_lorax_fingerprint", None)
+    return memo[1] if memo is not None and memo[0] == _tensor_state(param, merged) else None
 
 
 def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
@@ -216,6 +251,10 @@ class SafetensorsWeights:
         if memo not in _FILE_FINGERPRINTS:
             _FILE_FINGERPRINTS[memo] = fingerprint(self.weight(component, module))
         return _FILE_FINGERPRINTS[memo]
+
+    def known_fingerprint(self, component: str, module: str) -> str | None:
+        path, key = self._locate(component, module)
+        return _FILE_FINGERPRINTS.get((*_file_identity(path), key))
 
 
 def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:

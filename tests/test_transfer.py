@@ -448,6 +448,34 @@ def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry
     assert {c for c, _ in read} == {"unet"}
 
 
+def test_batch_fingerprints_hash_only_the_weights_not_known(folders, monkeypatch):
+    from diffusers_lorax import weights
+
+    hashed = []
+    original = weights.fingerprint
+    monkeypatch.setattr(weights, "fingerprint", lambda t: hashed.append(tuple(t.shape)) or original(t))
+    monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # as in a new process
+    target = make_target()
+    names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", "up_blocks.0.attentions.0.proj_in"]
+    keys = [("unet", n) for n in names]
+    folder = diffusers_lorax.models.BaseModel(folders / "source", diffusers_lorax.options.HubOptions(), "source")
+    for reader in (weights.PipelineWeights(target), folder.weights(["unet"])):
+        assert [reader.known_fingerprint(*key) for key in keys] == [None] * 3  # nothing hashed yet
+        hashed.clear()
+        found = weights.fingerprints(reader, keys + keys[:1])  # a repeated key is hashed once
+        assert len(hashed) == 3 and set(found) == set(keys)
+        assert all(found[key] == original(reader.weight(*key)) == reader.known_fingerprint(*key) for key in keys)
+        hashed.clear()
+        assert weights.fingerprints(reader, keys) == found and hashed == []  # warm: answered from the memo
+    with torch.no_grad():
+        target.unet.get_submodule(names[1]).weight.add_(1.0)
+    reader = weights.PipelineWeights(target)
+    assert reader.known_fingerprint(*keys[1]) is None  # changed since hashed: not known any more
+    assert weights.fingerprints(reader, keys)[keys[1]] == original(target.unet.get_submodule(names[1]).weight)
+    assert len(hashed) == 1
+
+
 def test_pipeline_fingerprints_are_memoised_until_the_weight_changes(source, lora, monkeypatch):
     from diffusers_lorax import weights
 
