@@ -123,10 +123,11 @@ def _alternatives(lora_family: Family) -> str:
 
 
 def _refiner_message(found: Family, where: str) -> str:
+    base = family(found.related).label if found.related else "its base model"  # the catalogue names the refiner's base
     return (
-        f"the target {where} is the {found.label}, which is not an SDXL base architecture (a 384-channel UNet "
-        "conditioned on one 1280-wide text encoder, for the last denoising steps): SDXL LoRAs do not apply to it. "
-        "Load the LoRA on the SDXL base pipeline (or a fine-tune or student of it) and run the refiner without it."
+        f"the target {where} is the {found.label}, which is not a {base} base architecture (a 384-channel UNet "
+        "conditioned on one 1280-wide text encoder, for the last denoising steps): LoRAs of that family do not apply to "
+        f"it. Load the LoRA on the {base} pipeline (or a fine-tune or student of it) and run the refiner without it."
     )
 
 

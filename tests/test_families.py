@@ -106,7 +106,7 @@ def test_a_teacher_lora_onto_its_student_passes_the_family_check(tmp_path):
 def test_a_refiner_target_is_refused_with_what_to_do(tmp_path):
     target, registry = family_pipeline("sdxl-refiner"), Registry(tmp_path)
     for method in ("copy", "prolora"):
-        with pytest.raises(ArchitectureMismatchError, match="refiner, which is not an SDXL base architecture.*Load the LoRA on the SDXL base"):
+        with pytest.raises(ArchitectureMismatchError, match="refiner, which is not a Stable Diffusion XL base architecture.*Load the LoRA on the Stable Diffusion XL pipeline"):
             target.load_lora_weights_cross(family_pipeline("sdxl"), family_lora("sdxl"), registry=registry, method=method)
     assert _untouched(target)
     assert all(v == 0 for v in registry.stats().values())

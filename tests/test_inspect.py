@@ -111,7 +111,7 @@ def lorax_lora(name, r=4):
     layers = {k.removesuffix(".lora_A.weight"): v for k, v in peft_lora(name).items() if k.endswith(".lora_A.weight")}
     shapes = {key: list(family(name).shapes[key.split(".")[0]][key.split(".", 1)[1].removeprefix("text_model.")])
               for key in layers}
-    meta = {"source": {"hub_id": family(name).hub_ids[0], "revision": None}, "config": {}, "standalone": False,
+    meta = {"source": {"hub_id": family(name).hub_ids[0], "revision": None}, "config": {"r": r}, "standalone": False,
             "layers": {key: {"r": r, "shape": shape, "fingerprint": "0" * 32} for key, shape in shapes.items()}}
     tensors = {f"{key}.lorax_core": torch.ones(r) for key in layers}
     return tensors, {"format": "lora-x", "format_version": "1", "lorax": json.dumps(meta)}
@@ -170,6 +170,7 @@ def test_inspect_answers_for_every_family_and_format(name, fmt, tmp_path):
         assert any("<s1>" in note for note in found.notes) and found.alphas == {"none": n}
     if fmt == "lora-x":
         assert found.base_model["lora-x source"] == family(name).hub_ids[0]
+        assert [n for n in found.notes if n.startswith("LoRA-X rank option r = 4 ")], found.notes
     on_same = inspect_lora(path, meta_pipeline(name))
     assert len(on_same.applies) == n and not on_same.skipped and on_same.verdict.startswith(f"all {n} layers apply")
     on_other = inspect_lora(path, meta_pipeline(OTHER[name]))

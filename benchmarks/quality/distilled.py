@@ -2,6 +2,7 @@
 PNG grid.
 
     python benchmarks/quality/distilled.py [--seeds 8] [--grid distilled_grid.png] [--assets DIR]
+    python benchmarks/quality/distilled.py --scores   # the threshold's margin (docs/method.md), about 10 s
 
 For ``target-distilled`` (initialised from the source by name) and ``target-renamed`` (initialised BK-SDM style: an up
 stage's second layer from the teacher's third) it generates the ten styled prompts × ``--seeds`` seeds with no LoRA,
@@ -11,6 +12,10 @@ layer of its kind), and with the style LoRA trained on the target; then prints t
 (``diffusers_lorax/quality/evaluate.py``), and checks the similarity map against the known initialisation map
 (every LoRA layer whose source module the target was initialised from must go to that target module). Offline, on
 the shipped weights; 514 s with the default 8 seeds on two shared CPU cores (the run behind docs/quality.md).
+
+``--scores``: per target, the score ``min(ρ_U, ρ_V)`` of every (LoRA layer, candidate) pair of the UNet, split into
+the pairs the initialisation map relates and all the others: the margin :data:`~diffusers_lorax.correspondence.
+MATCH_THRESHOLD` sits in.
 """
 
 from __future__ import annotations
@@ -54,16 +59,51 @@ def check_map(target: str, assets: Path, registry) -> tuple[int, int]:
     return right, len(rows)
 
 
+def scores(target: str, assets: Path, registry) -> tuple[list[float], list[float]]:
+    """Scores of the UNet's (LoRA layer, candidate) pairs on ``target``: (those the initialisation map relates, the
+    others), each sorted, from the Φ the correspondence measures (computed once, then from ``registry``)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_lorax.correspondence import Correspondence, score
+    from diffusers_lorax.lora import read_lora
+    from diffusers_lorax.models import BaseModel
+    from diffusers_lorax.report import TransferReport
+
+    layers = read_lora(StableDiffusionPipeline, str(assets / SOURCE_LORA))
+    weights = {role: BaseModel(assets / name, role=role).weights(["unet", "text_encoder"])
+               for role, name in (("source", "source"), ("target", target))}
+    found = Correspondence(layers, weights)
+    with registry.begin() as txn:
+        found.measure(*found.fingerprints(), registry, txn, TransferReport("source", target, "lora", "copy", 0.5, 0.9))
+    expected = {INIT_MAPS[target](m): m for m in weights["target"].shapes("unet")}
+    related, others = [], []
+    for (i, (component, module)), phi in found.phi.items():
+        if component == "unet":
+            value = score(*phi, found.ks[i], layers[i].weight_shape)
+            (related if expected.get(layers[i].key[1]) == module else others).append(value)
+    return sorted(related), sorted(others)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default 8: 80 images per row)")
     parser.add_argument("--grid", type=Path, default=Path("distilled_grid.png"), help="where to write the PNG grid")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="testbed folder (default: the shipped one)")
+    parser.add_argument("--scores", action="store_true", help="only print the threshold's margin per target")
     args = parser.parse_args()
     quiet_logging()
     torch.set_num_threads(2)
     started = time.perf_counter()
     from diffusers_lorax import Registry
+    from diffusers_lorax.correspondence import MATCH_THRESHOLD
+
+    if args.scores:
+        with tempfile.TemporaryDirectory() as folder:
+            for target in TARGETS:
+                related, others = scores(target, args.assets, Registry(folder))
+                print(f"{target}: {len(related)} related pairs score {related[0]:.3f}–{related[-1]:.3f}; the "
+                      f"{len(others)} others at most {others[-1]:.3f} (threshold {MATCH_THRESHOLD})")
+        return
 
     scorers = Scorers(args.assets / "classifiers.safetensors")
     digits, seeds = list(range(10)), list(range(args.seeds))

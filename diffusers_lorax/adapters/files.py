@@ -220,6 +220,13 @@ def is_lorax_metadata(metadata: dict[str, str] | None) -> bool:
     return bool(metadata) and metadata.get("format") == FORMAT
 
 
+#: Compact files read and checked in this process, by (absolute path, size, mtime in ns): a repeated load re-reads
+#: and re-checks nothing (a rewritten file has a new mtime). Standalone files, and compact files over
+#: ``_MEMO_BYTES`` (full cores of a large model), are not kept in memory.
+_READ: dict[tuple[str, int, int], LoraXFile] = {}
+_MEMO_BYTES = 8 * 2**20
+
+
 def read_lorax_file(path: str | os.PathLike) -> LoraXFile:
     """Read and check a LoRA-X file (compact or standalone).
 
@@ -230,13 +237,20 @@ def read_lorax_file(path: str | os.PathLike) -> LoraXFile:
 
     path = Path(path)
     try:
+        stat = path.stat()
+        memo = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        if memo in _READ:
+            return _READ[memo]
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
         raise LoraxFileError(f"cannot read the LoRA-X file {path}: {err}; the file is damaged or truncated: "
                              "download or save it again") from err
-    return parse_lorax(metadata, tensors, path)
+    found = parse_lorax(metadata, tensors, path)
+    if not found.standalone and stat.st_size <= _MEMO_BYTES:
+        _READ[memo] = found
+    return found
 
 
 def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: Path | None = None) -> LoraXFile:
