@@ -56,6 +56,20 @@ def run_demo(workdir: Path | None = None) -> list:
     path = root / "lorax_demo_grid.png"
     grid(sections, len(SEEDS), path)
     print(table(rows))
+    for note in content_notes(rows):
+        print(f"note: {note}")
     print(f"\nimages: {path} (rows: methods; columns: prompts 'a handwritten digit zero … nine in lrx style')")
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return rows
+
+
+#: Content accuracy below which a transferred row is pointed out: it draws another digit, not only another style.
+CONTENT_NOTE_BELOW = 0.9
+
+
+def content_notes(rows: list) -> list[str]:
+    """A line per transferred row (one with a report) whose content accuracy is below :data:`CONTENT_NOTE_BELOW`."""
+    return [f"{row.target}, {row.method}: content accuracy {row.content:.2f} (the digit asked for is drawn in "
+            f"{row.content:.0%} of images): on this target the transfer changes what is drawn, not only its style. "
+            "docs/quality.md and docs/lorax-adapters.md say why" for row in rows
+            if row.report is not None and row.content < CONTENT_NOTE_BELOW]
