@@ -48,8 +48,10 @@ def transfer_layers(
     strategy = config.strategy
     if not strategy.needs_bases:
         layers = expand(layers) if expand is not None else layers
-        factors = {i: strategy.transfer(*layers[i].factors(), None) for i in matched}
-        return peft_state_dict(layers, matched, factors, report)
+        given = {i: layers[i].factors() for i in matched}
+        factors = {i: strategy.transfer(*given[i], None) for i in matched}
+        unchanged = all(factors[i][0] is given[i][0] and factors[i][1] is given[i][1] for i in matched)  # copy
+        return peft_state_dict(layers, matched, factors, report, unchanged=unchanged)
     fps = _fingerprints(layers, matched, weights)
     # a LoRA-X file's layer keeps its own r as k (adapters.loading.LoraXLayer.k); any other layer the rank option's k
     ks = {i: getattr(layers[i], "k", None) or config.k(layers[i].weight_shape) for i in matched}
@@ -194,17 +196,18 @@ class LayerBases:
 
 def peft_state_dict(
     layers: list[LoraLayer], matched: Matches, factors: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    report: TransferReport,
+    report: TransferReport, unchanged: bool = False,
 ) -> dict[str, torch.Tensor]:
     """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
     dtype and shape, under its target module (the LoRA's own module name where they coincide; the factors of layers
     folded into one module side by side, rank r₁ + r₂); fills the report's
-    per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F)."""
+    per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F; 1 without computing it when ``unchanged``:
+    the factors are the LoRA's own, as ``copy`` gives them)."""
     state_dict = {}
     for i, (B, A) in factors.items():
         layer, row = layers[i], report.layers[i]
-        source_norm = subspace.frobenius_norm(*layer.factors())
-        row.kept = subspace.frobenius_norm(B, A) / source_norm if source_norm > 0 else 1.0
+        source_norm = 1.0 if unchanged else subspace.frobenius_norm(*layer.factors())
+        row.kept = 1.0 if unchanged or source_norm == 0 else subspace.frobenius_norm(B, A) / source_norm
         row.applied, row.r_out = True, B.shape[1]
         prefix = layer.peft_key if matched[i] == layer.key else ".".join(matched[i])
         A = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype)
