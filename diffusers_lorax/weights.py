@@ -154,12 +154,10 @@ class PipelineWeights:
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
     """:func:`fingerprint` of ``param``, memoised on the tensor itself while :func:`_tensor_state` (with the PEFT
     adapters ``merged`` into it) is unchanged; hashed in full otherwise."""
-    state = _tensor_state(param, merged)
-    memo = getattr(param, "_lorax_fingerprint", None)
-    if memo is not None and memo[0] == state:
-        return memo[1]
-    value = fingerprint(param)
-    param._lorax_fingerprint = (state, value)
+    value = known_fingerprint(param, merged)
+    if value is None:
+        value = fingerprint(param)
+        param._lorax_fingerprint = (_tensor_state(param, merged), value)
     return value
 
 
