@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ class LoraLayer:
         """``(component, canonical module name)``, the key used to look the layer up in base models."""
         return self.component, canonical_module(self.module)
 
-    @property
+    @cached_property  # read per layer and candidate by the matching: thousands of times per call
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this layer adapts: ``(out, in)`` or ``(out, in, kh, kw)``."""
         return (int(self.B.shape[0]), *(int(d) for d in self.A.shape[1:]))
@@ -97,13 +98,23 @@ def read_lora(
     """
     file = formats.fetch(lora, **load_kwargs)
     normalised = formats.normalise(file.state_dict, file.file_metadata, where=file.label, unet_config=unet_config)
-    return layers_of(pipeline_cls, normalised, file.adapter_metadata, file.label, unet_config)
+    layers = layers_of(pipeline_cls, normalised, file.adapter_metadata, file.label, unet_config,
+                       check=file.identity is None or file.identity not in _FINITE_FILES)
+    if file.identity is not None:
+        _FINITE_FILES.add(file.identity)  # reached only when the scan passed (or passed before)
+    return layers
+
+
+#: LoRA files whose values were found finite in this process, by (absolute path, size, mtime in ns): a repeated
+#: load of an unchanged file does not scan its values again (a large kohya SDXL file: seconds of CPU).
+_FINITE_FILES: set[tuple[str, int, int]] = set()
 
 
 def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict | None = None,
-              where: str = "(state dict)", unet_config: Any = None) -> list[LoraLayer]:
+              where: str = "(state dict)", unet_config: Any = None, check: bool = True) -> list[LoraLayer]:
     """The :class:`LoraLayer` s of a :class:`~diffusers_lorax.formats.Normalised` LoRA, read through
-    ``pipeline_cls.lora_state_dict`` and diffusers' key converters (see :func:`read_lora`)."""
+    ``pipeline_cls.lora_state_dict`` and diffusers' key converters (see :func:`read_lora`); ``check``: scan the
+    values for NaN/Inf."""
     for note in normalised.notes:
         (logger.warning if "skipped" in note else logger.info)(f"{where}: {note}")
     try:
@@ -130,7 +141,8 @@ def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict
         layers.extend(_component_layers(component, sd, network_alphas, metadata, where, normalised))
     if normalised.flat:
         layers = _unflatten_convs(layers, unet_config)
-    _check_finite(layers, where)
+    if check:
+        _check_finite(layers, where)
     return layers
 
 

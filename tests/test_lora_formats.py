@@ -1,5 +1,7 @@
 """LoRA formats are read through diffusers, and each module's alpha keeps its effect exactly."""
 
+import os
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -87,6 +89,32 @@ def test_nan_in_lora_is_refused(peft_lora):
     bad[key][0, 0] = float("inf")
     with pytest.raises(InvalidLoraError, match="NaN or Inf"):
         read_lora(StableDiffusionPipeline, bad)
+
+
+def test_a_file_is_scanned_for_nan_once_until_it_changes(peft_lora, tmp_path, monkeypatch):
+    from diffusers_lorax import lora as lora_module
+
+    scans = []
+    original = lora_module._check_finite
+    monkeypatch.setattr(lora_module, "_check_finite", lambda layers, where: scans.append(where) or original(layers, where))
+    path = tmp_path / "lora.safetensors"
+    save_file(peft_lora, path)
+    first = read_lora(StableDiffusionPipeline, path)
+    second = read_lora(StableDiffusionPipeline, path)
+    assert len(scans) == 1 and len(first) == len(second)  # unchanged file: not scanned again
+    assert all(torch.equal(a.B, b.B) for a, b in zip(first, second))
+    bad = dict(peft_lora)
+    key = next(k for k in bad if k.endswith("lora_B.weight"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    save_file(bad, path)  # same size, new mtime: scanned again, and refused
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(InvalidLoraError, match="NaN or Inf"):
+        read_lora(StableDiffusionPipeline, path)
+    assert len(scans) == 2
+    with pytest.raises(InvalidLoraError, match="NaN or Inf"):
+        read_lora(StableDiffusionPipeline, bad)  # a state dict has no identity: always scanned
+    assert len(scans) == 3
 
 
 def test_truncated_file_is_refused(peft_lora, tmp_path):

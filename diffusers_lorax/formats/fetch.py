@@ -24,6 +24,9 @@ class LoraFile:
     adapter_metadata: dict | None = None
     file_metadata: dict[str, str] = field(default_factory=dict)
     label: str = "(state dict)"
+    #: (absolute path, size, mtime in ns) of the local or Hub-cached safetensors file read, when known: what a
+    #: check of its contents can be memoised on.
+    identity: tuple[str, int, int] | None = None
 
 
 def describe(lora: Any) -> str:
@@ -66,7 +69,15 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
                 + ("" if weight_name else "or pass weight_name (offline, the repo's file list cannot be fetched), ")
                 + "or unset HF_HUB_OFFLINE") from err
         raise InvalidLoraError(f"diffusers could not read the LoRA {label}: {type(err).__name__}: {err}") from err
-    return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label)
+    read = local or _cached_file(lora, weight_name, subfolder, revision, cache_dir)
+    return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label, _identity(read))
+
+
+def _identity(path: Path | None) -> tuple[str, int, int] | None:
+    if path is None:
+        return None
+    stat = path.stat()
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
 
 
 def offline() -> bool:
