@@ -3,6 +3,7 @@ measured against the standard LoRA (issue 10; docs/quality.md, section "LoRA-X a
 
     python benchmarks/quality/lorax.py train --model source [--r 1.0] [--core diagonal] [--lr 5e-2] [--out DIR]
     python benchmarks/quality/lorax.py evaluate [--adapters DIR] [--seeds 8]
+    python benchmarks/quality/lorax.py calibrated [--adapters DIR] [--seeds 8]
 
 ``train`` uses exactly the recipe of ``build.py``'s style LoRA: the same slanted digits and styled prompts, the same
 batch order (``noisy_batch`` from generator seed 4), 500 steps of batch 64, AdamW with the cosine schedule and
@@ -98,10 +99,17 @@ def main() -> None:
     e.add_argument("--registry", type=Path, default=Path("/tmp/lorax-adapters/eval-registry"))
     e.add_argument("--json", type=Path, help="also write the rows as JSON")
     e.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    c = sub.add_parser("calibrated", help="the source's adapter transferred with calibrate='global' (the LoRA-X "
+                                          "rows of docs/quality.md's calibration paragraph)")
+    c.add_argument("--adapters", type=Path, default=Path("/tmp/lorax-adapters"))
+    c.add_argument("--name", default=tag(1.0, "diagonal", 0.1), help="the adapters' tag (r, core, lr)")
+    c.add_argument("--seeds", type=int, default=8)
     args = parser.parse_args()
     quiet_logging()
     if args.command == "train":
         train(args.model, args.r, args.core, args.lr, args.out, args.registry, args.steps, args.threads)
+    elif args.command == "calibrated":
+        calibrated(args.adapters, args.name, args.seeds)
     else:
         records = evaluate(args.adapters, args.name, args.seeds, args.registry, args.targets)
         print(markdown(records))
@@ -121,6 +129,37 @@ STD_COPY = "standard LoRA copied (default)"
 STD_LORAX = "standard LoRA, method lorax"
 LX_TRAINED = "LoRA-X trained on target"
 TARGETS = ("source", "target-finetune", "target-distilled")
+
+
+def calibrated(adapters: Path, name: str, seeds: int) -> None:
+    """Print, per target, the source's LoRA-X adapter transferred (Eq. 3, and ΔW_s copied) with
+    ``calibrate="global"`` (the styled captions, or the empty prompt), its scale, and the gap closed against the
+    LoRA-X adapter trained on that target (its standalone file, loaded as it is)."""
+    import tempfile
+
+    from calibration import STYLED
+
+    from diffusers_lorax.quality.classifiers import Scorers
+    from diffusers_lorax.quality.evaluate import evaluate_target, table
+
+    torch.set_num_threads(1)
+    source, rows = adapters / f"lorax-source-{name}.safetensors", []
+    for target in ("target-finetune", "target-distilled"):
+        methods = [
+            {"lora": source, "label": LX_TRANSFER},
+            {"lora": source, "calibrate": "global", "calibration_prompts": STYLED, "label": f"{LX_TRANSFER} + global, styled"},
+            {"lora": source, "calibrate": "global", "label": f"{LX_TRANSFER} + global, empty prompt"},
+            {"lora": source, "method": "copy", "calibrate": "global", "calibration_prompts": STYLED,
+             "label": f"{LX_COPY} + global, styled"},
+            {"plain": True, "lora": adapters / f"lorax-{target}-{name}-standalone.safetensors", "label": "trained on target"},
+        ]
+        found, _ = evaluate_target(target, methods, list(range(10)), list(range(seeds)), Scorers(),
+                                   Registry(tempfile.mkdtemp()))
+        for row in found:
+            if row.report is not None and row.report.calibration:
+                print(f"{target}, {row.method}: scale ×{row.report.calibration['global_scale']:.3f}")
+        rows += found
+    print(table(rows).replace("| trained on target |", f"| {LX_TRAINED} |"))
 
 
 def core_on_target(compact: Path, target: str) -> dict[str, torch.Tensor]:
