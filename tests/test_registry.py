@@ -107,6 +107,26 @@ def test_a_changed_blob_fails_its_checksum_is_dropped_and_recomputed(make_regist
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def test_engine_is_reused_while_the_database_file_is_the_same(tmp_path):
+    import shutil
+
+    from diffusers_lorax.registry import database
+
+    first = Registry(tmp_path / "r")  # creates the database file
+    again = Registry(tmp_path / "r")
+    assert Registry(tmp_path / "r").engine is again.engine  # warm: pooled connections and compiled SQL reused
+    fp, b = basis_of((8, 8), 4)
+    put_bases(again, {fp: b})
+    shutil.rmtree(tmp_path / "r")  # the cache deleted by hand between two calls
+    fresh = Registry(tmp_path / "r")
+    assert fresh.engine is not again.engine and fresh.find_bases([fp], 4) == {}  # a new, empty registry
+    put_bases(fresh, {fp: b})
+    assert torch.equal(fresh.load_basis(fresh.find_bases([fp], 4)[fp], 4).U, b.U) and first.verify().ok
+    for i in range(database.MAX_ENGINES + 2):  # bounded: the oldest are let go
+        Registry(tmp_path / f"many{i}")
+    assert len(database._ENGINES) <= database.MAX_ENGINES
+
+
 def test_a_file_that_is_not_a_registry(tmp_path):
     (tmp_path / "registry.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(RegistryError, match="cannot open the registry"):

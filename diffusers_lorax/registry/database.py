@@ -106,10 +106,42 @@ def key_column(table: type[Base]):
     return inspect(table).primary_key[0]
 
 
+#: Engines by URL, with the identity of the SQLite file they were opened on (``None`` for a server): a registry opened
+#: again in this process reuses the engine's pooled connections and compiled SQL (a few milliseconds per warm call).
+_ENGINES: dict[str, tuple[tuple[int, int] | None, Engine]] = {}
+#: Engines kept (each holds its pooled connections, i.e. open files or sockets): the registries last opened.
+MAX_ENGINES = 8
+
+
 def connect(url: str) -> Engine:
+    """The engine for ``url``, reused within the process while a SQLite database file is the same file (not deleted
+    or replaced since: a pooled connection would still reach the old one); a new one otherwise."""
+    sqlite = url.startswith("sqlite")
+    identity = _sqlite_identity(url) if sqlite else None
+    cached = _ENGINES.get(url)
+    if cached is not None and (not sqlite or (identity is not None and cached[0] == identity)):
+        _ENGINES[url] = _ENGINES.pop(url)  # the most recently used is kept longest
+        return cached[1]
+    if cached is not None:
+        cached[1].dispose()
     # SQLite: wait for another process's write instead of failing at once; servers: drop dead pooled connections.
     options = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return create_engine(url, **options)
+    engine = create_engine(url, **options)
+    _ENGINES[url] = (identity, engine)
+    while len(_ENGINES) > MAX_ENGINES:  # the oldest closes its pooled connections (it stays usable: it reconnects)
+        _ENGINES.pop(next(iter(_ENGINES)))[1].dispose()
+    return engine
+
+
+def _sqlite_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite URL's database file; ``None`` when it does not exist (yet), or is in memory."""
+    if not url.startswith("sqlite:///"):
+        return None
+    try:
+        stat = Path(url.removeprefix("sqlite:///")).stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def ensure_schema(engine: Engine, location: str, clear_blobs) -> None:
