@@ -103,7 +103,9 @@ class PipelineWeights:
         self.pipe = pipe
         self.label = label or type(pipe).__name__
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        self._names: dict[str, dict[str, str]] = {}  # component -> canonical name -> module name
+        # component -> canonical name -> the module, found in the one walk of shapes() (a reader lives for one call;
+        # a PEFT wrapper injected later keeps this module as its base layer)
+        self._modules: dict[str, dict[str, torch.nn.Module]] = {}
 
     def _component(self, component: str) -> torch.nn.Module:
         module = getattr(self.pipe, component, None)
@@ -118,23 +120,25 @@ class PipelineWeights:
             except SourceModelError:
                 return {}
             out: dict[str, tuple[int, ...]] = {}
-            names: dict[str, str] = {}
-            for name, module in root.named_modules():
+            modules: dict[str, torch.nn.Module] = {}
+            wrappers: dict[str, torch.nn.Module] = {}
+            for name, module in root.named_modules():  # parents first
                 if hasattr(module, "base_layer"):
-                    continue  # a PEFT wrapper: its base layer is listed as "<name>.base_layer"
-                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    wrappers[name] = module  # a PEFT wrapper: its base layer follows as "<name>.base_layer"
+                elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                     name = name.removesuffix(".base_layer")
                     out[canonical_module(name)] = tuple(module.weight.shape)
-                    names[canonical_module(name)] = name
-            self._shapes[component], self._names[component] = out, names
+                    modules[canonical_module(name)] = wrappers.get(name, module)  # its merge state is the wrapper's
+            self._shapes[component], self._modules[component] = out, modules
         return self._shapes[component]
 
     def _module(self, component: str, module: str) -> torch.nn.Module:
+        """The Linear/Conv2d, or the PEFT layer wrapping it. Raises ``SourceModelError`` if absent."""
         self.shapes(component)
-        name = self._names.get(component, {}).get(canonical_module(module))
-        if name is None:
+        found = self._modules.get(component, {}).get(canonical_module(module))
+        if found is None:
             raise SourceModelError(f"{self.label}: {component} has no Linear/Conv2d module {module!r}")
-        return self._component(component).get_submodule(name)
+        return found
 
     def weight(self, component: str, module: str) -> torch.Tensor:
         mod = self._module(component, module)
