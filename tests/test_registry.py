@@ -107,7 +107,7 @@ def test_a_changed_blob_fails_its_checksum_is_dropped_and_recomputed(make_regist
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_engine_is_reused_while_the_database_file_is_the_same(tmp_path):
+def test_engine_is_reused_while_the_database_file_is_the_same(tmp_path, monkeypatch):
     import shutil
 
     from diffusers_lorax.registry import database
@@ -125,6 +125,12 @@ def test_engine_is_reused_while_the_database_file_is_the_same(tmp_path):
     for i in range(database.MAX_ENGINES + 2):  # bounded: the oldest are let go
         Registry(tmp_path / f"many{i}")
     assert len(database._ENGINES) <= database.MAX_ENGINES
+    kept = Registry(tmp_path / "r").engine
+    assert Registry(tmp_path / "r").engine is kept
+    parent = os.getpid()
+    monkeypatch.setattr(database.os, "getpid", lambda: parent + 1)  # as in a forked child
+    child = Registry(tmp_path / "r")
+    assert child.engine is not kept and child.find_bases([fp], 4).keys() == {fp}  # its own connections, same data
 
 
 def test_a_file_that_is_not_a_registry(tmp_path):

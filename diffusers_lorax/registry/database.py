@@ -7,6 +7,7 @@ keys, never by a model name. A URL's password is masked in every message.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from diffusers.utils import logging
@@ -108,28 +109,31 @@ def key_column(table: type[Base]):
 
 #: Engines by URL, with the identity of the SQLite file they were opened on (``None`` for a server): a registry opened
 #: again in this process reuses the engine's pooled connections and compiled SQL (a few milliseconds per warm call).
-_ENGINES: dict[str, tuple[tuple[int, int] | None, Engine]] = {}
+_ENGINES: dict[str, tuple[int, tuple[int, int] | None, Engine]] = {}  # url -> (process id, file identity, engine)
 #: Engines kept (each holds its pooled connections, i.e. open files or sockets): the registries last opened.
 MAX_ENGINES = 8
 
 
 def connect(url: str) -> Engine:
     """The engine for ``url``, reused within the process while a SQLite database file is the same file (not deleted
-    or replaced since: a pooled connection would still reach the old one); a new one otherwise."""
+    or replaced since: a pooled connection would still reach the old one); a new one otherwise, and in a forked
+    child (pooled connections must not cross a fork)."""
     sqlite = url.startswith("sqlite")
     identity = _sqlite_identity(url) if sqlite else None
-    cached = _ENGINES.get(url)
-    if cached is not None and (not sqlite or (identity is not None and cached[0] == identity)):
-        _ENGINES[url] = _ENGINES.pop(url)  # the most recently used is kept longest
-        return cached[1]
+    cached = _ENGINES.pop(url, None)
     if cached is not None:
-        cached[1].dispose()
+        pid, known, engine = cached
+        if pid == os.getpid() and (not sqlite or (identity is not None and known == identity)):
+            _ENGINES[url] = cached  # the most recently used is kept longest
+            return engine
+        engine.dispose(close=pid == os.getpid())  # a parent's connections are left to the parent
     # SQLite: wait for another process's write instead of failing at once; servers: drop dead pooled connections.
-    options = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    options = {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     engine = create_engine(url, **options)
-    _ENGINES[url] = (identity, engine)
+    _ENGINES[url] = (os.getpid(), identity, engine)
     while len(_ENGINES) > MAX_ENGINES:  # the oldest closes its pooled connections (it stays usable: it reconnects)
-        _ENGINES.pop(next(iter(_ENGINES)))[1].dispose()
+        pid, _, oldest = _ENGINES.pop(next(iter(_ENGINES)))
+        oldest.dispose(close=pid == os.getpid())
     return engine
 
 
