@@ -37,7 +37,7 @@ from .lora import LoraLayer
 from .models import BaseModel
 from .options import TransferRequest
 from .report import TransferReport
-from .weights import _file_identity, component_files, fingerprint, memoised_fingerprint
+from .weights import component_files, file_identity, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -278,7 +278,7 @@ def _file_id(path: Path) -> str:
     resolved = path.resolve()
     if resolved.parent.name == "blobs" and len(resolved.name) == 64:  # huggingface_hub cache: named by its SHA-256
         return f"sha256:{resolved.name}"
-    identity = _file_identity(path)
+    identity = file_identity(path)
     if identity not in _FILE_IDS:
         digest = xxhash.xxh3_128()
         with open(resolved, "rb") as f:

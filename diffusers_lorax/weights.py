@@ -72,9 +72,11 @@ _FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
 _FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
 
 
-def _file_identity(path: Path) -> tuple[str, int, int]:
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(absolute path, size, mtime in ns) of a file: what the per-process memos of file contents are keyed by (a
+    rewritten file has a new mtime). Raises ``OSError`` if it does not exist."""
     # abspath, not resolve(): this runs once per weight on every warm call, and resolve() walks the file system
-    stat = path.stat()
+    stat = os.stat(path)
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
 
 
@@ -201,7 +203,7 @@ class SafetensorsWeights:
         """Tensor name -> shape from the file's header, memoised per process like the fingerprints. Raises
         :class:`SourceModelError` for a truncated or unreadable file, and for weights saved from a pipeline that
         held a PEFT adapter (``…base_layer.weight`` keys)."""
-        memo = _file_identity(path)
+        memo = file_identity(path)
         if memo not in _FILE_INDEXES:
             from .formats.safetensors_check import truncation_message
 
@@ -249,14 +251,14 @@ class SafetensorsWeights:
 
     def fingerprint(self, component: str, module: str) -> str:
         path, key = self._locate(component, module)
-        memo = (*_file_identity(path), key)
+        memo = (*file_identity(path), key)
         if memo not in _FILE_FINGERPRINTS:
             _FILE_FINGERPRINTS[memo] = fingerprint(self.weight(component, module))
         return _FILE_FINGERPRINTS[memo]
 
     def known_fingerprint(self, component: str, module: str) -> str | None:
         path, key = self._locate(component, module)
-        return _FILE_FINGERPRINTS.get((*_file_identity(path), key))
+        return _FILE_FINGERPRINTS.get((*file_identity(path), key))
 
 
 def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:

@@ -31,6 +31,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import LoraxFileError
+from ..weights import file_identity
 from .config import LoraXConfig
 from .layers import LoraXCore
 
@@ -237,8 +238,7 @@ def read_lorax_file(path: str | os.PathLike) -> LoraXFile:
 
     path = Path(path)
     try:
-        stat = path.stat()
-        memo = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        memo = file_identity(path)
         if memo in _READ:
             return _READ[memo]
         with safe_open(str(path), framework="pt") as f:
@@ -248,7 +248,7 @@ def read_lorax_file(path: str | os.PathLike) -> LoraXFile:
         raise LoraxFileError(f"cannot read the LoRA-X file {path}: {err}; the file is damaged or truncated: "
                              "download or save it again") from err
     found = parse_lorax(metadata, tensors, path)
-    if not found.standalone and stat.st_size <= _MEMO_BYTES:
+    if not found.standalone and memo[1] <= _MEMO_BYTES:
         _READ[memo] = found
     return found
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidLoraError
+from ..weights import file_identity
 from .safetensors_check import truncation_message
 
 
@@ -70,14 +71,8 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
                 + "or unset HF_HUB_OFFLINE") from err
         raise InvalidLoraError(f"diffusers could not read the LoRA {label}: {type(err).__name__}: {err}") from err
     read = local or _cached_file(lora, weight_name, subfolder, revision, cache_dir)
-    return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label, _identity(read))
-
-
-def _identity(path: Path | None) -> tuple[str, int, int] | None:
-    if path is None:
-        return None
-    stat = path.stat()
-    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+    return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label,
+                    file_identity(read) if read is not None else None)
 
 
 def offline() -> bool:
