@@ -232,11 +232,13 @@ class Correspondence:
     def _why(self, i: int, key: Key) -> str:
         phi_u, phi_v = self.phi[(i, key)]
         n = sum((i, other) in self.phi for other in self.candidates[i])
+        # the gate is the relatedness (chance level removed), not the projections' Φ threshold: say so
+        related = f"relatedness {score(phi_u, phi_v, self.ks[i], self.layers[i].weight_shape):.2f} ≥ {MATCH_THRESHOLD}"
         if key == self.layers[i].key:
-            return f"same name; Φ confirms ({phi_u:.2f}/{phi_v:.2f}" + (f", best of {n})" if n > 1 else ")")
+            return f"same name; Φ confirms ({phi_u:.2f}/{phi_v:.2f}, {related}" + (f", best of {n})" if n > 1 else ")")
         same = self.phi.get((i, self.layers[i].key))
         note = f"; the same name scores {same[0]:.2f}/{same[1]:.2f}" if same else ""
-        return f"best match in the stage of {self._where(i)} ({phi_u:.2f}/{phi_v:.2f}, best of {n}){note}"
+        return f"best match in the stage of {self._where(i)} ({phi_u:.2f}/{phi_v:.2f}, {related}, best of {n}){note}"
 
     def _why_not(self, i: int, taken: set[Key]) -> str:
         stage = f"stage of {self._where(i)}"

@@ -292,4 +292,5 @@ def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family:
     found.verdict = (f"all {total} layers apply to {model.label}" if n == total else
                      f"{n} of {total} layers apply to {model.label}; " + (
                          "the others have no module of the same name and shape there (a distilled or renamed "
-                         "target: transfer can match them by subspace similarity)" if n else "none applies"))
+                         "target: transfer looks for a related module of each by subspace similarity and skips, with the reason, "
+                         "those whose module the target dropped)" if n else "none applies"))

@@ -163,6 +163,6 @@ class BaseModel:
             f"cannot read the {self.role} {self.hub_id!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
             f"and its {filename} (revision={self.options.revision!r}, subfolder={self.options.subfolder!r}) is not "
             f"in the local cache ({self.options.cache_dir or 'the default cache'}). Download the model once with "
-            f"network access (e.g. `huggingface-cli download {self.hub_id}`), pass a local diffusers folder, or "
+            f"network access (e.g. `hf download {self.hub_id}`), pass a local diffusers folder, or "
             "unset HF_HUB_OFFLINE."
         )

@@ -184,8 +184,10 @@ def _matched(layers: list[LayerReport]) -> list[str]:
             ways[row.matched_by] = ways.get(row.matched_by, 0) + 1
     if not ways or set(ways) == {"name"}:
         return []
+    renamed = sum(1 for row in layers if row.target_module and row.target_module != row.module)
     return ["  matched: " + ", ".join(f"{n} by {way}" if way != "folded" else f"{n} folded"
-                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))]
+                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))
+            + (f"; {renamed} sent to a target module of another name (table(): target module)" if renamed else "")]
 
 
 def _ranges(applied: list[LayerReport]) -> list[str]:

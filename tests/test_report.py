@@ -36,7 +36,8 @@ def test_summary_is_at_most_15_lines_and_says_what_matters():
     assert lines[0] == ("LoRA transfer (prolora, rank=0.5, threshold=0.9): 225 of 300 layers applied, 75 skipped")
     assert "[LyCORIS LoKr, kohya; fits Stable Diffusion 1.x (300/300 layer shapes match)]" in text
     assert "  skipped 15: no module of this name in the target" in text  # grouped by reason, counted
-    assert "other reasons (table())" in text and "matched: 180 by name, 45 by similarity" in text
+    assert "other reasons (table())" in text
+    assert "matched: 180 by name, 45 by similarity; 45 sent to a target module of another name (table(): " in text
     assert "similarity Φ_U 0.900–0.930, Φ_V 0.950" in text and "kept ‖ΔW_t‖/‖ΔW_s‖ 0.501–0.799" in text
     assert "re-factorised to LoRA (LyCORIS LoKr): 43 layers, rank 4, energy kept 1.000000" in text
     assert "calibration (global): scale 1.001–1.299" in text and "total 1.10 s" in text

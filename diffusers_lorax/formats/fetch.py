@@ -66,7 +66,7 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
                 f"cannot read the LoRA {label}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and "
                 f"{'the file ' + repr(weight_name) if weight_name else 'the file'} of the repo is not in the local "
                 f"cache ({cache_dir or 'the default cache'}). Download it once with network access (e.g. "
-                f"`huggingface-cli download {lora}{' ' + weight_name if weight_name else ''}`), pass a local file, "
+                f"`hf download {lora}{' ' + weight_name if weight_name else ''}`), pass a local file, "
                 + ("" if weight_name else "or pass weight_name (offline, the repo's file list cannot be fetched), ")
                 + "or unset HF_HUB_OFFLINE") from err
         raise InvalidLoraError(f"diffusers could not read the LoRA {label}: {type(err).__name__}: {err}") from err
