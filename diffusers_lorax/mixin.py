@@ -9,6 +9,7 @@ class of every pipeline that has ``load_lora_weights``. The transferred adapter 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from typing import Any
@@ -84,9 +85,12 @@ def _request(source: Any, pipe: Any, lora: Any, kwargs: dict[str, Any]) -> Trans
     unknown = sorted(set(kwargs) - set(signature.parameters) | set(kwargs) & {"source", "target", "lora", *_TARGET_ONLY})
     if unknown:
         allowed = [p for p in signature.parameters if p not in ("source", "target", "lora", *_TARGET_ONLY)]
+        close = {name: difflib.get_close_matches(name, ["adapter_name", *allowed], n=1)
+                 for name in unknown if name not in signature.parameters}  # a typo, not a target-only option
+        hint = "; ".join(f"did you mean {found[0]} for {name}?" for name, found in close.items() if found)
         raise InvalidOptionsError(
-            f"load_lora_weights_cross got unexpected keyword arguments {unknown}; it takes adapter_name and "
-            f"{', '.join(allowed)} (the target is this pipeline)"
+            f"load_lora_weights_cross got unexpected keyword arguments {unknown}; {hint + ' ' if hint else ''}it "
+            f"takes adapter_name and {', '.join(allowed)} (the target is this pipeline)"
         )
     bound = signature.bind(source, pipe, lora, **kwargs)
     bound.apply_defaults()

@@ -333,8 +333,9 @@ def test_bad_options_are_refused_before_anything_is_read(lora, registry, kwargs,
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mehtod="lorax"), "unexpected keyword arguments \\['mehtod'\\]"),
-    (dict(target_revision="main"), "unexpected keyword arguments \\['target_revision'\\].*the target is this pipeline"),
+    (dict(mehtod="lorax"), "unexpected keyword arguments \\['mehtod'\\]; did you mean method for mehtod\\? it takes"),
+    (dict(adaptor_name="x"), "did you mean adapter_name for adaptor_name\\?"),
+    (dict(target_revision="main"), "unexpected keyword arguments \\['target_revision'\\]; it takes .*the target is this pipeline"),
 ])
 def test_unknown_keywords_of_the_mixin_are_refused(source, lora, registry, kwargs, message):
     target = make_target()
