@@ -43,7 +43,8 @@ def resolve_k(rank: int | float, shape: tuple[int, ...]) -> int:
         raise ValueError(f"rank must be an int or a float fraction, got {rank!r}")
     if isinstance(rank, float):
         if not 0.0 < rank <= 1.0:
-            raise ValueError(f"a fractional rank must lie in (0, 1], got {rank}")
+            raise ValueError(f"a fractional rank (a share of min(m, n) per layer) must lie in (0, 1], got {rank}; "
+                             "pass an int for a number of singular vectors")
         return max(1, min(full, round(rank * full)))
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")

@@ -315,7 +315,7 @@ def test_default_copy_computes_no_basis_and_leaves_the_registry_alone(source, lo
     (dict(method="svd"), "method must be one of"),
     (dict(rank=0), "rank must be at least 1"),
     (dict(rank=-2), "rank must be at least 1"),
-    (dict(rank=2.0), r"fractional rank must lie in \(0, 1\]"),
+    (dict(rank=2.0), r"fractional rank \(a share of min\(m, n\) per layer\) must lie in \(0, 1\], got 2.0; pass an int"),
     (dict(rank="8"), "rank must be an int or a float"),
     (dict(threshold=1.5), r"threshold is a subspace similarity in \[0, 1\]"),
     (dict(threshold=-0.1), r"threshold is a subspace similarity in \[0, 1\]"),
