@@ -191,7 +191,7 @@ def _lorax_layers(file: formats.LoraFile, found: LoraInspection) -> list[LoraLay
     source = meta.get("source") or {}
     found.base_model["lora-x source"] = source.get("hub_id") or source.get("label")
     configs = [meta.get("config") or {}, *(meta.get("components") or {}).values()]
-    options = sorted({str(c["r"]) for c in configs if "r" in c}, key=str)
+    options = sorted({str(c["r"]) for c in configs if "r" in c})
     if options:  # the transfer report's "rank" is this option; the rank line counts each layer's resulting r
         found.notes.append(f"LoRA-X rank option r = {' / '.join(options)} (an int, or a fraction of min(m, n) per "
                            "layer): the rank line counts each layer's resulting r, which is also its k on transfer")

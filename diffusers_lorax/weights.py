@@ -142,19 +142,21 @@ class PipelineWeights:
             raise SourceModelError(f"{self.label}: {component} has no Linear/Conv2d module {module!r}")
         return found
 
-    def weight(self, component: str, module: str) -> torch.Tensor:
+    def _parameter(self, component: str, module: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The base weight parameter (a PEFT layer's ``base_layer``'s) and the adapters merged into it."""
         mod = self._module(component, module)
-        return getattr(mod, "base_layer", mod).weight.detach()
+        return getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ()))
+
+    def weight(self, component: str, module: str) -> torch.Tensor:
+        return self._parameter(component, module)[0].detach()
 
     def fingerprint(self, component: str, module: str) -> str:
         """Memoised on the parameter itself while its storage, autograd version counter, PEFT merge state and a
         probe of its values are unchanged (see :func:`_tensor_state`); hashed in full otherwise."""
-        mod = self._module(component, module)
-        return memoised_fingerprint(getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ())))
+        return memoised_fingerprint(*self._parameter(component, module))
 
     def known_fingerprint(self, component: str, module: str) -> str | None:
-        mod = self._module(component, module)
-        return known_fingerprint(getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ())))
+        return known_fingerprint(*self._parameter(component, module))
 
 
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
