@@ -37,6 +37,7 @@ from .lora import LoraLayer
 from .models import BaseModel
 from .options import TransferRequest
 from .report import TransferReport
+from .transferred import TransferredAdapter
 from .weights import component_files, file_identity, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
@@ -59,43 +60,41 @@ _GROUPED = ("down_blocks", "up_blocks")
 
 
 def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, layers: list[LoraLayer],
-              matched: dict[int, tuple[str, str]], state_dict: dict[str, torch.Tensor], report: TransferReport,
+              matched: dict[int, tuple[str, str]], adapter: TransferredAdapter, report: TransferReport,
               registry: Any, txn: Any) -> None:
-    """Rescale ``state_dict`` (PEFT format, in place) by the calibration rule ``request.config.calibrate``; fill
+    """Rescale ``adapter`` (in place, through each module's alpha) by the calibration rule ``request.config.calibrate``; fill
     ``report.calibration`` and each applied layer's ``scale``. Reads and stages the result through the registry.
     Raises :class:`SourceModelError` if a model cannot be loaded for the passes, :class:`InvalidOptionsError` if a
     model is not a UNet model."""
     config = request.config
     rule = "global" if config.calibrate is True else config.calibrate
     prompts, origin = resolve_prompts(config.calibration_prompts, lora_metadata(request))
-    prefixes = {_target_key(key): key.removesuffix(".lora_A.weight")
-                for key in state_dict if key.endswith(".lora_A.weight")}
+    prefixes = {_target_key(prefix): prefix for prefix in adapter.prefixes}
     applied = {i: prefixes[matched[i]] for i in matched if report.layers[i].applied and matched[i] in prefixes}
     samples = probe.Samples(prompts, max(SAMPLES, len(prompts)), SEED)
     device, dtype = _device_dtype(target)
     fps = (model_fingerprint(source), model_fingerprint(target))
-    key = calibration_key(rule, samples, dtype, fps, layers, applied, state_dict)
+    key = calibration_key(rule, samples, dtype, fps, layers, applied, adapter)
     result = registry.get_calibration(key)
     cached = result is not None
     if result is None:
         started = time.perf_counter()
-        result = _measure(rule, samples, device, dtype, source, target, layers, matched, applied, state_dict)
+        result = _measure(rule, samples, device, dtype, source, target, layers, matched, applied, adapter)
         result.update(prompts=list(prompts), prompts_from=origin, seconds=round(time.perf_counter() - started, 3))
         txn.stage_calibration(key, result)
     for i, prefix in applied.items():
         s = result["scales"].get(prefix, 1.0)
         report.layers[i].scale = s
         if s != 1.0:
-            B = state_dict[f"{prefix}.lora_B.weight"]
-            state_dict[f"{prefix}.lora_B.weight"] = (B.float() * s).to(B.dtype)
+            adapter.rescale(prefix, s)
     report.calibration = dict(result, cached=cached)
 
 
-def _measure(rule, samples, device, dtype, source, target, layers, matched, applied, state_dict) -> dict:
+def _measure(rule, samples, device, dtype, source, target, layers, matched, applied, adapter) -> dict:
     """Run the passes on both models and derive the scales (module docstring), keyed by target PEFT prefix."""
     on_source = applied if COVERAGE_GUARD else matched_or_not(layers)
     source_factors = {layers[i].key: _source_factors(layers[i]) for i in on_source}
-    target_factors = {matched[i]: _target_factors(state_dict, prefix) for i, prefix in applied.items()}
+    target_factors = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
     groups_s = groups_t = None
     if rule == "block":
         groups_s, groups_t = {}, {}
@@ -171,8 +170,9 @@ def _source_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.A, (layer.B.float() * layer.scale).to(layer.B.dtype)
 
 
-def _target_factors(state_dict: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return state_dict[f"{prefix}.lora_A.weight"], state_dict[f"{prefix}.lora_B.weight"]
+def _target_factors(adapter: TransferredAdapter, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B = adapter.state_dict[f"{prefix}.lora_A.weight"], adapter.state_dict[f"{prefix}.lora_B.weight"]
+    return A, (B.float() * adapter.scaling(prefix)).to(B.dtype)
 
 
 def _device_dtype(target: BaseModel) -> tuple[torch.device, torch.dtype]:
@@ -212,24 +212,13 @@ def resolve_prompts(given: tuple[str, ...] | None, metadata: dict[str, str]) -> 
 def lora_metadata(request: TransferRequest) -> dict[str, str]:
     """The LoRA file's safetensors ``__metadata__`` (``{}`` for a state dict, a pickled file or one that cannot be
     resolved again), found as diffusers' ``lora_state_dict`` finds the file."""
-    if isinstance(request.lora, dict):
-        return {}
-    from diffusers.loaders.lora_base import _fetch_state_dict
+    from .formats.fetch import file_metadata
 
-    options = request.lora_options
-    try:
-        # allow_pickle=False: a pickled file has no header to read, and is never unpickled for one.
-        out = _fetch_state_dict(request.lora, request.weight_name, True, None, options.cache_dir, False, None,
-                                options.token, options.revision, options.subfolder, {}, False,
-                                return_file_metadata=True)
-    except Exception as err:  # best effort: the LoRA itself was read already
-        logger.debug(f"calibration: no file metadata for {request.lora!r}: {err}")
-        return {}
-    return dict(out[2] or {}) if len(out) == 3 else {}
+    return file_metadata(request.lora, request.weight_name, **request.lora_options.kwargs())
 
 
 def calibration_key(rule: str, samples: probe.Samples, dtype: torch.dtype, fps: tuple[str, str],
-                    layers: list[LoraLayer], applied: dict[int, str], state_dict: dict[str, torch.Tensor]) -> str:
+                    layers: list[LoraLayer], applied: dict[int, str], adapter: TransferredAdapter) -> str:
     """XXH3-128 of what a calibration depends on: this package's version, the rule and its constants, the samples
     and prompts, the dtype, both models' fingerprints, the LoRA's layers applied on the source (factors and scale)
     and the transferred adapter's tensors."""
@@ -239,8 +228,10 @@ def calibration_key(rule: str, samples: probe.Samples, dtype: torch.dtype, fps: 
     for i in sorted(applied, key=lambda i: layers[i].peft_key):
         layer = layers[i]
         digest.update(f"|{layer.peft_key}|{fingerprint(layer.A)}|{fingerprint(layer.B)}|{layer.scale!r}".encode())
-    for name in sorted(state_dict):
-        digest.update(f"|{name}|{fingerprint(state_dict[name])}".encode())
+    for name in sorted(adapter.state_dict):
+        digest.update(f"|{name}|{fingerprint(adapter.state_dict[name])}".encode())
+    for prefix in sorted(adapter.prefixes):
+        digest.update(f"|{prefix}|{adapter.scaling(prefix)!r}".encode())
     return digest.hexdigest()
 
 

@@ -13,9 +13,11 @@ in diffusers.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -41,9 +43,12 @@ class LoraLayer:
     """One adapted module: ``ΔW = scale · B @ A``.
 
     ``A``: ``(r, in)`` for Linear or ``(r, in, kh, kw)`` for Conv2d; ``B``: ``(out, r)`` or ``(out, r, 1, 1)``; in the
-    LoRA's own dtype. ``scale = alpha / r`` per module (kohya semantics; 1 without alpha). ``module`` is the PEFT module name as diffusers
-    would inject it (e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``). ``origin``: the file's
-    format and, for a re-factorised LyCORIS module, its own rank, alpha and the energy the factors keep.
+    LoRA's own dtype. ``scale`` is PEFT's ``scaling`` for the module as ``load_lora_weights`` would set it:
+    ``alpha / r`` (``alpha / √r`` with ``rslora``), where ``alpha`` is the ``lora_alpha`` diffusers' config gives the
+    module (1 without alpha). ``alpha`` and ``rslora`` are kept so that a copied layer is loaded with the very same
+    config (``None``: ``scale · r``). ``module`` is the PEFT module name as diffusers would inject it (e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``). ``origin``: the file's format and, for a
+    re-factorised LyCORIS module, its own rank, alpha and the energy the factors keep.
     """
 
     component: str
@@ -52,6 +57,8 @@ class LoraLayer:
     B: torch.Tensor
     scale: float
     origin: Origin | None = None
+    alpha: float | None = None
+    rslora: bool = False
 
     @property
     def r(self) -> int:
@@ -118,12 +125,10 @@ def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict
     for note in normalised.notes:
         (logger.warning if "skipped" in note else logger.info)(f"{where}: {note}")
     try:
-        out = pipeline_cls.lora_state_dict(dict(normalised.state_dict), return_lora_metadata=True,
-                                           **({"unet_config": unet_config} if unet_config is not None else {}))
+        state_dict, network_alphas = lora_state_dict(pipeline_cls, dict(normalised.state_dict), unet_config)
     except Exception as err:  # diffusers raises ValueError/KeyError for keys it cannot convert
         raise InvalidLoraError(f"diffusers could not read the LoRA {where} ({normalised.format} keys): "
                                f"{type(err).__name__}: {err}") from err
-    state_dict, network_alphas = out[0], out[1]
     metadata = adapter_metadata if normalised.native else None
     if not state_dict:
         raise InvalidLoraError(f"the LoRA {where} holds no tensors")
@@ -144,6 +149,21 @@ def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict
     if check:
         _check_finite(layers, where)
     return layers
+
+
+def lora_state_dict(pipeline_cls: type, state_dict: dict[str, torch.Tensor],
+                    unet_config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+    """``(state dict, network alphas)`` as the pipeline class's own ``load_lora_weights`` reads them: its
+    ``lora_state_dict`` with ``return_lora_metadata=True`` and, where the mixin has it (Flux), ``return_alphas=True``.
+    The mixins return 2 or 3 items (``(state_dict, metadata)`` without alphas): only a 3-tuple holds alphas, in the
+    middle. ``unet_config`` maps SDXL kohya block names (passed only where given). Raises what diffusers raises."""
+    kwargs: dict[str, Any] = {"return_lora_metadata": True}
+    if "return_alphas" in inspect.signature(pipeline_cls.lora_state_dict).parameters:
+        kwargs["return_alphas"] = True
+    if unet_config is not None:
+        kwargs["unet_config"] = unet_config
+    out = pipeline_cls.lora_state_dict(state_dict, **kwargs)
+    return out[0], (out[1] or None) if len(out) == 3 else None
 
 
 def describe_origin(report: TransferReport, layers: list[LoraLayer]) -> None:
@@ -169,8 +189,7 @@ def _unflatten_convs(layers: list[LoraLayer], unet_config: Any) -> list[LoraLaye
     for layer in layers:
         shape = convs.get(canonical_module(layer.module)) if id(layer) in flat else None
         if shape is not None and layer.A.shape[1] == shape[1] * shape[2] * shape[3] and layer.B.shape[0] == shape[0]:
-            layer = LoraLayer(layer.component, layer.module, layer.A.reshape(layer.r, *shape[1:]),
-                              layer.B.reshape(*layer.B.shape[:2], 1, 1), layer.scale, layer.origin)
+            layer = replace(layer, A=layer.A.reshape(layer.r, *shape[1:]), B=layer.B.reshape(*layer.B.shape[:2], 1, 1))
         out.append(layer)
     return out
 
@@ -239,8 +258,13 @@ def _component_layers(
     if unpaired:
         raise InvalidLoraError(f"the LoRA {where} has modules without both lora_A and lora_B: {unpaired[:3]}")
 
-    meta = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items() if k.startswith(f"{component}.")}
-    alpha_of = _alpha_lookup(component, network_alphas, meta, origin)
+    # as diffusers filters it: a file with adapter metadata configures every component from it (even from nothing)
+    meta = None if metadata is None else {
+        k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
+    # a format diffusers reads is configured as diffusers configures it; one this package rewrote (LyCORIS,
+    # lora_diffusion) keeps each module's own alpha, as LyCORIS applies it (its re-factorised modules have none)
+    resolve = (_peft_config(component, pairs, network_alphas, meta, is_denoiser, where) if normalised.native
+               else _file_alphas(component, network_alphas, origin))
 
     layers = []
     for module, p in pairs.items():
@@ -250,39 +274,88 @@ def _component_layers(
                 f"the LoRA {where} has inconsistent factors for {component}.{module}: "
                 f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
             )
-        alpha = alpha_of(module)
+        r, alpha, rslora = resolve(canonical_module(module) if normalised.native else module)
+        r, alpha = r or A.shape[0], A.shape[0] if alpha is None else alpha  # no alpha: scale 1
+        if r != A.shape[0]:
+            raise InvalidLoraError(
+                f"the LoRA {where} gives {component}.{module} rank {r} in its config but its factors have rank "
+                f"{A.shape[0]}: diffusers cannot load it either; re-export the LoRA")
         made_from = normalised.origin_of(A) or Origin(normalised.format)
-        layers.append(LoraLayer(component, module, A, B, 1.0 if alpha is None else float(alpha) / A.shape[0], made_from))
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        layers.append(LoraLayer(component, module, A, B, scale, made_from, alpha, rslora))
     return layers
 
 
-def _alpha_lookup(
-    component: str, network_alphas: dict | None, meta: dict, origin: dict[str, str]
-) -> Callable[[str], float | None]:
-    """``module -> alpha`` (``None``: no alpha, scale 1 as in diffusers).
+#: The text-encoder modules whose ranks diffusers collects (``_load_lora_into_text_encoder``).
+_TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
-    Saved PEFT adapter metadata is read as PEFT reads a ``LoraConfig`` (``alpha_pattern`` then ``lora_alpha``).
+
+def _peft_config(
+    component: str, pairs: dict[str, dict[str, torch.Tensor]], network_alphas: dict | None, metadata: dict | None,
+    is_denoiser: bool, where: str,
+) -> Callable[[str], tuple[int, float, bool]]:
+    """``module -> (r, lora_alpha, use_rslora)`` exactly as ``load_lora_weights`` configures PEFT for ``component``:
+    the file's saved adapter metadata when it has some, else diffusers' ``get_peft_kwargs`` on the ranks and network
+    alphas it collects (per component, as ``load_lora_adapter`` and ``_load_lora_into_text_encoder`` collect them),
+    each module then resolved through PEFT's own pattern matching (``rank_pattern``/``alpha_pattern``). So a layer's
+    scale is the one plain diffusers gives it, also where that is not the file's own per-module alpha (diffusers 0.42
+    applies the most common kohya alpha to every UNet module: its pattern keys do not match module names).
+    Raises :class:`InvalidLoraError` where diffusers could not build the config either."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    kwargs = metadata
+    if kwargs is None:
+        peft_sd = {f"{canonical_module(m)}.{part}.weight": t for m, p in pairs.items() for part, t in p.items()}
+        if is_denoiser:
+            rank = {f"^{k}": v.shape[1] for k, v in peft_sd.items() if "lora_B" in k and v.ndim > 1}
+        else:
+            rank = {k: v.shape[1] for k, v in peft_sd.items()
+                    if k.endswith(".lora_B.weight") and k.removesuffix(".lora_B.weight").endswith(_TEXT_ENCODER_RANKED)}
+        alphas = None if network_alphas is None else {
+            k.removeprefix(f"{component}."): v for k, v in network_alphas.items() if k.split(".")[0] == component}
+        try:
+            kwargs = get_peft_kwargs(rank, alphas, peft_sd, is_unet=is_denoiser)
+        except IndexError:  # no ranked module: diffusers fails the same way
+            raise InvalidLoraError(
+                f"the LoRA {where} adapts no {component} module diffusers ranks ({', '.join(_TEXT_ENCODER_RANKED)}): "
+                f"e.g. {next(iter(pairs))}; plain load_lora_weights cannot load it either") from None
+    try:
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise InvalidLoraError(f"the LoRA {where} has a {component} adapter config PEFT refuses: {err}") from err
+
+    def resolve(module: str) -> tuple[int, float, bool]:
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        return int(r), float(alpha), bool(config.use_rslora)
+
+    return resolve
+
+
+def _file_alphas(
+    component: str, network_alphas: dict | None, origin: dict[str, str]
+) -> Callable[[str], tuple[int | None, float | None, bool]]:
+    """``module -> (None, alpha, False)`` from the file's own per-module alphas (``alpha`` ``None``: scale 1), for
+    the formats this package rewrites before diffusers reads them (``_peft_config`` is for the others).
+
     kohya/A1111 alphas (``network_alphas`` from ``lora_state_dict``) are per module, keyed by the module's original
     down-weight key plus ``.alpha`` (attention) or by its original path plus ``.alpha`` (other layers): each module
     gets its own, as A1111/ComfyUI apply them. (diffusers 0.42 itself applies only the most common alpha when they
     differ; its PEFT glue cannot match the pattern keys it builds.)
     """
-    from peft.utils.other import get_pattern_key
-
-    if meta:
-        pattern, default = meta.get("alpha_pattern") or {}, meta.get("lora_alpha", 8)
-        return lambda module: pattern.get(get_pattern_key(pattern.keys(), module), default)
     alphas = {k.removeprefix(f"{component}."): v for k, v in (network_alphas or {}).items()}
     if not alphas:
-        return lambda module: None
+        return lambda module: (None, None, False)
     down_key = {key.removesuffix(".lora_A.weight"): orig for key, orig in origin.items() if key.endswith(".lora_A.weight")}
 
-    def lookup(module: str) -> float | None:
+    def lookup(module: str) -> tuple[int | None, float | None, bool]:
         orig = down_key[module]
         for candidate in (orig, orig.removesuffix(".lora.down.weight"), orig.removesuffix(".lora_down.weight")):
             if f"{candidate}.alpha" in alphas:
-                return alphas[f"{candidate}.alpha"]
-        return None
+                return None, float(alphas[f"{candidate}.alpha"]), False
+        return None, None, False
 
     return lookup
 

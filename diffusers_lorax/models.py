@@ -28,10 +28,14 @@ from .weights import BaseModelWeights, PipelineWeights, SafetensorsWeights, comp
 class BaseModel:
     """One side of a transfer. ``kind`` is ``"pipeline"``, ``"folder"`` or ``"hub"``; ``role`` (``"source"`` or
     ``"target"``) names it in messages. Construction checks only what needs no download; files are read on first
-    use. Raises :class:`SourceModelError` for a path that is a file, or that is neither a folder nor a repo id."""
+    use. ``components``: which of a pipeline's components stand for the LoRA's components where not their
+    namesakes (``{"transformer": "transformer_2"}`` for Wan 2.2's second expert). Raises :class:`SourceModelError`
+    for a path that is a file, or that is neither a folder nor a repo id."""
 
-    def __init__(self, model: Any, options: HubOptions | None = None, role: str = "source"):
+    def __init__(self, model: Any, options: HubOptions | None = None, role: str = "source",
+                 components: dict[str, str] | None = None):
         self.model, self.options, self.role = model, options or HubOptions(), role
+        self.components = dict(components or {})
         if not isinstance(model, (str, os.PathLike)):
             self.kind, self.path = "pipeline", None
             return
@@ -59,7 +63,8 @@ class BaseModel:
         if self.kind == "hub":
             return str(self.model)
         name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or ""
-        return f"{type(self.model).__name__}({name})" if name else f"{type(self.model).__name__} (in memory)"
+        label = f"{type(self.model).__name__}({name})" if name else f"{type(self.model).__name__} (in memory)"
+        return label + "".join(f" [{theirs} as {ours}]" for ours, theirs in self.components.items())
 
     def resolve(self, filename: str) -> Path | None:
         """A local path for ``filename`` (relative to the model's root), or ``None`` where the model has no such
@@ -129,8 +134,8 @@ class BaseModel:
         repo."""
         components = list(components)
         if self.kind == "pipeline":
-            if any(isinstance(getattr(self.model, c, None), torch.nn.Module) for c in components):
-                return PipelineWeights(self.model, self.label)
+            if any(isinstance(getattr(self.model, self.components.get(c, c), None), torch.nn.Module) for c in components):
+                return PipelineWeights(self.model, self.label, self.components)
             raise SourceModelError(
                 f"cannot read base-model weights from a {type(self.model).__name__}; pass a pipeline, a local "
                 "diffusers folder or a Hub repo id"

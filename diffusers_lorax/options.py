@@ -107,13 +107,18 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class HubOptions:
-    """Where to read a model or LoRA: diffusers' ``revision``, ``subfolder``, ``variant``, ``token``, ``cache_dir``."""
+    """Where to read a model or LoRA: diffusers' ``revision``, ``subfolder``, ``variant``, ``token``, ``cache_dir``,
+    and how: ``local_files_only`` (the local cache only), ``force_download``, ``proxies`` (as in
+    ``load_lora_weights``)."""
 
     revision: str | None = None
     subfolder: str | None = None
     variant: str | None = None
     token: str | bool | None = None
     cache_dir: str | os.PathLike | None = None
+    local_files_only: bool | None = None
+    force_download: bool | None = None
+    proxies: dict[str, str] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """The options that are set, as keyword arguments."""
@@ -133,6 +138,9 @@ class TransferRequest:
     lora_options: HubOptions = field(default_factory=HubOptions)
     source_options: HubOptions = field(default_factory=HubOptions)
     target_options: HubOptions = field(default_factory=HubOptions)
+    #: Which of the target pipeline's components receive the LoRA's components, where not their namesakes: Wan 2.2's
+    #: ``load_into_transformer_2=True`` sends the LoRA's ``transformer`` layers to ``transformer_2``.
+    target_components: dict[str, str] = field(default_factory=dict)
 
     def with_default_method(self, method: str) -> TransferRequest:
         """This request with ``method`` where none was given (``method=None``: the default per file type)."""
@@ -143,7 +151,8 @@ class TransferRequest:
     @classmethod
     def from_arguments(cls, args: dict[str, Any]) -> TransferRequest:
         """Build from the flat keyword arguments of :func:`diffusers_lorax.transfer_lora` (every name present)."""
-        shared = dict(token=args["token"], cache_dir=args["cache_dir"])
+        shared = dict(token=args["token"], cache_dir=args["cache_dir"], local_files_only=args.get("local_files_only"),
+                      force_download=args.get("force_download"), proxies=args.get("proxies"))
         return cls(
             source=args["source"],
             target=args["target"],

@@ -3,11 +3,13 @@
 For a method that needs bases: fingerprint both base weights of every matched layer; serve the whole transferred
 adapter from the registry when the same request was answered before; else, per layer, read the subspace similarity
 (or compute it from the bases, read or computed once and staged), skip the layer below the threshold, and apply the
-strategy. The result is a PEFT-format state dict with alpha folded into ``lora_B``.
+strategy. The result is a :class:`~diffusers_lorax.transferred.TransferredAdapter`: a copied layer keeps its
+factors and alpha, a projected one has its scale folded into ``lora_B``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import cached_property
 
@@ -23,6 +25,7 @@ from .registry import Registry, Transaction
 from .registry.store import StoredBasis
 from .report import PhaseClock, TransferReport
 from .subspace import Basis
+from .transferred import TransferredAdapter
 from .weights import BaseModelWeights, PipelineWeights, fingerprint, fingerprints
 
 #: The per-layer report fields a cached adapter restores.
@@ -39,9 +42,9 @@ def transfer_layers(
     txn: Transaction | None,
     clock: PhaseClock,
     expand: Callable[[list[LoraLayer]], list[LoraLayer]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The transferred adapter as a PEFT state dict (``<component>.<module>.lora_A/B.weight``, under each layer's
-    target module from ``matched``), filling ``report``. ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
+) -> TransferredAdapter:
+    """The transferred adapter (:class:`TransferredAdapter`: ``<component>.<module>.lora_A/B.weight`` under each
+    layer's target module from ``matched``, and each module's alpha), filling ``report``. ``weights`` maps ``"source"``/``"target"`` to their readers; ``registry`` and ``txn`` are ``None`` for a method
     that needs no bases. ``expand`` rebuilds layers whose factors are not at hand yet (a compact LoRA-X file's), called
     only when the registry does not answer the request. Raises :class:`SourceModelError` if a base weight holds NaN
     or Inf."""
@@ -51,7 +54,7 @@ def transfer_layers(
         given = {i: layers[i].factors() for i in matched}
         factors = {i: strategy.transfer(*given[i], None) for i in matched}
         unchanged = all(factors[i][0] is given[i][0] and factors[i][1] is given[i][1] for i in matched)  # copy
-        return peft_state_dict(layers, matched, factors, report, unchanged=unchanged)
+        return build_adapter(layers, matched, factors, report, unchanged=unchanged)
     fps = _fingerprints(layers, matched, weights)
     # a LoRA-X file's layer keeps its own r as k (adapters.loading.LoraXLayer.k); any other layer the rank option's k
     ks = {i: getattr(layers[i], "k", None) or config.k(layers[i].weight_shape) for i in matched}
@@ -64,17 +67,17 @@ def transfer_layers(
                 setattr(report.layers[i], name, fields[name])
         report.adapter_cached = True
         clock.lap(report, "bases")
-        return state_dict
+        return TransferredAdapter(state_dict)  # stored with the scaling folded in
     layers = expand(layers) if expand is not None else layers
     bases = Bases(registry, txn, layers, matched, fps, ks, weights, report)
     factors = _project(layers, matched, bases, config, report, registry, txn)
     clock.lap(report, "bases")
-    state_dict = peft_state_dict(layers, matched, factors, report)
-    if state_dict:
+    adapter = build_adapter(layers, matched, factors, report)
+    if adapter:
         ordered = sorted(matched, key=lambda i: layers[i].peft_key)
-        txn.stage_adapter(key, state_dict, {"layers": [{n: getattr(report.layers[i], n) for n in _ROW_FIELDS}
-                                                       for i in ordered]})
-    return state_dict
+        txn.stage_adapter(key, adapter.folded(), {"layers": [{n: getattr(report.layers[i], n) for n in _ROW_FIELDS}
+                                                             for i in ordered]})
+    return adapter
 
 
 def _project(layers, matched, bases: Bases, config, report, registry, txn) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -194,29 +197,37 @@ class LayerBases:
         return self.bases.get("target", self.i)
 
 
-def peft_state_dict(
+def build_adapter(
     layers: list[LoraLayer], matched: Matches, factors: dict[int, tuple[torch.Tensor, torch.Tensor]],
     report: TransferReport, unchanged: bool = False,
-) -> dict[str, torch.Tensor]:
-    """PEFT-format state dict of transferred factors ``{layer index: (B (m, r'), A (r', n))}``, in each LoRA layer's
-    dtype and shape, under its target module (the LoRA's own module name where they coincide; the factors of layers
-    folded into one module side by side, rank r₁ + r₂); fills the report's
-    per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F; 1 without computing it when ``unchanged``:
-    the factors are the LoRA's own, as ``copy`` gives them)."""
-    state_dict = {}
+) -> TransferredAdapter:
+    """The :class:`TransferredAdapter` of transferred factors ``{layer index: (B (m, r'), A (r', n))}`` (float32,
+    scale folded in), in each LoRA layer's dtype and shape, under its target module (the LoRA's own module name where
+    they coincide; the factors of layers folded into one module side by side, rank r₁ + r₂); fills the report's
+    per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F). ``unchanged``: the factors are the LoRA's own
+    (``copy``): each layer is put as the LoRA holds it, its own tensors with its own ``lora_alpha``, so that it loads
+    exactly as plain ``load_lora_weights`` loads it, and ``kept`` is 1 without computing it."""
+    adapter = TransferredAdapter(rslora={layer.component for layer in layers if layer.rslora})
     for i, (B, A) in factors.items():
         layer, row = layers[i], report.layers[i]
         source_norm = 1.0 if unchanged else subspace.frobenius_norm(*layer.factors())
         row.kept = 1.0 if unchanged or source_norm == 0 else subspace.frobenius_norm(B, A) / source_norm
         row.applied, row.r_out = True, B.shape[1]
         prefix = layer.peft_key if matched[i] == layer.key else ".".join(matched[i])
-        A = A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype)
-        B = B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype)
-        if f"{prefix}.lora_A.weight" in state_dict:  # layers folded into one module: ΔW₁ + ΔW₂ = [B₁ B₂] [A₁; A₂]
-            A = torch.cat([state_dict[f"{prefix}.lora_A.weight"], A])
-            B = torch.cat([state_dict[f"{prefix}.lora_B.weight"], B], dim=1)
-        state_dict[f"{prefix}.lora_A.weight"], state_dict[f"{prefix}.lora_B.weight"] = A.contiguous(), B.contiguous()
-    return state_dict
+        if f"{prefix}.lora_A.weight" in adapter.state_dict:
+            # layers folded into one module: ΔW₁ + ΔW₂ = [B₁ B₂] [A₁; A₂], each with its own scale folded in
+            B0, A0 = adapter.factors(prefix)
+            B, A = torch.cat([B0, B], dim=1), torch.cat([A0, A])
+        elif unchanged:
+            alpha = layer.alpha if layer.alpha is not None else layer.scale * (
+                math.sqrt(layer.r) if layer.rslora else layer.r)
+            adapter.put(prefix, layer.B, layer.A, alpha)
+            continue
+        rslora = prefix.split(".", 1)[0] in adapter.rslora
+        adapter.put(prefix, B.reshape(B.shape[0], B.shape[1], *layer.B.shape[2:]).to(layer.B.dtype).contiguous(),
+                    A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous(),
+                    math.sqrt(B.shape[1]) if rslora else None)  # scaling 1: the scale is in B
+    return adapter
 
 
 def _compute_device(target_w: BaseModelWeights, key: tuple[str, str]) -> torch.device | None:

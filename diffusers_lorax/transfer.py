@@ -11,6 +11,7 @@ loaded.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from .projection import transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
 from .report import LayerReport, PhaseClock, TransferReport
+from .transferred import TransferredAdapter
 
 logger = logging.get_logger(__name__)
 
@@ -55,6 +57,9 @@ def transfer_lora(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    force_download: bool | None = None,
+    proxies: dict[str, str] | None = None,
     source_revision: str | None = None,
     source_subfolder: str | None = None,
     source_variant: str | None = None,
@@ -90,6 +95,10 @@ def transfer_lora(
             answered before (same LoRA, base weights, method, k, threshold) is served from it without projecting.
         token: used for the LoRA and for both base models, as in diffusers.
         cache_dir: used for the LoRA and for both base models, as in diffusers.
+        local_files_only: read the LoRA and both base models from local files and the Hub cache only, as in
+            diffusers.
+        force_download: download the LoRA and the base-model files read again even if cached, as in diffusers.
+        proxies: proxy servers by protocol for the Hub requests, as in diffusers.
         source_revision: where to read the source base model from a Hub repo (as diffusers' ``revision``).
         source_subfolder: the source's subfolder in its Hub repo or folder.
         source_variant: the source's weight variant (e.g. ``"fp16"``).
@@ -99,8 +108,10 @@ def transfer_lora(
 
     Returns:
         ``(state_dict, report)``: a PEFT-format LoRA (``unet.<module>.lora_A.weight`` ``(r', in[, kh, kw])``,
-        ``….lora_B.weight`` ``(out, r'[, 1, 1])``, the LoRA's dtype, alpha folded into ``lora_B`` so the scale is 1)
-        that ``pipe.load_lora_weights(state_dict)`` accepts, and a :class:`TransferReport`.
+        ``….lora_B.weight`` ``(out, r'[, 1, 1])``, the LoRA's dtype, each module's alpha folded into ``lora_B`` so the
+        scale is 1) that ``pipe.load_lora_weights(state_dict)`` accepts, and a :class:`TransferReport`. (Folding
+        rounds ``lora_B`` once more where ``alpha / r`` is not a power of two; ``load_lora_weights_cross`` and
+        ``lorax transfer`` keep each alpha in the adapter's config instead.)
 
     Raises:
         InvalidOptionsError: an unknown ``method``, a bad ``rank``, ``threshold``, ``calibrate`` or
@@ -114,12 +125,12 @@ def transfer_lora(
     """
     request = TransferRequest.from_arguments(locals())
     with transferring(request) as result:
-        return result.state_dict, result.report
+        return result.adapter.folded(), result.report
 
 
 @dataclass
 class TransferResult:
-    state_dict: dict[str, torch.Tensor]
+    adapter: TransferredAdapter
     report: TransferReport
 
 
@@ -132,7 +143,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     lorax = LoraXInput.open(request)  # a LoRA-X file: its source (when None) and k = r; None for a standard LoRA
     request = lorax.request if lorax is not None else request.with_default_method(DEFAULT_METHOD)
     source = BaseModel(request.source, request.source_options, "source")
-    target = BaseModel(request.target, request.target_options, "target")
+    target = BaseModel(request.target, request.target_options, "target", request.target_components)
     layers = lorax.layers() if lorax is not None else read_lora(
         target.pipeline_class, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
         weight_name=request.weight_name, **request.lora_options.kwargs())
@@ -162,9 +173,9 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
         if plan.by_similarity:  # a distilled or renamed target: each layer's target module by subspace similarity
             matched = correspond(layers, weights, plan.rule, report, registry, txn)
             clock.lap(report, "match")
-        state_dict = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
+        adapter = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
         clock.lap(report, "project")
-        if not state_dict:
+        if not adapter:
             best = max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0)
             raise NothingTransferredError(
                 f"no layer passed the subspace-similarity threshold {config.threshold} ({len(matched)} layers matched "
@@ -172,22 +183,31 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
                 "threshold: lower `threshold`, or use method='copy'."
             )
         if config.calibrate:
-            calibrate_adapter(request, source, target, layers, matched, state_dict, report, registry, txn)
+            calibrate_adapter(request, source, target, layers, matched, adapter, report, registry, txn)
             clock.lap(report, "calibrate")
-        yield TransferResult(state_dict, report)
+        yield TransferResult(adapter, report)
 
 
 def save_transferred(
-    state_dict: dict[str, torch.Tensor], target: Any, path: str | os.PathLike, report: TransferReport | None = None
+    adapter: TransferredAdapter | dict[str, torch.Tensor], target: Any, path: str | os.PathLike,
+    report: TransferReport | None = None,
 ) -> Path:
-    """Write a transferred state dict as a standard diffusers LoRA file with the target pipeline class's own
-    ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors). Returns the file's path.
-    Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
+    """Write a transferred adapter (or a PEFT state dict, scale 1) as a standard diffusers LoRA file with the target
+    pipeline class's own ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors, and each
+    component's ``LoraConfig`` as its adapter metadata where the class saves one, so every module keeps its alpha).
+    Returns the file's path. Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
+    import inspect
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cls = BaseModel(target, HubOptions(), "target").pipeline_class
+    if not isinstance(adapter, TransferredAdapter):
+        adapter = TransferredAdapter(dict(adapter))
+    accepted = inspect.signature(cls.save_lora_weights).parameters
+    configs = {f"{c}_lora_adapter_metadata": config for c, config in adapter.configs().items()}
+    keep = all(name in accepted for name in configs)  # else no config can be saved: the scale goes into lora_B
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
+    for key, value in (adapter.state_dict if keep else adapter.folded()).items():
         component, rest = key.split(".", 1)
         layers.setdefault(component, {})[rest] = value
     cls.save_lora_weights(
@@ -195,6 +215,7 @@ def save_transferred(
         weight_name=path.name,
         safe_serialization=True,
         **{f"{component}_lora_layers": sd for component, sd in layers.items()},
+        **(configs if keep else {}),
     )
     if report is not None:
         logger.info(f"wrote {path}: {len(report.applied)} layers transferred with {report.method}")

@@ -101,16 +101,17 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
 class PipelineWeights:
     """Weights of an already loaded pipeline (or any object whose components are ``torch.nn.Module`` attributes)."""
 
-    def __init__(self, pipe: Any, label: str | None = None):
+    def __init__(self, pipe: Any, label: str | None = None, components: dict[str, str] | None = None):
         self.pipe = pipe
         self.label = label or type(pipe).__name__
+        self.components = dict(components or {})  # the LoRA's component -> the pipeline's attribute read for it
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         # component -> canonical name -> the module, found in the one walk of shapes() (a reader lives for one call;
         # a PEFT wrapper injected later keeps this module as its base layer)
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
 
     def _component(self, component: str) -> torch.nn.Module:
-        module = getattr(self.pipe, component, None)
+        module = getattr(self.pipe, self.components.get(component, component), None)
         if not isinstance(module, torch.nn.Module):
             raise SourceModelError(f"{self.label} has no component {component!r}")
         return module

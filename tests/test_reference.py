@@ -1,17 +1,19 @@
 """End to end against an independent float64 reference: for every method, a source and a target that differ, a kohya
-LoRA with per-module alphas, and the transferred state dict compared layer by layer with the dense formulas computed
-here from the two models' saved weights (safetensors read directly, float64 SVD, nothing from diffusers_lorax's
-math). Catches a swapped basis, a wrong side, a wrong scale or a wrong filter anywhere in the wiring."""
+LoRA with per-module alphas (its ΔW_s as plain diffusers applies it), and the transferred state dict compared layer by
+layer with the dense formulas computed here from the two models' saved weights (safetensors read directly, float64
+SVD, nothing from diffusers_lorax's math). Catches a swapped basis, a wrong side, a wrong scale or a wrong filter anywhere in the wiring."""
 
 import math
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from diffusers_lorax import transfer_lora, toy
 
 from helpers import (
     ALL_TARGETS,
+    delta_weights,
     assert_matches_reference,
     intended_delta,
     module_names,
@@ -35,12 +37,22 @@ def pair(tmp_path_factory):
     return root, peft
 
 
-def deltas(peft):
-    return {key: intended_delta(peft, *key.split(".", 1)) for key in module_names(peft)}
+def deltas(peft, root):
+    """ΔW_s per layer as plain diffusers applies the file on the source (scaling · B A; with per-module kohya alphas
+    that is diffusers' own rule, which ``load_lora_weights_cross`` must reproduce)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(root / "source")
+    pipe.load_lora_weights(str(root / "lora.safetensors"), adapter_name="reference")
+    plain = delta_weights(pipe, "reference")
+    out = {key: plain[(key.split(".", 1)[0], key.split(".", 1)[1].removeprefix("text_model."))]
+           for key in module_names(peft)}
+    assert any(not torch.allclose(d, intended_delta(peft, *key.split(".", 1))) for key, d in out.items())
+    return out
 
 
 def reference(root, peft, method, rank=0.5, threshold=0.0):
-    return reference_transfer(root / "source", root / "target", deltas(peft), method, rank, threshold)
+    return reference_transfer(root / "source", root / "target", deltas(peft, root), method, rank, threshold)
 
 
 @pytest.mark.parametrize("method", ["copy", "lorax", "prolora"])
@@ -52,7 +64,7 @@ def test_every_method_matches_its_float64_formula(pair, method, tmp_path):
         assert spread > 0.05  # Φ_U and Φ_V tell the sides apart in this data
     state_dict, report = transfer_lora(root / "source", root / "target", root / "lora.safetensors", method=method,
                                        threshold=0.0, registry=tmp_path / "reg")
-    assert_matches_reference(state_dict, report, ref, deltas(peft), TOL)
+    assert_matches_reference(state_dict, report, ref, deltas(peft, root), TOL)
     if method != "copy":
         assert max(r.kept for r in report.applied) < 0.99  # the projections drop a measurable share
 
@@ -71,5 +83,5 @@ def test_threshold_and_rank_select_the_reference_layers(pair, method, rank, tmp_
     assert 0 < sum(d is not None for *_, d in ref.values()) < len(ref)
     state_dict, report = transfer_lora(root / "source", root / "target", root / "lora.safetensors", method=method,
                                        rank=rank, threshold=threshold, registry=tmp_path / "reg")
-    assert_matches_reference(state_dict, report, ref, deltas(peft), TOL)
+    assert_matches_reference(state_dict, report, ref, deltas(peft, root), TOL)
     assert math.isclose(report.threshold, threshold)

@@ -36,7 +36,8 @@ def describe(lora: Any) -> str:
 
 def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
           token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-          local_files_only: bool | None = None, **_: Any) -> LoraFile:
+          local_files_only: bool | None = None, force_download: bool | None = None,
+          proxies: dict[str, str] | None = None, **_: Any) -> LoraFile:
     """Read ``lora`` (a state dict, a file, a folder or a Hub repo id) into a :class:`LoraFile`. Raises
     :class:`InvalidLoraError`: missing, unreadable or truncated file, or (offline) a file not in the local cache."""
     if isinstance(lora, dict):
@@ -53,7 +54,8 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
     try:
         state_dict, adapter_metadata, file_metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=lora, weight_name=weight_name, use_safetensors=True,
-            local_files_only=local_files_only, cache_dir=cache_dir, force_download=False, proxies=None, token=token,
+            local_files_only=local_files_only, cache_dir=cache_dir, force_download=bool(force_download),
+            proxies=proxies, token=token,
             revision=revision, subfolder=subfolder, user_agent={"file_type": "attn_procs_weights",
                                                                 "framework": "pytorch"},
             allow_pickle=True, return_file_metadata=True)
@@ -132,3 +134,22 @@ def _check_truncated(path: Path) -> None:
     message = truncation_message(path, "the LoRA file")
     if message is not None:
         raise InvalidLoraError(message)
+
+
+def file_metadata(lora: Any, weight_name: str | None = None, subfolder: str | None = None,
+                  revision: str | None = None, token: str | bool | None = None,
+                  cache_dir: str | os.PathLike | None = None, **_: Any) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of the LoRA file ``lora`` names, found as :func:`fetch` finds it; ``{}`` for
+    a state dict, a pickled file (never unpickled for this) or a file that cannot be resolved again."""
+    if isinstance(lora, dict):
+        return {}
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    try:
+        out = _fetch_state_dict(
+            pretrained_model_name_or_path_or_dict=lora, weight_name=weight_name, use_safetensors=True,
+            local_files_only=None, cache_dir=cache_dir, force_download=False, proxies=None, token=token,
+            revision=revision, subfolder=subfolder, user_agent={}, allow_pickle=False, return_file_metadata=True)
+    except Exception:  # best effort: the LoRA itself was read already
+        return {}
+    return dict(out[2] or {}) if len(out) == 3 else {}

@@ -1,0 +1,132 @@
+"""``load_lora_weights_cross`` takes every keyword ``load_lora_weights`` takes and leaves the pipeline as it does:
+the adapter's name, its config (each module's rank and alpha), hotswap in place, and nothing changed on an error."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusers_lorax  # noqa: F401  (adds load_lora_weights_cross)
+from diffusers_lorax import InvalidOptionsError, LoraxError, toy
+
+from helpers import assert_unchanged, delta_weights, module_names, state_of
+
+
+@pytest.fixture(scope="module")
+def base():
+    return toy.sd_pipeline(seed=0)
+
+
+def _kohya(base, seed, alphas=(1.0, 2.0, 3.0), rank=4):
+    lora = toy.random_lora(base, rank=rank, seed=seed)
+    modules = module_names(lora)
+    return toy.to_kohya(lora, {m: alphas[i % len(alphas)] for i, m in enumerate(modules)})
+
+
+def _configs(pipe, name):
+    """Per adapted module: (rank, alpha, scaling, factor dtypes) as PEFT holds them."""
+    out = {}
+    for component in ("unet", "text_encoder"):
+        for module_name, m in getattr(pipe, component).named_modules():
+            if hasattr(m, "lora_A") and name in m.lora_A:
+                out[(component, module_name)] = (m.r[name], m.lora_alpha[name], m.scaling[name],
+                                                 m.lora_A[name].weight.dtype, m.lora_B[name].weight.dtype)
+    return out
+
+
+def _assert_same_adapter(plain, cross, name):
+    """Same modules, same config, bit-identical effective updates."""
+    assert _configs(cross, name) == _configs(plain, name)
+    want, got = delta_weights(plain, name), delta_weights(cross, name)
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [None, False, True])
+def test_between_identical_models_the_adapter_is_the_one_load_lora_weights_makes(base, low_cpu_mem_usage):
+    lora = _kohya(base, seed=1)
+    options = {} if low_cpu_mem_usage is None else {"low_cpu_mem_usage": low_cpu_mem_usage}
+    plain, cross = copy.deepcopy(base), copy.deepcopy(base)
+    plain.load_lora_weights(dict(lora), adapter_name="style", **options)
+    report = cross.load_lora_weights_cross(base, dict(lora), adapter_name="style", **options)
+    assert report.adapter_name == "style"
+    _assert_same_adapter(plain, cross, "style")
+
+
+def test_an_unnamed_adapter_gets_the_name_load_lora_weights_gives_it(base):
+    plain, cross = copy.deepcopy(base), copy.deepcopy(base)
+    for pipe in (plain, cross):
+        pipe.load_lora_weights(dict(_kohya(base, seed=2)), adapter_name="other")
+    plain.load_lora_weights(dict(_kohya(base, seed=1)))
+    report = cross.load_lora_weights_cross(base, dict(_kohya(base, seed=1)))
+    assert plain.get_list_adapters() == cross.get_list_adapters()
+    assert report.adapter_name in cross.get_list_adapters()["unet"]
+
+
+def test_file_keywords_of_load_lora_weights_are_accepted(base, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file(_kohya(base, seed=1), str(path))
+    plain, cross = copy.deepcopy(base), copy.deepcopy(base)
+    options = dict(weight_name="lora.safetensors", local_files_only=True, force_download=False, proxies=None,
+                   prefix=None, cache_dir=str(tmp_path / "cache"))
+    plain.load_lora_weights(str(tmp_path), adapter_name="style", **options)
+    cross.load_lora_weights_cross(base, str(tmp_path), adapter_name="style", **options)
+    _assert_same_adapter(plain, cross, "style")
+
+
+def test_hotswap_replaces_the_weights_in_place_as_load_lora_weights_does(base):
+    first, second = _kohya(base, seed=1, alphas=(2.0,)), _kohya(base, seed=3, alphas=(2.0,))
+    plain, cross = copy.deepcopy(base), copy.deepcopy(base)
+    plain.load_lora_weights(dict(first), adapter_name="style")
+    cross.load_lora_weights_cross(base, dict(first), adapter_name="style")
+    params = {k: p for k, p in cross.unet.named_parameters() if ".style." in k}
+    plain.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
+    cross.load_lora_weights_cross(base, dict(second), adapter_name="style", hotswap=True)
+    _assert_same_adapter(plain, cross, "style")
+    assert all(p is dict(cross.unet.named_parameters())[k] for k, p in params.items())  # the same tensors, new values
+    assert cross.get_list_adapters() == {"unet": ["style"]}
+
+
+def test_a_failed_hotswap_leaves_the_adapter_as_it_was(base, monkeypatch):
+    import peft.utils.hotswap
+
+    cross = copy.deepcopy(base)
+    cross.load_lora_weights_cross(base, dict(_kohya(base, seed=1)), adapter_name="style")
+    cross.load_lora_weights(dict(_kohya(base, seed=2)), adapter_name="other")
+    cross.set_adapters(["style", "other"], [0.7, 1.0])
+    before, active, deltas = state_of(cross), cross.get_active_adapters(), delta_weights(cross, "style")
+
+    def fails_midway(model, state_dict, adapter_name, config, **kwargs):  # as a shape error on a later layer would
+        with torch.no_grad():  # one layer already overwritten in place
+            next(p for k, p in model.named_parameters() if f".{adapter_name}." in k).add_(1.0)
+        raise RuntimeError("size mismatch on a later layer")
+
+    monkeypatch.setattr(peft.utils.hotswap, "hotswap_adapter_from_state_dict", fails_midway)
+    with pytest.raises(LoraxError, match="diffusers refused"):
+        cross.load_lora_weights_cross(base, dict(_kohya(base, seed=3)), adapter_name="style", hotswap=True)
+    assert_unchanged(cross, before)  # diffusers deleted "style" on the failure: it is back, with its weights
+    assert cross.get_active_adapters() == active
+    assert all(torch.equal(d, delta_weights(cross, "style")[k]) for k, d in deltas.items())  # 0.7 kept
+
+
+@pytest.mark.parametrize("case", ["hotswap of a name not loaded", "name in use", "typo"])
+def test_keyword_mistakes_are_refused_before_any_work(base, case):
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(dict(_kohya(base, seed=2)), adapter_name="style")
+    before = state_of(pipe)
+    kwargs, match = {
+        "hotswap of a name not loaded": ({"adapter_name": "other", "hotswap": True}, "not one"),
+        "name in use": ({"adapter_name": "style"}, "hotswap=True to replace"),
+        "typo": ({"adapter_name": "x", "hotswp": True}, "did you mean hotswap"),
+    }[case]
+    with pytest.raises(InvalidOptionsError, match=match):
+        pipe.load_lora_weights_cross("/nonexistent/source", dict(_kohya(base, seed=1)), **kwargs)
+    assert_unchanged(pipe, before)
+
+
+def test_load_into_transformer_2_without_a_second_expert_is_refused(base):
+    pipe = copy.deepcopy(base)
+    with pytest.raises(InvalidOptionsError, match="no transformer_2"):
+        pipe.load_lora_weights_cross(base, dict(_kohya(base, seed=1)), load_into_transformer_2=True)
