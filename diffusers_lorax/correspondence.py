@@ -99,8 +99,10 @@ def score(phi_u: float, phi_v: float, k: int, shape: tuple[int, ...]) -> float:
 class Correspondence:
     """The candidates of every LoRA layer and their scores; :meth:`assign` turns them into :data:`Matches`."""
 
-    def __init__(self, layers: list[LoraLayer], weights: dict[str, BaseModelWeights]):
-        self.layers, self.weights = layers, weights
+    def __init__(self, layers: list[LoraLayer], weights: dict[str, BaseModelWeights],
+                 only: frozenset[int] | None = None, taken: set[Key] = frozenset()):
+        # only: the layers to look for (None: all); taken: target modules already given to layers matched by name
+        self.layers, self.weights, self.only, self.taken = layers, weights, only, taken
         self.candidates: dict[int, list[Key]] = {}
         self.slots: dict[int, Slot] = {}
         self.order: dict[int, int] = {}  # position of the layer's source module among its kind in its stage
@@ -121,11 +123,12 @@ class Correspondence:
             s = slot(module, n_src)
             peers.setdefault((s.stage, s.kind, tuple(shape)), []).append(s.position)
         for i, layer in enumerate(self.layers):
-            if layer.component != component:
+            if layer.component != component or (self.only is not None and i not in self.only):
                 continue
             s = self.slots[i] = slot(layer.key[1], n_src)
             group = (s.stage, s.kind, layer.weight_shape)
-            self.candidates[i] = [(component, m) for m in sorted(groups.get(group, []))]
+            self.candidates[i] = [(component, m) for m in sorted(groups.get(group, []))
+                                  if (component, m) not in self.taken]
             self.order[i] = sorted(peers.get(group, [s.position])).index(s.position)
 
     def fingerprints(self) -> tuple[dict[int, str], dict[Key, str]]:
@@ -255,17 +258,20 @@ class Correspondence:
 
 
 def correspond(layers: list[LoraLayer], weights: dict[str, BaseModelWeights], rule: str, report: TransferReport,
-               registry, txn) -> Matches:
-    """The target module of every LoRA layer by subspace similarity (module docstring), filling each layer's
+               registry, txn, matched: Matches | None = None, only: frozenset[int] | None = None) -> Matches:
+    """The target module of every LoRA layer by subspace similarity (module docstring), or with ``only`` of those
+    layers, the others keeping their ``matched`` target modules by name (which are then not candidates); fills each
+    layer's
     ``target_module``, ``matched_by``, ``match_reason``, ``phi_u``/``phi_v`` (of the pair, at k = ``MATCH_RANK``) and,
     for a layer left out, ``reason``. ``rule``: ``"similarity"`` (best single match) or ``"fold"``. Reads and writes
     the registry through ``registry`` and ``txn`` (bases, similarities, the correspondence).
 
     Raises :class:`NoMatchingLayersError` when no layer has a related module in the target, and
     :class:`~diffusers_lorax.errors.SourceModelError` when a base weight holds NaN or Inf."""
-    found = Correspondence(layers, weights)
+    by_name = dict(matched or {}) if only is not None else {}
+    found = Correspondence(layers, weights, only, set(by_name.values()))
     src, tgt = found.fingerprints()
-    key = correspondence_key(found, src, tgt, rule)
+    key = correspondence_key(found, src, tgt, rule, set(by_name.values()))
     rows = registry.get_correspondence(key)
     report.correspondence_cached = rows is not None
     if rows is None:
@@ -273,9 +279,9 @@ def correspond(layers: list[LoraLayer], weights: dict[str, BaseModelWeights], ru
         assigned = found.assign(rule)
         rows = [[*(assigned[i][0] or (None, None)), assigned[i][1], assigned[i][2],
                  *(found.phi.get((i, assigned[i][0]), (None, None)) if assigned[i][0] else (None, None))]
-                for i in range(len(layers))]
+                for i in found.candidates]
         txn.stage_correspondence(key, rows)
-    matched = _report(layers, rows, report)
+    matched = {**by_name, **_report(layers, list(found.candidates), rows, report)}
     if not matched:
         raise NoMatchingLayersError(
             f"none of the LoRA's {len(layers)} layers has a related module in the target {report.target} (compared "
@@ -288,9 +294,9 @@ def correspond(layers: list[LoraLayer], weights: dict[str, BaseModelWeights], ru
     return matched
 
 
-def _report(layers: list[LoraLayer], rows: list, report: TransferReport) -> Matches:
+def _report(layers: list[LoraLayer], indices: list[int], rows: list, report: TransferReport) -> Matches:
     matched: Matches = {}
-    for i, (component, module, how, why, phi_u, phi_v) in enumerate(rows):
+    for i, (component, module, how, why, phi_u, phi_v) in zip(indices, rows):
         row = report.layers[i]
         row.match_reason = why
         if module is None:
@@ -302,11 +308,15 @@ def _report(layers: list[LoraLayer], rows: list, report: TransferReport) -> Matc
     return matched
 
 
-def correspondence_key(found: Correspondence, src: dict[int, str], tgt: dict[Key, str], rule: str) -> str:
-    """XXH3-128 of what a correspondence depends on: this package's version, the rule, k and the threshold, and
-    per LoRA layer its source module and weight fingerprint and every candidate's name and fingerprint."""
-    digest = xxhash.xxh3_128(f"{_version.__version__}|{rule}|{MATCH_RANK!r}|{MATCH_THRESHOLD!r}".encode())
-    for i, layer in enumerate(found.layers):
+def correspondence_key(found: Correspondence, src: dict[int, str], tgt: dict[Key, str], rule: str,
+                       taken: set[Key] = frozenset()) -> str:
+    """XXH3-128 of what a correspondence depends on: this package's version, the rule, k and the threshold, the
+    target modules already taken by name, and per LoRA layer looked for its source module and weight fingerprint
+    and every candidate's name and fingerprint."""
+    digest = xxhash.xxh3_128(f"{_version.__version__}|{rule}|{MATCH_RANK!r}|{MATCH_THRESHOLD!r}|"
+                             f"{sorted(taken)}".encode())
+    for i in found.candidates:
+        layer = found.layers[i]
         candidates = ",".join(f"{m}={tgt[(c, m)]}" for c, m in found.candidates[i])
         digest.update(f"|{layer.peft_key}={src[i]}>{candidates}".encode())
     return digest.hexdigest()

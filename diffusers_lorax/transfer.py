@@ -170,8 +170,8 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
         expand = lorax.expander(weights["source"], registry, txn, report) if lorax is not None else None
         if expand is not None and config.calibrate:
             layers, expand = expand(layers), None
-        if plan.by_similarity:  # a distilled or renamed target: each layer's target module by subspace similarity
-            matched = correspond(layers, weights, plan.rule, report, registry, txn)
+        if plan.by_similarity:  # a distilled or renamed target (or a few layers missing by name): by similarity
+            matched = correspond(layers, weights, plan.rule, report, registry, txn, matched, plan.only)
             clock.lap(report, "match")
         adapter = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
         clock.lap(report, "project")

@@ -130,3 +130,22 @@ def test_load_into_transformer_2_without_a_second_expert_is_refused(base):
     pipe = copy.deepcopy(base)
     with pytest.raises(InvalidOptionsError, match="no transformer_2"):
         pipe.load_lora_weights_cross(base, dict(_kohya(base, seed=1)), load_into_transformer_2=True)
+
+
+def test_a_fine_tune_with_one_module_of_its_own_is_copied_by_name_without_a_correspondence(base):
+    """``match="auto"`` on a fine-tune whose ``conv_in`` takes 9 channels (an inpainting variant): the other layers
+    are copied by name as ``load_lora_weights`` would, only ``conv_in`` is looked for (no module of its kind and
+    shape: skipped, said why), and no basis is computed for the rest."""
+    target = toy.finetune(copy.deepcopy(base), seed=1)
+    old = target.unet.conv_in
+    target.unet.conv_in = torch.nn.Conv2d(9, old.out_channels, old.kernel_size, padding=old.padding)
+    lora = toy.random_lora(base, rank=4, seed=1, targets=("to_q", "to_v", "conv_in"))
+    plain = copy.deepcopy(target)
+    report = target.load_lora_weights_cross(base, dict(lora), adapter_name="style")
+    rows = {r.module: r for r in report.layers}
+    assert not rows["conv_in"].applied and "no module of this kind and shape" in rows["conv_in"].reason
+    others = [r for m, r in rows.items() if m != "conv_in"]
+    assert others and all(r.applied and r.matched_by == "name" for r in others)
+    assert report.bases_computed == 0 and report.similarities_computed == 0
+    plain.load_lora_weights({k: v for k, v in lora.items() if ".conv_in." not in k}, adapter_name="style")
+    _assert_same_adapter(plain, target, "style")
