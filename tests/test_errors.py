@@ -1,12 +1,14 @@
 """The failures users met, each with its own message (what happened, what to do), a LoraxError subclass, and the
-pipeline and registry exactly as before: truncated files, offline misses, folders saved with a PEFT adapter inside."""
+pipeline and registry exactly as before: truncated, empty or non-safetensors files, kohya names in another key layout,
+offline misses, folders saved with a PEFT adapter inside."""
 
 import json
+import re
 
 import pytest
 from safetensors.torch import save_file
 
-from diffusers_lorax import InvalidLoraError, Registry, SourceModelError, toy, transfer_lora
+from diffusers_lorax import InvalidLoraError, Registry, SourceModelError, inspect_lora, toy, transfer_lora
 from diffusers_lorax.cli import main
 
 from helpers import ALL_TARGETS, assert_unchanged, module_names, save_toy_pair, state_of
@@ -160,3 +162,80 @@ def test_cli_prints_each_of_them_as_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("lorax: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# -- files that are no LoRA at all, and kohya names in another layout ----------------------------------------------
+TEXT = b"this is a text file, renamed: not a LoRA\n"
+TSV = b"step\tloss\n1\t0.25\n2\t0.125\n"
+
+
+@pytest.mark.parametrize("name, content", [("empty.safetensors", b""), ("notes.safetensors", TEXT),
+                                           ("losses.tsv", TSV)])
+def test_a_file_that_is_no_lora_says_empty_or_not_safetensors(files, target, tmp_path, name, content):
+    """Not diffusers' "Unable to load weights from checkpoint file": what the file is, from its size and header
+    (safetensors' own parser; its first 24 bytes shown)."""
+    pipe, before = target
+    path = tmp_path / name
+    path.write_bytes(content)
+    expected = (r"is an empty file \(0 bytes\): the download or copy failed" if not content else
+                r"is not a safetensors file \(bad header: .+\) nor a PyTorch checkpoint: it starts with "
+                + re.escape(f"{content[:24]!r} ({len(content)} bytes)"))
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(InvalidLoraError, match=expected) as caught:
+        pipe.load_lora_weights_cross(files / "source", path, registry=registry, method="prolora")
+    assert "Unable to load weights" not in str(caught.value) and f"the LoRA file {str(path)!r}" in str(caught.value)
+    with pytest.raises(InvalidLoraError, match=expected):
+        inspect_lora(path)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def kohya_keys(files):
+    from safetensors.torch import load_file
+
+    return load_file(files / "lora.safetensors")
+
+
+def test_kohya_names_in_another_key_layout_say_which_layout_was_expected(files, target, tmp_path):
+    """Module names joined to ``lora_down.weight`` with ``_`` (the layout of a real malformed file), and a module
+    without its up weight: diffusers' converter would raise a bare KeyError for both."""
+    pipe, before = target
+    registry = Registry(tmp_path / "reg")
+    good = kohya_keys(files)
+    joined = {k.replace(".lora_down.weight", "_lora_down.weight").replace(".lora_up.weight", "_lora_up.weight"): v
+              for k, v in good.items()}
+    save_file(joined, tmp_path / "joined.safetensors")
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", tmp_path / "joined.safetensors", registry=registry)
+    message = str(caught.value)
+    first = re.search(r"unrecognised key layout \(first key '([^']+)'\)", message)
+    assert first and first[1] in joined and first[1] not in good, message
+    assert "`<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha`" in message
+    assert "joined to the module name with `_` instead of `.`" in message and "KeyError" not in message
+    down = next(k for k in sorted(good) if k.endswith(".lora_down.weight"))
+    module = down.removesuffix(".lora_down.weight")
+    save_file({k: v for k, v in good.items() if k != f"{module}.lora_up.weight"}, tmp_path / "half.safetensors")
+    with pytest.raises(InvalidLoraError, match=re.escape(f"incomplete kohya module (first: {module!r} has "
+                                                         "lora_down.weight but no lora_up.weight)")):
+        pipe.load_lora_weights_cross(files / "source", tmp_path / "half.safetensors", registry=registry)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def test_the_real_malformed_kohya_like_file_names_its_first_key(realcases, files, target, tmp_path, capsys):
+    """timohavdk's SD 1.5 file (../shared/realcases): ``lora_unet_unet_<path>_lora_down.weight`` keys."""
+    pipe, before = target
+    path = realcases / "timohavdk_sd15_malformed_kohya_like.safetensors"
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", path, registry=registry, method="prolora")
+    message = str(caught.value)
+    assert ("unrecognised key layout (first key "
+            "'lora_unet_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k_lora_down.weight')") in message
+    assert "joined to the module name with `_` instead of `.`" in message
+    assert "the component is named twice (`lora_unet_unet_…`)" in message and "KeyError" not in message
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognised key layout" in err and len(err.splitlines()) == 1
