@@ -2,7 +2,7 @@
 
     lorax transfer SOURCE TARGET LORA -o OUT.safetensors [--method M] [--threshold T] [--rank R] [--weight-name W]
                    [--calibrate [RULE]] [--calibration-prompt TEXT ...] [--json FILE] [--plot PNG]
-    lorax inspect LORA [--target MODEL] [--weight-name W] [--json] [--plot PNG]
+    lorax inspect LORA [--target MODEL] [--source MODEL] [--weight-name W] [--json] [--plot PNG]
     lorax demo
     lorax registry path|list|stats|verify|prune|clear [--registry DIR] [--url URL]
 
@@ -73,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a LoRA file is, and whether it fits a model, before loading anything")
     i.add_argument("lora", help="LoRA: file, folder or Hub repo id")
     i.add_argument("--target", help="base model to check it against: local diffusers folder or Hub repo id")
+    i.add_argument("--source", help="base model the LoRA was trained on (local diffusers folder or Hub repo id): its "
+                   "UNet names the layers of a file that numbers them (cloneofsimo lora_diffusion) when no known "
+                   "family's does")
     i.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
     i.add_argument("--target-revision")
+    i.add_argument("--source-revision")
     i.add_argument("--json", action="store_true", help="print the findings as JSON")
     i.add_argument("--plot", type=Path, metavar="PNG", help="with --target: draw which layers would apply there, per "
                    "layer along the depth, skipped ones coloured by reason (needs matplotlib)")
@@ -140,7 +144,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         if not args.target:
             raise InvalidOptionsError("lorax inspect --plot draws which layers would apply to a target: give --target")
         require_matplotlib()
-    found = inspect_lora(args.lora, args.target, weight_name=args.weight_name, target_revision=args.target_revision)
+    found = inspect_lora(args.lora, args.target, source=args.source, weight_name=args.weight_name,
+                         target_revision=args.target_revision, source_revision=args.source_revision)
     print(json.dumps(found.to_dict(), indent=1, default=str) if args.json else found)
     if args.plot:
         _inspection_report(found).plot(args.plot)

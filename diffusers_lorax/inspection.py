@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from . import formats
-from .errors import (ArchitectureMismatchError, LoraxError, NoMatchingLayersError, SourceModelError,
+from .errors import (ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError, SourceModelError,
                      UnsupportedFormatError)
 from .formats.skeleton import KNOWN_UNETS
 from .lora import LoraLayer, layers_of
 from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
 from .options import HubOptions
-from .registry.families import FamilyMatch, family_of_hub_id, identify_layers
+from .registry.families import FamilyMatch, family, family_of_hub_id, identify_layers
 from .report import LayerReport, TransferReport
 
 #: Metadata keys that name the base model a LoRA was trained on (kohya ``ss_*``, Stability's ``modelspec.*``).
@@ -85,6 +85,7 @@ def inspect_lora(
     lora: str | os.PathLike | dict[str, torch.Tensor],
     target: Any = None,
     *,
+    source: Any = None,
     weight_name: str | None = None,
     subfolder: str | None = None,
     revision: str | None = None,
@@ -93,29 +94,42 @@ def inspect_lora(
     target_revision: str | None = None,
     target_subfolder: str | None = None,
     target_variant: str | None = None,
+    source_revision: str | None = None,
+    source_subfolder: str | None = None,
+    source_variant: str | None = None,
 ) -> LoraInspection:
     """Describe ``lora`` (anything :func:`~diffusers_lorax.transfer_lora` reads) and, with ``target`` (a pipeline, a
     local diffusers folder or a Hub repo id), say which of its layers would apply there.
 
-    Reads no base-model weights (only safetensors headers of the target) and computes no SVD. Raises
+    ``source`` (same forms; ``source_revision``, ``source_subfolder``, ``source_variant``): the model the LoRA was
+    trained on, whose UNet config names the layers of a file that needs a module tree (cloneofsimo ``lora_diffusion``
+    positions, kohya's SDXL block names, flattened LyCORIS kernels). Without it such a file is read against the SD
+    1.x, SD 2.x and SDXL UNet configs in turn, then the target's.
+
+    Reads no base-model weights (only configs and safetensors headers) and computes no SVD. Raises
     :class:`~diffusers_lorax.errors.InvalidLoraError` (or its subclass ``UnsupportedFormatError``, naming the format
-    and the way forward) when the file cannot be read, :class:`~diffusers_lorax.errors.SourceModelError` when the
-    target cannot be resolved."""
+    and the way forward) when the file cannot be read (a ``lora_diffusion`` file that no known UNet, nor the target's,
+    names: the message says to pass ``source``), :class:`~diffusers_lorax.errors.SourceModelError` when the target or
+    the source cannot be resolved."""
     started = time.perf_counter()
     file = formats.fetch(lora, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
                          cache_dir=cache_dir)
     found = LoraInspection(lora="(state dict)" if isinstance(lora, dict) else str(lora),
                            format=formats.detect(file.state_dict, file.file_metadata))
     found.base_model = {k: file.file_metadata[k] for k in BASE_MODEL_KEYS if k in file.file_metadata}
-    model = None
+    model = trained_on = None
     if target is not None:
         model = BaseModel(target, HubOptions(target_revision, target_subfolder, target_variant, token, cache_dir),
                           "target")
         found.target = model.label
-    layers, lora_family = _layers(file, found)
+    if source is not None:
+        trained_on = BaseModel(source, HubOptions(source_revision, source_subfolder, source_variant, token, cache_dir),
+                               "source")
+    layers, lora_family = _layers(file, found, trained_on, model)
     _describe(found, layers, lora_family)
     if model is not None:
-        _against_target(found, _target_layers(file, model) or layers, lora_family, model)
+        config = (trained_on.unet_config if trained_on is not None else None) or model.unet_config  # as a transfer
+        _against_target(found, _target_layers(file, model, config) or layers, lora_family, model)
     else:
         found.verdict = (f"a {lora_family.family.label} LoRA: use it with a {lora_family.family.label} model"
                          if lora_family else "its layer shapes fit no known family; check it against your model with "
@@ -124,14 +138,18 @@ def inspect_lora(
     return found
 
 
-def _layers(file: formats.LoraFile, found: LoraInspection) -> tuple[list[LoraLayer], FamilyMatch | None]:
-    """The LoRA's layers (shapes only for LyCORIS) and the family they fit, read on their own: without a UNet config
-    and, where that fits no family (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels), against
-    each known family's UNet config in turn (the first that its family fits)."""
+def _layers(file: formats.LoraFile, found: LoraInspection, source: BaseModel | None = None,
+            target: BaseModel | None = None) -> tuple[list[LoraLayer], FamilyMatch | None]:
+    """The LoRA's layers (shapes only for LyCORIS) and the family they fit: read against the ``source``'s UNet config
+    when one is given (as a transfer reads the file); else on their own, without a UNet config and, where that fits
+    no family (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels), against each known family's
+    UNet config in turn (the first that its family fits), and last against the ``target``'s."""
     if found.format == "LoRA-X":
         layers = _lorax_layers(file, found)
         return layers, identify_layers(_shapes(layers))
-    from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
+    if source is not None:  # its errors are a transfer's
+        layers = _read(file, found, source.unet_config)
+        return layers, identify_layers(_shapes(layers))
     from diffusers.configuration_utils import FrozenDict
 
     first, failure, fits = None, None, None
@@ -139,8 +157,7 @@ def _layers(file: formats.LoraFile, found: LoraInspection) -> tuple[list[LoraLay
         if name is not None and fits is not None and name != fits.family.name:
             continue  # identified without a config, but not all shapes fit: read against its own config
         try:
-            normalised = _stub(file, found if first is None else None, config)
-            layers = layers_of(StableDiffusionXLPipeline, normalised, file.adapter_metadata, file.label, config)
+            layers = _read(file, found if first is None else None, config)
         except UnsupportedFormatError:
             raise
         except LoraxError as err:
@@ -152,19 +169,53 @@ def _layers(file: formats.LoraFile, found: LoraInspection) -> tuple[list[LoraLay
                 return layers, match
             first, fits = layers, match
         first = first if first is not None else layers
-    if first is None:
+    if first is not None:
+        return first, fits
+    return _layers_of_another_model(file, found, failure, target)
+
+
+def _layers_of_another_model(file: formats.LoraFile, found: LoraInspection, failure: LoraxError,
+                             target: BaseModel | None) -> tuple[list[LoraLayer], FamilyMatch | None]:
+    """A file that no known family's UNet reads (a ``lora_diffusion`` file of another architecture): read against
+    the target's UNet config, with a note that this assumes it was trained on the target's architecture; else an
+    error that says to pass the model it was trained on as ``source``."""
+    if found.format != "lora_diffusion":
         raise failure
-    return first, fits
+    config = target.unet_config if target is not None else None
+    if config is not None:
+        try:
+            layers = _read(file, found, config)
+        except LoraxError:
+            pass
+        else:
+            found.notes.append(f"its layers are named by position, and only the target's UNet fits them: read against "
+                               f"{target.label} (if it was trained on another model, pass that model as source, "
+                               "--source)")
+            return layers, identify_layers(_shapes(layers))
+    tried = ", ".join(family(name).label for name in KNOWN_UNETS) + (f" nor {target.label}" if config else "")
+    raise InvalidLoraError(
+        f"the lora_diffusion file {file.label} names its UNet layers only by position, and no UNet inspect knows "
+        f"({tried}) has modules of its layers' shapes in that order: it was trained on another model. Pass that "
+        "model as the source: `lorax inspect LORA --source MODEL` (inspect_lora(lora, source=MODEL)), a local "
+        "diffusers folder or a Hub repo id") from failure
 
 
-def _target_layers(file: formats.LoraFile, model: BaseModel) -> list[LoraLayer] | None:
-    """The LoRA's layers as the target's pipeline class and UNet config read them (what a transfer would match), or
-    ``None`` where they cannot read it (a LoRA of another architecture: the layers read on their own are used)."""
+def _read(file: formats.LoraFile, found: LoraInspection | None, config: Any) -> list[LoraLayer]:
+    from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
+
+    normalised = _stub(file, found, config)
+    return layers_of(StableDiffusionXLPipeline, normalised, file.adapter_metadata, file.label, config)
+
+
+def _target_layers(file: formats.LoraFile, model: BaseModel, unet_config: Any) -> list[LoraLayer] | None:
+    """The LoRA's layers as the target's pipeline class and ``unet_config`` (the source's, else the target's) read
+    them (what a transfer would match), or ``None`` where they cannot read it (a LoRA of another architecture: the
+    layers read on their own are used)."""
     if formats.detect(file.state_dict, file.file_metadata) == "LoRA-X":
         return None
     try:
-        normalised = _stub(file, None, model.unet_config)
-        return layers_of(model.pipeline_class, normalised, file.adapter_metadata, file.label, model.unet_config)
+        normalised = _stub(file, None, unet_config)
+        return layers_of(model.pipeline_class, normalised, file.adapter_metadata, file.label, unet_config)
     except UnsupportedFormatError:
         raise
     except LoraxError:

@@ -69,7 +69,7 @@ def match_layers(
     components = sorted({layer.component for layer in layers})
     target_shapes = {c: target_w.shapes(c) for c in components}
     target_family = _check_target_family(lora_family, target_shapes, report)
-    _check_source_fit(layers, {c: source_w.shapes(c) for c in components}, report)
+    _check_source_fit(layers, lora_family, {c: source_w.shapes(c) for c in components}, report)
     matched: Matches = {}
     for i, layer in enumerate(layers):
         shape = target_shapes[layer.component].get(layer.key[1])
@@ -140,7 +140,10 @@ def _refiner_message(found: Family, where: str) -> str:
     )
 
 
-def _check_source_fit(layers: list[LoraLayer], source_shapes: dict, report: TransferReport) -> None:
+def _check_source_fit(layers: list[LoraLayer], lora_family: FamilyMatch | None, source_shapes: dict,
+                      report: TransferReport) -> None:
+    """Raise :class:`SourceModelError` when some LoRA layer has no module of its name and shape in the source,
+    naming the family the LoRA's shapes fit and the source's, so that a wrong source is told from a damaged LoRA."""
     misfit = [
         (layer, source_shapes[layer.component].get(layer.key[1]))
         for layer in layers
@@ -149,9 +152,13 @@ def _check_source_fit(layers: list[LoraLayer], source_shapes: dict, report: Tran
     if misfit:
         layer, shape = misfit[0]
         found = f"the source has {shape}" if shape else "the source has no such module"
+        source_family = identify_model(source_shapes)
+        fits = (f"The LoRA's layer shapes fit {lora_family} and the source is "
+                f"{source_family.family.label if source_family else 'of no known family'}: pass a "
+                f"{lora_family.family.label} model, the one the LoRA was trained on, as the source"
+                if lora_family else "The source must be the base model the LoRA was trained on")
         raise SourceModelError(
             f"{len(misfit)} of {len(layers)} LoRA layers do not fit the source {report.source} (e.g. "
             f"{layer.component}.{layer.module}: LoRA expects a weight of shape {layer.weight_shape}, {found}). "
-            "The source must be the base model the LoRA was trained on; check the source (and its subfolder, "
-            "revision)."
+            f"{fits}; check the source (and its subfolder, revision)."
         )

@@ -36,6 +36,12 @@ class BaseModel:
                  components: dict[str, str] | None = None):
         self.model, self.options, self.role = model, options or HubOptions(), role
         self.components = dict(components or {})
+        if model is None:  # a LoRA-X file that names its source has had it filled in before this
+            raise SourceModelError(
+                f"{role}=None: only a LoRA-X adapter file whose metadata names its source model (a Hub repo) can be "
+                f"given without one, and this LoRA is not one. Pass the {role} base model"
+                + (" the LoRA was trained on" if role == "source" else "")
+                + ": a pipeline, a local diffusers folder or a Hub repo id")
         if not isinstance(model, (str, os.PathLike)):
             self.kind, self.path = "pipeline", None
             return
@@ -152,7 +158,21 @@ class BaseModel:
                     f"{self.path / component} has no safetensors weights (only .safetensors are read, lazily); "
                     "re-save the model with `save_pretrained(..., safe_serialization=True)`"
                 )
+            if not found and self.role == "source":  # every LoRA layer must fit the source: say what is missing
+                raise SourceModelError(self._missing_component_message(component))
         return SafetensorsWeights(self.label, files)
+
+    def _missing_component_message(self, component: str) -> str:
+        where = (f"the folder has no {component}/" if self.kind == "folder" else
+                 f"the Hub repo has no {component}/ safetensors weights")
+        message = (f"the {self.role} {self.label} has no {component}, which the LoRA adapts ({where}): pass the whole "
+                   f"diffusers pipeline the LoRA was trained on (a folder with model_index.json and {component}/, or "
+                   "its Hub repo id)")
+        folder = self.path if self.kind == "folder" else None
+        if folder and (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+            message += f"; {self.path} looks like one component's folder (config.json, no model_index.json): its " \
+                       f"pipeline's folder is probably {self.path.parent}"
+        return message
 
     def _required_model_index(self) -> dict:
         if self.model_index is None:

@@ -15,6 +15,7 @@ from functools import cached_property
 
 import torch
 import xxhash
+from diffusers.utils import logging
 
 from . import _version, subspace
 from .errors import SourceModelError
@@ -27,6 +28,8 @@ from .report import PhaseClock, TransferReport
 from .subspace import Basis
 from .transferred import TransferredAdapter
 from .weights import BaseModelWeights, PipelineWeights, fingerprint, fingerprints
+
+logger = logging.get_logger(__name__)
 
 #: The per-layer report fields a cached adapter restores.
 _ROW_FIELDS = ("applied", "reason", "k", "phi_u", "phi_v", "r_out", "kept")
@@ -56,6 +59,7 @@ def transfer_layers(
         unchanged = all(factors[i][0] is given[i][0] and factors[i][1] is given[i][1] for i in matched)  # copy
         return build_adapter(layers, matched, factors, report, unchanged=unchanged)
     fps = _fingerprints(layers, matched, weights)
+    _note_identical(layers, fps, config, report)
     # a LoRA-X file's layer keeps its own r as k (adapters.loading.LoraXLayer.k); any other layer the rank option's k
     ks = {i: getattr(layers[i], "k", None) or config.k(layers[i].weight_shape) for i in matched}
     key = adapter_key(layers, matched, fps, ks, config)
@@ -107,6 +111,24 @@ def _fingerprints(layers, matched, weights) -> dict[int, tuple[str, str]]:
     src = fingerprints(weights["source"], [layers[i].key for i in matched])
     tgt = fingerprints(weights["target"], list(matched.values()))
     return {i: (src[layers[i].key], tgt[matched[i]]) for i in matched}
+
+
+def _note_identical(layers: list[LoraLayer], fps: dict[int, tuple[str, str]], config: TransferConfig,
+                    report: TransferReport) -> None:
+    """Warn, and note in ``report``, when every matched layer's source and target weights are the same (same
+    fingerprints) for a standard LoRA: the source is the target, so the LoRA needs no transfer, and a projection
+    keeps only part of each update. (A LoRA-X file's layers, with their own k, are meant to be rebuilt on their own
+    source.)"""
+    if not fps or any(getattr(layers[i], "k", None) is not None for i in fps):
+        return
+    if any(source != target for source, target in fps.values()):
+        return
+    note = (f"the source and the target have the same weights in all {len(fps)} matched layers (same fingerprints): "
+            f"the LoRA needs no transfer, and {config.method} weakens it (it keeps only part of each update: kept "
+            "‖ΔW_t‖/‖ΔW_s‖ below 1). Load it with `pipe.load_lora_weights` (or method='copy'), or pass as source "
+            "the base model the LoRA was trained on")
+    report.notes.append(note)
+    logger.warning(note)
 
 
 def adapter_key(

@@ -66,6 +66,8 @@ class TransferReport:
     #: With ``calibrate``: the rule, the scales by PEFT prefix, the source's and target's effects (RMS ‖Δε‖ per
     #: sample), what they were matched on, prompts and where they came from, passes run, and ``cached``.
     calibration: dict | None = None
+    #: What the user should know about the inputs (e.g. a source identical to the target), also logged as warnings.
+    notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -86,8 +88,8 @@ class TransferReport:
 
     def summary(self) -> str:
         """What a user needs, in at most 15 lines: layers applied and skipped (by reason), the LoRA's format and
-        family, similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
-        are :meth:`table`; :meth:`to_dict` keeps everything."""
+        family, notes on the inputs, similarity and kept ranges, re-factorisation, calibration, cache use and
+        seconds. The per-layer rows are :meth:`table`; :meth:`to_dict` keeps everything."""
         lines = [
             f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if any(
                 r.k is not None for r in self.layers) else "") + f"): {len(self.applied)} of {len(self.layers)} "
@@ -98,7 +100,9 @@ class TransferReport:
             f"  lora:   {self.lora} [{self.lora_format + '; ' if self.lora_format else ''}"
             f"fits {self.lora_family or 'no known family'}]",
         ]
-        lines += _refactorised(self.layers) + _skipped(self.skipped) + _matched(self.layers)
+        lines += [f"  note: {'; '.join(self.notes)}"] if self.notes else []
+        # the notes' line takes one of the skip reasons' (the table lists them all): 15 lines at most
+        lines += _refactorised(self.layers) + _skipped(self.skipped, 3 - bool(self.notes)) + _matched(self.layers)
         lines += _ranges(self.applied) + _calibration(self)
         lines.append(
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; similarities: "

@@ -1,12 +1,16 @@
 """The failures users met, each with its own message (what happened, what to do), a LoraxError subclass, and the
-pipeline and registry exactly as before: truncated files, offline misses, folders saved with a PEFT adapter inside."""
+pipeline and registry exactly as before: truncated, empty or non-safetensors files, kohya names in another key layout,
+offline misses, folders saved with a PEFT adapter inside, a wrong source (the target itself, another family, a folder
+without the component the LoRA adapts, None for a standard LoRA)."""
 
 import json
+import logging
+import re
 
 import pytest
 from safetensors.torch import save_file
 
-from diffusers_lorax import InvalidLoraError, Registry, SourceModelError, toy, transfer_lora
+from diffusers_lorax import InvalidLoraError, Registry, SourceModelError, inspect_lora, toy, transfer_lora
 from diffusers_lorax.cli import main
 
 from helpers import ALL_TARGETS, assert_unchanged, module_names, save_toy_pair, state_of
@@ -160,3 +164,151 @@ def test_cli_prints_each_of_them_as_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("lorax: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# -- files that are no LoRA at all, and kohya names in another layout ----------------------------------------------
+TEXT = b"this is a text file, renamed: not a LoRA\n"
+TSV = b"step\tloss\n1\t0.25\n2\t0.125\n"
+
+
+@pytest.mark.parametrize("name, content", [("empty.safetensors", b""), ("notes.safetensors", TEXT),
+                                           ("losses.tsv", TSV)])
+def test_a_file_that_is_no_lora_says_empty_or_not_safetensors(files, target, tmp_path, name, content):
+    """Not diffusers' "Unable to load weights from checkpoint file": what the file is, from its size and header
+    (safetensors' own parser; its first 24 bytes shown)."""
+    pipe, before = target
+    path = tmp_path / name
+    path.write_bytes(content)
+    expected = (r"is an empty file \(0 bytes\): the download or copy failed" if not content else
+                r"is not a safetensors file \(bad header: .+\) nor a PyTorch checkpoint: it starts with "
+                + re.escape(f"{content[:24]!r} ({len(content)} bytes)"))
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(InvalidLoraError, match=expected) as caught:
+        pipe.load_lora_weights_cross(files / "source", path, registry=registry, method="prolora")
+    assert "Unable to load weights" not in str(caught.value) and f"the LoRA file {str(path)!r}" in str(caught.value)
+    with pytest.raises(InvalidLoraError, match=expected):
+        inspect_lora(path)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def kohya_keys(files):
+    from safetensors.torch import load_file
+
+    return load_file(files / "lora.safetensors")
+
+
+def test_kohya_names_in_another_key_layout_say_which_layout_was_expected(files, target, tmp_path):
+    """Module names joined to ``lora_down.weight`` with ``_`` (the layout of a real malformed file), and a module
+    without its up weight: diffusers' converter would raise a bare KeyError for both."""
+    pipe, before = target
+    registry = Registry(tmp_path / "reg")
+    good = kohya_keys(files)
+    joined = {k.replace(".lora_down.weight", "_lora_down.weight").replace(".lora_up.weight", "_lora_up.weight"): v
+              for k, v in good.items()}
+    save_file(joined, tmp_path / "joined.safetensors")
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", tmp_path / "joined.safetensors", registry=registry)
+    message = str(caught.value)
+    first = re.search(r"unrecognised key layout \(first key '([^']+)'\)", message)
+    assert first and first[1] in joined and first[1] not in good, message
+    assert "`<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha`" in message
+    assert "joined to the module name with `_` instead of `.`" in message and "KeyError" not in message
+    down = next(k for k in sorted(good) if k.endswith(".lora_down.weight"))
+    module = down.removesuffix(".lora_down.weight")
+    save_file({k: v for k, v in good.items() if k != f"{module}.lora_up.weight"}, tmp_path / "half.safetensors")
+    with pytest.raises(InvalidLoraError, match=re.escape(f"incomplete kohya module (first: {module!r} has "
+                                                         "lora_down.weight but no lora_up.weight)")):
+        pipe.load_lora_weights_cross(files / "source", tmp_path / "half.safetensors", registry=registry)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def test_the_real_malformed_kohya_like_file_names_its_first_key(realcases, files, target, tmp_path, capsys):
+    """timohavdk's SD 1.5 file (../shared/realcases): ``lora_unet_unet_<path>_lora_down.weight`` keys."""
+    pipe, before = target
+    path = realcases / "timohavdk_sd15_malformed_kohya_like.safetensors"
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(InvalidLoraError) as caught:
+        pipe.load_lora_weights_cross(files / "source", path, registry=registry, method="prolora")
+    message = str(caught.value)
+    assert ("unrecognised key layout (first key "
+            "'lora_unet_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k_lora_down.weight')") in message
+    assert "joined to the module name with `_` instead of `.`" in message
+    assert "the component is named twice (`lora_unet_unet_…`)" in message and "KeyError" not in message
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognised key layout" in err and len(err.splitlines()) == 1
+
+
+# -- a wrong source --------------------------------------------------------------------------------------------------
+def test_a_source_identical_to_the_target_is_warned_and_noted(files, target, tmp_path, caplog):
+    """The target's own folder as source: every matched layer has the same weights. A projection then weakens the
+    LoRA (ProLoRA keeps P_U ΔW P_V + (I − P_U) ΔW (I − P_V), dropping the cross terms), so it is said; copy is
+    harmless and a real source is not flagged."""
+    pipe, before = target
+    lora = files / "lora.safetensors"
+    with caplog.at_level(logging.WARNING):
+        state_dict, report = transfer_lora(files / "target", pipe, lora, registry=tmp_path / "reg", method="prolora")
+    n = len(report.applied)
+    assert n == len(report.layers) > 0 and len(report.notes) == 1, report.notes
+    note = report.notes[0]
+    assert note.startswith(f"the source and the target have the same weights in all {n} matched layers")
+    assert "prolora weakens it" in note and "`pipe.load_lora_weights` (or method='copy')" in note
+    assert note in caplog.text and f"  note: {note}" in report.summary() and len(report.summary().splitlines()) <= 15
+    assert all(row.kept < 1 for row in report.applied)  # what the note warns about
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert not transfer_lora(files / "target", pipe, lora, method="copy")[1].notes
+        assert not transfer_lora(files / "source", pipe, lora, registry=tmp_path / "reg", method="prolora")[1].notes
+    assert "same weights" not in caplog.text
+    assert_unchanged(pipe, before)
+
+
+def test_a_lora_of_a_known_family_on_a_wrong_source_names_the_loras_family(tmp_path):
+    """An SD 1.x LoRA (real layer shapes) with an SD 2.x source, and with a source of no known family: the message
+    names the family the LoRA fits and the source's, not only "does not fit the source"."""
+    from test_inspect import meta_pipeline, peft_lora
+
+    lora = peft_lora("sd1")
+    for source, what in ((meta_pipeline("sd2"), "Stable Diffusion 2.x"),
+                         (toy.sd_pipeline(seed=0), "of no known family")):
+        with pytest.raises(SourceModelError) as caught:
+            transfer_lora(source, meta_pipeline("sd1"), lora, method="copy", registry=tmp_path / "reg")
+        message = str(caught.value)
+        assert "do not fit the source" in message, message
+        assert ("The LoRA's layer shapes fit Stable Diffusion 1.x (" in message and f"the source is {what}: pass a "
+                "Stable Diffusion 1.x model, the one the LoRA was trained on, as the source" in message), message
+
+
+def test_a_source_folder_without_the_component_the_lora_adapts_is_named(files, target, tmp_path):
+    import shutil
+
+    pipe, before = target
+    shutil.copytree(files / "source", tmp_path / "no-unet", ignore=shutil.ignore_patterns("unet"))
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(SourceModelError) as caught:
+        pipe.load_lora_weights_cross(tmp_path / "no-unet", files / "lora.safetensors", registry=registry)
+    assert str(caught.value).startswith(f"the source {tmp_path / 'no-unet'} has no unet, which the LoRA adapts (the "
+                                        "folder has no unet/): pass the whole diffusers pipeline")
+    with pytest.raises(SourceModelError) as caught:  # the UNet's own folder given for the pipeline's
+        pipe.load_lora_weights_cross(files / "source" / "unet", files / "lora.safetensors", registry=registry)
+    assert (f"{files / 'source' / 'unet'} looks like one component's folder (config.json, no model_index.json): its "
+            f"pipeline's folder is probably {files / 'source'}") in str(caught.value)
+    assert_unchanged(pipe, before)
+    assert empty(registry)
+
+
+def test_source_none_with_a_standard_lora_says_what_source_none_is_for(files, target, tmp_path):
+    pipe, before = target
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(SourceModelError) as caught:
+        pipe.load_lora_weights_cross(None, files / "lora.safetensors", registry=registry)
+    message = str(caught.value)
+    assert message.startswith("source=None: only a LoRA-X adapter file whose metadata names its source model (a Hub "
+                              "repo) can be given without one") and "NoneType" not in message
+    assert "Pass the source base model the LoRA was trained on: a pipeline, a local diffusers folder" in message
+    assert_unchanged(pipe, before)
+    assert empty(registry)

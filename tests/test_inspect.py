@@ -265,3 +265,39 @@ def test_known_hub_id_target_answers_offline_from_the_registry(tmp_path):
     same = inspect_lora(path, "stable-diffusion-v1-5/stable-diffusion-v1-5", cache_dir=cache)
     assert len(same.applies) == n and same.verdict.startswith(f"all {n} layers apply")
     assert any("not at hand: compared with Stable Diffusion 1.x's shapes in the registry" in note for note in same.notes)
+
+
+def test_lora_diffusion_file_of_another_architecture_is_read_against_its_source(toy_files, capsys):
+    """A cloneofsimo lora_diffusion file trained on the toy UNet, which no known family's UNet enumerates to its
+    layers: without a source inspect says to pass one (--source); with the source, or failing that a target of its
+    architecture, it reads every layer under the module name that lora_diffusion's own enumeration gives."""
+    from test_formats import write_lora_diffusion
+
+    from diffusers_lorax import InvalidLoraError
+    from diffusers_lorax.weights import canonical_module
+
+    root, _ = toy_files
+    path = root / "lora_diffusion.safetensors"
+    deltas = write_lora_diffusion(toy.sd_pipeline(seed=0), path, ["CrossAttention", "Attention", "GEGLU"],
+                                  ["CLIPAttention"], [torch.nn.Linear])
+    names = sorted(f"{component}.{canonical_module(module)}" for component, module in deltas)
+    n = {c: sum(component == c for component, _ in deltas) for c in ("unet", "text_encoder")}
+    with pytest.raises(InvalidLoraError) as caught:
+        inspect_lora(path)
+    message = str(caught.value)
+    assert "names its UNet layers only by position, and no UNet inspect knows (Stable Diffusion 1.x, Stable " \
+           "Diffusion 2.x, Stable Diffusion XL)" in message
+    assert "`lorax inspect LORA --source MODEL` (inspect_lora(lora, source=MODEL))" in message
+    found = inspect_lora(path, source=root / "source")
+    assert found.format == "lora_diffusion" and found.components == n and found.ranks == {3: len(deltas)}
+    with_target = inspect_lora(path, root / "target", source=root / "source")
+    assert sorted(with_target.applies) == names and not with_target.skipped
+    only_target = inspect_lora(path, root / "target")  # no source: the target's UNet, said in a note
+    assert sorted(only_target.applies) == names
+    assert any(note.startswith("its layers are named by position, and only the target's UNet fits them")
+               for note in only_target.notes), only_target.notes
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "--source MODEL" in err and len(err.splitlines()) == 1
+    assert main(["inspect", str(path), "--source", str(root / "source")]) == 0
+    assert "format: lora_diffusion" in capsys.readouterr().out

@@ -13,7 +13,7 @@ LAYERS = {
     1: ["methods", "options", "lora", "registry", "registry.database", "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
-        "formats.lycoris", "formats.lora_diffusion"],
+        "formats.lycoris", "formats.lora_diffusion", "formats.kohya"],
     2: ["models", "matching", "projection", "correspondence", "probe", "calibration",
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.loading",
         "adapters.hub"],

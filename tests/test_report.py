@@ -43,6 +43,16 @@ def test_summary_is_at_most_15_lines_and_says_what_matters():
     assert "calibration (global): scale 1.001–1.299" in text and "total 1.10 s" in text
 
 
+def test_a_note_on_the_inputs_keeps_the_summary_within_15_lines():
+    """A note (e.g. a source identical to the target) takes a line; one skip reason fewer is listed (table() has
+    them all), so the fullest summary stays at 15 lines."""
+    report = big_report()
+    report.notes = ["the source and the target have the same weights"]
+    lines = report.summary().splitlines()
+    assert len(lines) <= 15 and lines[4] == "  note: the source and the target have the same weights", lines
+    assert "  skipped 45: 3 other reasons (table())" in lines  # two reasons listed, not three
+
+
 def test_table_has_every_layer_and_json_everything():
     report = big_report()
     table = report.table().splitlines()

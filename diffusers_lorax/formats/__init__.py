@@ -5,6 +5,7 @@ forward.
 | format | read as |
 |---|---|
 | PEFT / diffusers / old attention processors / kohya-A1111 (``lora_unet_…``) / LyCORIS LoCon | by diffusers, unchanged |
+| kohya names in another key layout (``kohya.py``) | refused (:class:`InvalidLoraError`, the first key and the layout expected) |
 | LyCORIS LoHa, LoKr, LoCon with Tucker core, full (``lycoris.py``) | ΔW from ``lycoris-lora``, truncated SVD to LoRA |
 | cloneofsimo ``lora_diffusion`` safetensors (``lora_diffusion.py``) | module order reproduced, PEFT keys |
 | legacy ``lora_diffusion`` ``.pt`` lists, LyCORIS IA³/OFT/BOFT/GLoRA/T-LoRA, DoRA | refused (:class:`UnsupportedFormatError`) |
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidLoraError
-from . import lora_diffusion, lycoris
+from . import kohya, lora_diffusion, lycoris
 from .common import Normalised, Origin
 from .fetch import LoraFile, fetch
 
@@ -28,7 +29,6 @@ __all__ = ["LoraFile", "Normalised", "Origin", "detect", "fetch", "normalise"]
 
 #: The LoRA-X file format (``adapters/files.py``): its safetensors metadata ``format``.
 LORAX_FORMAT = "lora-x"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 def detect(state_dict: Any, metadata: dict[str, str] | None = None) -> str:
@@ -48,7 +48,7 @@ def detect(state_dict: Any, metadata: dict[str, str] | None = None) -> str:
     if lycoris.is_lycoris(state_dict):
         return "LyCORIS"
     keys = list(state_dict)
-    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+    if any(k.startswith(kohya.PREFIXES) for k in keys):
         return "kohya"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft"
@@ -67,7 +67,8 @@ def normalise(state_dict: Any, metadata: dict[str, str] | None = None, *, where:
     ΔW computation, ``tolerance`` is the re-factorisation's relative Frobenius error).
 
     Raises :class:`~diffusers_lorax.errors.UnsupportedFormatError` for a format that is recognised but cannot be
-    read (naming it and the way forward), :class:`InvalidLoraError` for a damaged one."""
+    read (naming it and the way forward), :class:`InvalidLoraError` for a damaged one (kohya names in another key
+    layout than kohya's: the first such key and the layout expected)."""
     fmt = detect(state_dict, metadata)
     if fmt == "lora_diffusion .pt (legacy)":
         raise lora_diffusion.refuse_legacy_list(list(state_dict), where)
@@ -80,4 +81,6 @@ def normalise(state_dict: Any, metadata: dict[str, str] | None = None, *, where:
         return lora_diffusion.normalise(state_dict, metadata, where, unet_config=unet_config)
     if fmt == "LyCORIS":
         return lycoris.normalise(state_dict, where, stub=stub, tolerance=tolerance)
+    if fmt == "kohya":
+        kohya.check_layout(list(state_dict), where)
     return Normalised(dict(state_dict), fmt)

@@ -1,7 +1,8 @@
 """Fetch a LoRA file the way diffusers' ``lora_state_dict`` does (same resolution: file, folder, Hub repo with
 ``weight_name``/``subfolder``/``revision``, safetensors first, else a pickled ``.bin``/``.pt`` read with
 ``torch.load(weights_only=True)``), keeping the safetensors header metadata, and turn its failures into errors that
-say what happened: a truncated file (declared against actual bytes), offline without the file in the cache."""
+say what happened: a truncated file (declared against actual bytes), an empty file or one that is no safetensors file
+(safetensors' header parser), offline without the file in the cache."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from ..errors import InvalidLoraError
 from ..weights import file_identity
-from .safetensors_check import truncation_message
+from .safetensors_check import truncation_message, unreadable_message
 
 
 @dataclass
@@ -39,7 +40,8 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
           local_files_only: bool | None = None, force_download: bool | None = None,
           proxies: dict[str, str] | None = None, **_: Any) -> LoraFile:
     """Read ``lora`` (a state dict, a file, a folder or a Hub repo id) into a :class:`LoraFile`. Raises
-    :class:`InvalidLoraError`: missing, unreadable or truncated file, or (offline) a file not in the local cache."""
+    :class:`InvalidLoraError`: missing, empty, truncated or unreadable file (no safetensors header, no PyTorch
+    checkpoint), or (offline) a file not in the local cache."""
     if isinstance(lora, dict):
         return LoraFile(dict(lora))  # diffusers' converters pop from the dict they are given
     from diffusers.loaders.lora_base import _fetch_state_dict
@@ -60,9 +62,11 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
                                                                 "framework": "pytorch"},
             allow_pickle=True, return_file_metadata=True)
     except Exception as err:  # diffusers raises ValueError/OSError/SafetensorError for unreadable LoRAs
-        cached = _cached_file(lora, weight_name, subfolder, revision, cache_dir)
-        if cached is not None:
-            _check_truncated(cached)
+        for read in (_local_file(lora, weight_name, subfolder, any_suffix=True),
+                     _cached_file(lora, weight_name, subfolder, revision, cache_dir)):
+            if read is not None:
+                _check_truncated(read)
+                _check_readable(read, err)
         if local is None and offline() and not Path(str(lora)).exists():
             raise InvalidLoraError(
                 f"cannot read the LoRA {label}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and "
@@ -102,9 +106,11 @@ def _missing_path(lora: Any) -> bool:
     return False
 
 
-def _local_file(lora: Any, weight_name: str | None, subfolder: str | None) -> Path | None:
+def _local_file(lora: Any, weight_name: str | None, subfolder: str | None, any_suffix: bool = False) -> Path | None:
     """The local safetensors file ``lora`` names: a file, a folder with ``weight_name``, or a folder's
-    ``pytorch_lora_weights.safetensors`` or only safetensors file (as diffusers picks it); else ``None``."""
+    ``pytorch_lora_weights.safetensors`` or only safetensors file (as diffusers picks it); else ``None``. With
+    ``any_suffix``, a file or ``weight_name`` of any suffix (what diffusers read when it fell back to
+    ``torch.load``)."""
     path = Path(str(lora))
     if path.is_dir():
         folder = path / (subfolder or "")
@@ -112,7 +118,7 @@ def _local_file(lora: Any, weight_name: str | None, subfolder: str | None) -> Pa
         default = folder / "pytorch_lora_weights.safetensors"
         path = folder / weight_name if weight_name else default if default.is_file() else (
             found[0] if len(found) == 1 else folder)
-    return path if path.is_file() and path.suffix == ".safetensors" else None
+    return path if path.is_file() and (any_suffix or path.suffix == ".safetensors") else None
 
 
 def _cached_file(lora: Any, weight_name: str | None, subfolder: str | None, revision: str | None,
@@ -153,3 +159,9 @@ def file_metadata(lora: Any, weight_name: str | None = None, subfolder: str | No
     except Exception:  # best effort: the LoRA itself was read already
         return {}
     return dict(out[2] or {}) if len(out) == 3 else {}
+
+
+def _check_readable(path: Path, err: Exception) -> None:
+    message = unreadable_message(path, "the LoRA file")
+    if message is not None:
+        raise InvalidLoraError(message) from err

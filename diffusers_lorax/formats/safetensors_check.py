@@ -2,7 +2,8 @@
 
 A safetensors file is ``8-byte little-endian header length N`` + ``N bytes of JSON header`` + tensor data; the
 header gives every tensor's ``data_offsets`` ``[begin, end)`` within the data, so the complete file has
-``8 + N + max(end)`` bytes. Reading that takes two small reads, never the tensors.
+``8 + N + max(end)`` bytes. Reading that takes two small reads, never the tensors. A file that is no safetensors file
+at all (empty, text, a table) is told by safetensors' own header parser (:func:`unreadable_message`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,29 @@ def truncation_message(path: str | os.PathLike, what: str = "the file") -> str |
     return (f"{what} {str(path)!r} is truncated: its safetensors header declares {declared}, but the file has "
             f"{layout.actual_bytes:,d} bytes ({missing:,d} missing). The download or copy was cut short: download or "
             "copy it again (a file in the Hugging Face cache: delete it there first)")
+
+
+#: How a ``torch.save`` zip archive and a bare pickle begin: files that ``torch.load`` may read (its error says more).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def unreadable_message(path: str | os.PathLike, what: str = "the file") -> str | None:
+    """A message saying that ``path`` is empty, or is no safetensors file (safetensors' parser refuses its header)
+    and no PyTorch checkpoint either, with what it starts with; ``None`` when its header parses or it looks like a
+    ``torch.save`` archive or pickle."""
+    size = os.stat(path).st_size
+    if size == 0:
+        return (f"{what} {str(path)!r} is an empty file (0 bytes): the download or copy failed or never happened. "
+                "Download or copy it again")
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    return (f"{what} {str(path)!r} is not a safetensors file (bad header: {reason}) nor a PyTorch checkpoint: it "
+            f"starts with {head!r} ({size:,d} bytes). A LoRA is a .safetensors file (or a .bin/.pt checkpoint): check "
+            "that this is the file you meant, or download it again")
