@@ -13,10 +13,8 @@ in diffusers.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -29,6 +27,7 @@ from . import formats
 from .errors import InvalidLoraError
 from .formats import Normalised, Origin
 from .formats.skeleton import conv_modules, meta_unet
+from .lora_config import diffusers_config, file_alphas, lora_state_dict
 from .report import TransferReport
 from .weights import canonical_module
 
@@ -151,21 +150,6 @@ def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict
     return layers
 
 
-def lora_state_dict(pipeline_cls: type, state_dict: dict[str, torch.Tensor],
-                    unet_config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
-    """``(state dict, network alphas)`` as the pipeline class's own ``load_lora_weights`` reads them: its
-    ``lora_state_dict`` with ``return_lora_metadata=True`` and, where the mixin has it (Flux), ``return_alphas=True``.
-    The mixins return 2 or 3 items (``(state_dict, metadata)`` without alphas): only a 3-tuple holds alphas, in the
-    middle. ``unet_config`` maps SDXL kohya block names (passed only where given). Raises what diffusers raises."""
-    kwargs: dict[str, Any] = {"return_lora_metadata": True}
-    if "return_alphas" in inspect.signature(pipeline_cls.lora_state_dict).parameters:
-        kwargs["return_alphas"] = True
-    if unet_config is not None:
-        kwargs["unet_config"] = unet_config
-    out = pipeline_cls.lora_state_dict(state_dict, **kwargs)
-    return out[0], (out[1] or None) if len(out) == 3 else None
-
-
 def describe_origin(report: TransferReport, layers: list[LoraLayer]) -> None:
     """Fill ``report.lora_format`` and each row's ``origin``/``energy`` from the layers' :class:`Origin` (rows and
     layers in the same order)."""
@@ -242,29 +226,15 @@ def _component_layers(
         ) from err
     peft_sd = {key: sd[orig] for key, orig in origin.items()}
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in peft_sd.items():
-        for part in ("lora_A", "lora_B"):
-            if key.endswith(f".{part}.weight"):
-                pairs.setdefault(key.removesuffix(f".{part}.weight"), {})[part] = value
-                break
-        else:
-            what = "DoRA magnitude vectors" if "lora_magnitude_vector" in key else "a key of unknown role"
-            raise InvalidLoraError(
-                f"the LoRA {where} holds {what} ({component}.{key}); only plain LoRA (lora_A/lora_B "
-                "weights, no bias, no DoRA) can be transferred"
-            )
-    unpaired = [m for m, p in pairs.items() if len(p) != 2]
-    if unpaired:
-        raise InvalidLoraError(f"the LoRA {where} has modules without both lora_A and lora_B: {unpaired[:3]}")
+    pairs = _pairs(component, peft_sd, where)
 
     # as diffusers filters it: a file with adapter metadata configures every component from it (even from nothing)
     meta = None if metadata is None else {
         k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
     # a format diffusers reads is configured as diffusers configures it; one this package rewrote (LyCORIS,
     # lora_diffusion) keeps each module's own alpha, as LyCORIS applies it (its re-factorised modules have none)
-    resolve = (_peft_config(component, pairs, network_alphas, meta, is_denoiser, where) if normalised.native
-               else _file_alphas(component, network_alphas, origin))
+    resolve = (diffusers_config(component, pairs, network_alphas, meta, is_denoiser, where) if normalised.native
+               else file_alphas(component, network_alphas, origin))
 
     layers = []
     for module, p in pairs.items():
@@ -286,78 +256,25 @@ def _component_layers(
     return layers
 
 
-#: The text-encoder modules whose ranks diffusers collects (``_load_lora_into_text_encoder``).
-_TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
-
-
-def _peft_config(
-    component: str, pairs: dict[str, dict[str, torch.Tensor]], network_alphas: dict | None, metadata: dict | None,
-    is_denoiser: bool, where: str,
-) -> Callable[[str], tuple[int, float, bool]]:
-    """``module -> (r, lora_alpha, use_rslora)`` exactly as ``load_lora_weights`` configures PEFT for ``component``:
-    the file's saved adapter metadata when it has some, else diffusers' ``get_peft_kwargs`` on the ranks and network
-    alphas it collects (per component, as ``load_lora_adapter`` and ``_load_lora_into_text_encoder`` collect them),
-    each module then resolved through PEFT's own pattern matching (``rank_pattern``/``alpha_pattern``). So a layer's
-    scale is the one plain diffusers gives it, also where that is not the file's own per-module alpha (diffusers 0.42
-    applies the most common kohya alpha to every UNet module: its pattern keys do not match module names).
-    Raises :class:`InvalidLoraError` where diffusers could not build the config either."""
-    from diffusers.utils.peft_utils import get_peft_kwargs
-    from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
-
-    kwargs = metadata
-    if kwargs is None:
-        peft_sd = {f"{canonical_module(m)}.{part}.weight": t for m, p in pairs.items() for part, t in p.items()}
-        if is_denoiser:
-            rank = {f"^{k}": v.shape[1] for k, v in peft_sd.items() if "lora_B" in k and v.ndim > 1}
+def _pairs(component: str, peft_sd: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``module -> {"lora_A": A, "lora_B": B}`` of a component's PEFT-format state dict. Raises
+    :class:`InvalidLoraError` for DoRA, bias or unknown keys and for a module without both factors."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in peft_sd.items():
+        for part in ("lora_A", "lora_B"):
+            if key.endswith(f".{part}.weight"):
+                pairs.setdefault(key.removesuffix(f".{part}.weight"), {})[part] = value
+                break
         else:
-            rank = {k: v.shape[1] for k, v in peft_sd.items()
-                    if k.endswith(".lora_B.weight") and k.removesuffix(".lora_B.weight").endswith(_TEXT_ENCODER_RANKED)}
-        alphas = None if network_alphas is None else {
-            k.removeprefix(f"{component}."): v for k, v in network_alphas.items() if k.split(".")[0] == component}
-        try:
-            kwargs = get_peft_kwargs(rank, alphas, peft_sd, is_unet=is_denoiser)
-        except IndexError:  # no ranked module: diffusers fails the same way
+            what = "DoRA magnitude vectors" if "lora_magnitude_vector" in key else "a key of unknown role"
             raise InvalidLoraError(
-                f"the LoRA {where} adapts no {component} module diffusers ranks ({', '.join(_TEXT_ENCODER_RANKED)}): "
-                f"e.g. {next(iter(pairs))}; plain load_lora_weights cannot load it either") from None
-    try:
-        config = LoraConfig(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise InvalidLoraError(f"the LoRA {where} has a {component} adapter config PEFT refuses: {err}") from err
-
-    def resolve(module: str) -> tuple[int, float, bool]:
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        return int(r), float(alpha), bool(config.use_rslora)
-
-    return resolve
-
-
-def _file_alphas(
-    component: str, network_alphas: dict | None, origin: dict[str, str]
-) -> Callable[[str], tuple[int | None, float | None, bool]]:
-    """``module -> (None, alpha, False)`` from the file's own per-module alphas (``alpha`` ``None``: scale 1), for
-    the formats this package rewrites before diffusers reads them (``_peft_config`` is for the others).
-
-    kohya/A1111 alphas (``network_alphas`` from ``lora_state_dict``) are per module, keyed by the module's original
-    down-weight key plus ``.alpha`` (attention) or by its original path plus ``.alpha`` (other layers): each module
-    gets its own, as A1111/ComfyUI apply them. (diffusers 0.42 itself applies only the most common alpha when they
-    differ; its PEFT glue cannot match the pattern keys it builds.)
-    """
-    alphas = {k.removeprefix(f"{component}."): v for k, v in (network_alphas or {}).items()}
-    if not alphas:
-        return lambda module: (None, None, False)
-    down_key = {key.removesuffix(".lora_A.weight"): orig for key, orig in origin.items() if key.endswith(".lora_A.weight")}
-
-    def lookup(module: str) -> tuple[int | None, float | None, bool]:
-        orig = down_key[module]
-        for candidate in (orig, orig.removesuffix(".lora.down.weight"), orig.removesuffix(".lora_down.weight")):
-            if f"{candidate}.alpha" in alphas:
-                return None, float(alphas[f"{candidate}.alpha"]), False
-        return None, None, False
-
-    return lookup
+                f"the LoRA {where} holds {what} ({component}.{key}); only plain LoRA (lora_A/lora_B "
+                "weights, no bias, no DoRA) can be transferred"
+            )
+    unpaired = [m for m, p in pairs.items() if len(p) != 2]
+    if unpaired:
+        raise InvalidLoraError(f"the LoRA {where} has modules without both lora_A and lora_B: {unpaired[:3]}")
+    return pairs
 
 
 def _check_finite(layers: list[LoraLayer], where: str) -> None:

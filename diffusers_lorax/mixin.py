@@ -171,8 +171,8 @@ def _default_adapter_name(pipe: Any, used: set[str]) -> str:
     component on its own), the first free ``default_<i>``."""
     from diffusers.utils.peft_utils import get_adapter_name
 
-    denoiser = next((m for c, m in pipe.components.items() if c in ("unet", "transformer", "prior")
-                     and isinstance(m, torch.nn.Module)), None)
+    denoiser = next((m for m in (getattr(pipe, c, None) for c in ("unet", "transformer", "prior"))
+                     if isinstance(m, torch.nn.Module)), None)
     name = get_adapter_name(denoiser) if denoiser is not None else "default_0"
     i = 0
     while name in used:

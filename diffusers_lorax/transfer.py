@@ -196,8 +196,6 @@ def save_transferred(
     pipeline class's own ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors, and each
     component's ``LoraConfig`` as its adapter metadata where the class saves one, so every module keeps its alpha).
     Returns the file's path. Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
-    import inspect
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cls = BaseModel(target, HubOptions(), "target").pipeline_class

@@ -10,14 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
     0: ["_version", "errors", "subspace", "report", "plot", "weights", "formats.safetensors_check"],
-    1: ["methods", "options", "lora", "registry", "registry.database", "registry.blobs", "registry.families",
+    1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.database", "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya"],
     2: ["models", "matching", "projection", "correspondence", "probe", "calibration",
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.loading",
         "adapters.hub"],
-    3: ["transfer", "inspection"],
+    3: ["transfer", "inspection", "injection", "snapshot"],
     4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "quality", "quality.data", "quality.classifiers",
         "quality.evaluate"],
 }
