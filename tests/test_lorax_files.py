@@ -3,7 +3,8 @@
 Float64 references on fresh random inputs: compact on its own source reproduces the trained ``Ũ ΔΣ Ṽᵀ``
 (rel. err ≤ 1e-5); on a perturbed target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone
 and compact give the same adapter (≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
-than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry."""
+than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry. A rank-1 core saves
+(issue 23)."""
 
 import json
 import math
@@ -29,6 +30,7 @@ from diffusers_lorax import (
     transfer_lora,
 )
 from diffusers_lorax.adapters.files import digest, file_size_bytes
+from diffusers_lorax.weights import fingerprint, memoised_fingerprint
 
 from helpers import assert_unchanged, delta_weights, state_of
 
@@ -253,6 +255,34 @@ def test_unknown_format_version_says_to_upgrade(saved, tmp_path):
     save_file(data, str(tmp_path / "v9.safetensors"), metadata=dict(metadata, format_version="9"))
     with pytest.raises(LoraxFileError, match="upgrade diffusers-lorax"):
         read_lorax_file(tmp_path / "v9.safetensors")
+
+
+def test_one_element_tensors_of_any_stride_are_fingerprinted_and_digested():
+    """Issue 23: a rank-1 diagonal core is the diagonal of a (1, 1) matrix, stride (2,), which ``contiguous()``
+    keeps and ``view(torch.uint8)`` refused."""
+    core, plain = torch.ones(1, 1).diagonal().clone(), torch.ones(1)
+    assert core.stride() == (2,)
+    assert fingerprint(core) == fingerprint(plain) and digest({"c": core}) == digest({"c": plain})
+    assert memoised_fingerprint(torch.nn.Parameter(core)) == fingerprint(plain)
+
+
+def test_rank_1_adapter_saves_and_reproduces_on_its_source(saved, registry, tmp_path):
+    source = saved["root"] / "source"
+    trained = toy.sd_pipeline(seed=0)
+    g = torch.Generator().manual_seed(5)
+    for core in add_lorax_adapter(trained.unet, LoraXConfig(r=1), "style", registry=registry):
+        with torch.no_grad():
+            core.copy_(torch.randn(core.shape, generator=g))
+    kwargs = dict(unet=trained.unet, adapter_name="style", source=str(source))
+    compact, standalone = (save_lorax_weights(tmp_path / "r1", standalone=s, **kwargs) for s in (False, True))
+    assert {info.r for info in read_lorax_file(compact).layers.values()} == {1}
+    pipe = _pipe(saved, "source")
+    for name, path in (("compact", compact), ("standalone", standalone)):
+        pipe.load_lora_weights_cross(source, path, adapter_name=name, registry=registry)
+    expected = delta_weights(trained, "style")
+    for name in ("compact", "standalone"):
+        got = delta_weights(pipe, name)
+        assert got.keys() == expected.keys() and all(_rel(got[k], ref) <= 1e-5 for k, ref in expected.items())
 
 
 def test_another_source_is_refused_naming_the_first_layer(saved, registry):

@@ -31,7 +31,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import LoraxFileError
-from ..weights import file_identity
+from ..weights import file_identity, raw_bytes
 from .config import LoraXConfig
 from .layers import LoraXCore
 
@@ -292,9 +292,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
     h = xxhash.xxh3_128()
     for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
+        t = tensors[key]
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(raw_bytes(t))
     return h.hexdigest()
 
 
