@@ -2,13 +2,18 @@
 
 Both are safetensors files with the same metadata (all values strings, as safetensors stores them):
 
-- ``format`` = ``"lora-x"``, ``format_version`` = ``"1"``, ``digest`` (XXH3-128 of the tensors, :func:`digest`);
+- ``format`` = ``"lora-x"``, ``format_version`` = ``"2"`` (``"1"``, without ``dtype``, is still read),
+  ``digest`` (XXH3-128 of the tensors, :func:`digest`);
 - ``lorax``: JSON with ``source`` (``hub_id`` and ``revision`` of the source base model on the Hub, or a local
   ``label``), ``components``: per component (``unet``, ``text_encoder``, ...) its :class:`LoraXConfig` as a dict (the
   r option, core, target modules), ``config`` (the first component's, for readers of files without ``components``),
-  ``training`` (the settings given), ``standalone`` (bool) and ``layers``: per adapted layer ``"<component>.<module>"`` its rank ``r``, its base
-  weight's ``shape`` and ``fingerprint`` (XXH3-128 of the source base weight's values in float32,
-  :func:`~diffusers_lorax.adapters.bases.value_fingerprint`).
+  ``training`` (the settings given), ``standalone`` (bool) and ``layers``: per adapted layer
+  ``"<component>.<module>"`` its rank ``r``, its base weight's ``shape``, ``dtype`` (the dtype the base weight had
+  when ``Ũ``, ``Ṽ`` were computed from it: ``"float16"`` for a model cast with ``pipe.to(torch.float16)`` before
+  :func:`~diffusers_lorax.add_lorax_adapter`) and ``fingerprint`` (XXH3-128 of that weight's values in float32,
+  :func:`~diffusers_lorax.adapters.bases.value_fingerprint`). A loader casts the source's weight to ``dtype`` before
+  comparing fingerprints and computing bases, so the file matches its source in any dtype that holds the trained
+  weights (see :func:`~diffusers_lorax.adapters.loading.check_source`).
 
 Compact tensors: ``<component>.<module>.lorax_core``, float32, ``(r,)`` (diagonal core) or ``(r, r)`` (full core):
 ``r`` or ``r²`` numbers per layer. Loading one needs the source base model's weights (to rebuild ``Ũ``, ``Ṽ``).
@@ -35,7 +40,9 @@ from ..weights import file_identity, raw_bytes
 from .config import LoraXConfig
 from .layers import LoraXCore
 
-FORMAT, FORMAT_VERSION = "lora-x", "1"
+FORMAT, FORMAT_VERSION = "lora-x", "2"
+#: Versions :func:`read_lorax_file` reads: 1 recorded no per-layer ``dtype``.
+READABLE_VERSIONS = ("1", FORMAT_VERSION)
 #: File names written by :func:`save_lorax_weights` (and looked for in a folder or Hub repo without ``weight_name``).
 COMPACT_WEIGHT_NAME = "lorax_weights.safetensors"
 STANDALONE_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -45,11 +52,13 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 
 @dataclass(frozen=True)
 class LoraXLayerInfo:
-    """One adapted layer as a file records it: ``r``, the base weight's ``shape`` and its value ``fingerprint``."""
+    """One adapted layer as a file records it: ``r``, the base weight's ``shape``, its value ``fingerprint`` and the
+    ``dtype`` it had when the adapter was built (``None``: not recorded, a format version 1 file)."""
 
     r: int
     shape: tuple[int, ...]
     fingerprint: str
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -175,7 +184,8 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
             configs[component] = _config_of(model, adapter_name, found)
         for name, (B, core) in found.items():
             key = f"{component}.{name}"
-            layers[key] = {"r": core.r, "shape": list(core.base_shape), "fingerprint": core.fingerprint}
+            layers[key] = {"r": core.r, "shape": list(core.base_shape), "dtype": dtype_name(core.base_dtype),
+                           "fingerprint": core.fingerprint}
             delta = B.parametrizations.weight.original.detach().float()
             if standalone:
                 A = _lora_A_of(model, name, adapter_name)
@@ -258,14 +268,15 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
     where = str(path) if path else "(LoRA-X state)"
     if metadata.get("format") != FORMAT:
         raise LoraxFileError(f"{where} is not a LoRA-X file (metadata format={metadata.get('format')!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise LoraxFileError(f"{where} is LoRA-X format version {metadata.get('format_version')!r}; this version of "
-                             f"diffusers-lorax reads version {FORMAT_VERSION}: upgrade diffusers-lorax")
+                             f"diffusers-lorax reads versions {', '.join(READABLE_VERSIONS)}: upgrade diffusers-lorax")
     try:
         meta = json.loads(metadata["lorax"])
         default = LoraXConfig.from_dict(meta["config"])
         configs = {name: LoraXConfig.from_dict(c) for name, c in (meta.get("components") or {}).items()}
-        layers = {key: LoraXLayerInfo(int(v["r"]), tuple(int(d) for d in v["shape"]), str(v["fingerprint"]))
+        layers = {key: LoraXLayerInfo(int(v["r"]), tuple(int(d) for d in v["shape"]), str(v["fingerprint"]),
+                                      parse_dtype(v["dtype"]) if metadata["format_version"] != "1" else None)
                   for key, v in meta["layers"].items()}
         source = {k: meta["source"].get(k) for k in ("hub_id", "revision", "label")}
         standalone = bool(meta["standalone"])
@@ -283,6 +294,19 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
     out = LoraXFile(path, configs, source, layers, tensors, standalone, training)
     _check_tensors(out, where)
     return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float16"`` for ``torch.float16``: how files name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The floating-point ``torch.dtype`` a file names (:func:`dtype_name`). Raises ``ValueError`` for another."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype")
+    return dtype
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -41,16 +41,17 @@ class LoraXCore(nn.Module):
 
     ``U``: ``Ũ`` ``(m, r)``, canonical signs (:func:`~diffusers_lorax.adapters.bases.canonical_signs`), in the
     adapter's dtype. ``weight_shape``: ``(m, r)`` or ``(m, r, 1, 1)``. The attributes ``fingerprint`` (float32-value
-    fingerprint of the source base weight), ``weight_shape_base`` (the base weight's shape) and ``core`` are what
+    fingerprint of the source base weight), ``base_shape`` (the base weight's shape), ``base_dtype`` (the dtype the
+    base weight had when ``Ũ``, ``Ṽ`` were computed from it) and ``core`` are what
     :func:`~diffusers_lorax.save_lorax_weights` records.
     """
 
     def __init__(self, U: torch.Tensor, core: str, weight_shape: tuple[int, ...], fingerprint: str,
-                 base_shape: tuple[int, ...]):
+                 base_shape: tuple[int, ...], base_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.register_buffer("U", U, persistent=False)
         self.core, self.weight_shape = core, tuple(weight_shape)
-        self.fingerprint, self.base_shape = fingerprint, tuple(base_shape)
+        self.fingerprint, self.base_shape, self.base_dtype = fingerprint, tuple(base_shape), base_dtype
 
     @property
     def r(self) -> int:
@@ -136,7 +137,7 @@ def _layer_plan(name: str, base: nn.Module, config: LoraXConfig) -> dict:
     if not torch.isfinite(W).all():
         raise SourceModelError(f"the base weight of {name} holds NaN or Inf; the base model is damaged")
     stored = fingerprint(W)
-    return dict(r=config.r_for(tuple(W.shape)), shape=tuple(W.shape), fp=stored,
+    return dict(r=config.r_for(tuple(W.shape)), shape=tuple(W.shape), dtype=W.dtype, fp=stored,
                 value_fp=value_fingerprint(W, stored))
 
 
@@ -174,7 +175,7 @@ def _constrain(wrapper: nn.Module, adapter_name: str, basis, core: str, plan: di
         lora_B.weight.zero_()
     lora_A.weight.requires_grad_(False)
     U = basis.U.to(device=lora_B.weight.device, dtype=dtype)
-    parametrization = LoraXCore(U, core, tuple(lora_B.weight.shape), plan["value_fp"], plan["shape"])
+    parametrization = LoraXCore(U, core, tuple(lora_B.weight.shape), plan["value_fp"], plan["shape"], plan["dtype"])
     parametrize.register_parametrization(lora_B, "weight", parametrization, unsafe=True)
     lora_B.register_state_dict_post_hook(_save_as_lora)
     _register_load_pre_hook(lora_B, _load_as_core)
