@@ -4,7 +4,8 @@ Float64 references on fresh random inputs: compact on its own source reproduces 
 (rel. err ≤ 1e-5); on a perturbed target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone
 and compact give the same adapter (≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
 than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry. An adapter built on a
-half-precision cast of its source loads against the float32 source (issue 20); a rank-1 core saves (issue 23)."""
+half-precision cast of its source loads against the float32 source (issue 20); a rank-1 core saves (issue 23); the
+adapter to save is the only or the active LoRA-X adapter by default."""
 
 import json
 import math
@@ -369,6 +370,36 @@ def test_rank_1_adapter_saves_and_reproduces_on_its_source(saved, registry, tmp_
     for name in ("compact", "standalone"):
         got = delta_weights(pipe, name)
         assert got.keys() == expected.keys() and all(_rel(got[k], ref) <= 1e-5 for k, ref in expected.items())
+
+
+def test_save_takes_the_only_or_the_active_lorax_adapter(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    pipe = toy.sd_pipeline(seed=0)
+    kwargs = dict(unet=pipe.unet, source="someone/model")
+    style = add_lorax_adapter(pipe.unet, LoraXConfig(r=4), "style", registry=tmp_path / "registry")
+    with torch.no_grad():
+        for core in style:
+            core.fill_(0.5)
+    only = read_lorax_file(save_lorax_weights(tmp_path / "only", **kwargs))  # named "style", not "default"
+    assert only.config.r == 4 and all(bool((only.core(key) == 0.5).all()) for key in only.layers)
+    add_lorax_adapter(pipe.unet, LoraXConfig(r=2), "other", registry=tmp_path / "registry")  # now the active one
+    assert read_lorax_file(save_lorax_weights(tmp_path / "active", **kwargs)).config.r == 2
+    assert read_lorax_file(save_lorax_weights(tmp_path / "named", adapter_name="style", **kwargs)).config.r == 4
+    pipe.set_adapters(["style", "other"])
+    with pytest.raises(LoraxFileError, match=r"several LoRA-X adapters \('style', 'other'\) and more than one of them "
+                                             "is active: pass adapter_name="):
+        save_lorax_weights(tmp_path / "ambiguous", **kwargs)
+    pipe.save_lora_weights(tmp_path / "plain",
+                           unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="style"))
+    pipe.load_lora_weights(tmp_path / "plain", adapter_name="plain")
+    pipe.set_adapters("plain")  # a standard LoRA: no LoRA-X adapter is active
+    with pytest.raises(LoraxFileError, match="and none of them is active"):
+        save_lorax_weights(tmp_path / "ambiguous", **kwargs)
+    with pytest.raises(LoraxFileError, match=r"no LoRA-X adapter named 'default' on the given components \(they hold "
+                                             "'style', 'other'\)"):
+        save_lorax_weights(tmp_path / "ambiguous", adapter_name="default", **kwargs)
+    assert not (tmp_path / "ambiguous").exists()
 
 
 def test_another_source_is_refused_naming_the_first_layer(saved, registry):

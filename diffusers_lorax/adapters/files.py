@@ -108,12 +108,58 @@ def lorax_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, tuple[t
     out = {}
     for name, module in model.named_modules():
         lora_B = getattr(module, "lora_B", None)
-        if lora_B is None or adapter_name not in lora_B:
-            continue
-        B = lora_B[adapter_name]
-        if parametrize.is_parametrized(B, "weight") and isinstance(B.parametrizations.weight[0], LoraXCore):
-            out[name] = (B, B.parametrizations.weight[0])
+        core = _lorax_core(lora_B[adapter_name]) if lora_B is not None and adapter_name in lora_B else None
+        if core is not None:
+            out[name] = (lora_B[adapter_name], core)
     return out
+
+
+def _lorax_core(B: torch.nn.Module) -> LoraXCore | None:
+    """The :class:`LoraXCore` parametrising a PEFT ``lora_B`` module, or ``None`` for an ordinary LoRA's."""
+    if parametrize.is_parametrized(B, "weight") and isinstance(B.parametrizations.weight[0], LoraXCore):
+        return B.parametrizations.weight[0]
+    return None
+
+
+def lorax_adapter_names(models: dict[str, torch.nn.Module | None]) -> dict[str, bool]:
+    """The names of the LoRA-X adapters on ``models`` (in the order found), each with whether a layer of it is
+    active (PEFT's ``active_adapters``: diffusers' ``set_adapters`` sets them; a diffusers model's ``add_adapter``
+    activates the adapter it adds)."""
+    names: dict[str, bool] = {}
+    for model in models.values():
+        for module in model.modules() if model is not None else ():
+            lora_B = getattr(module, "lora_B", None)
+            if not isinstance(lora_B, torch.nn.ModuleDict):
+                continue
+            active = set(getattr(module, "active_adapters", ()))
+            for name, B in lora_B.items():
+                if _lorax_core(B) is not None:
+                    names[name] = names.get(name, False) or name in active
+    return names
+
+
+def _adapter_to_save(models: dict[str, torch.nn.Module | None], adapter_name: str | None) -> str:
+    """``adapter_name``, or where it is ``None`` the only LoRA-X adapter on ``models``, else the only active one.
+    Raises :class:`LoraxFileError` naming the LoRA-X adapters when there is none, or several and not one active."""
+    names = lorax_adapter_names(models)
+    if adapter_name is not None and adapter_name in names:
+        return adapter_name
+    held = f"they hold {', '.join(map(repr, names))}" if names else "they hold none"
+    if adapter_name is not None:
+        raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components ({held}): pass one "
+                             "of those, or add one with add_lorax_adapter (and pass the component, e.g. "
+                             "unet=pipe.unet)")
+    if not names:
+        raise LoraxFileError("no LoRA-X adapter on the given components: add one with add_lorax_adapter (and pass "
+                             "the component, e.g. unet=pipe.unet)")
+    if len(names) == 1:
+        return next(iter(names))
+    active = [name for name, is_active in names.items() if is_active]
+    if len(active) == 1:
+        return active[0]
+    raise LoraxFileError(f"the given components hold several LoRA-X adapters ({', '.join(map(repr, names))}) and "
+                         f"{'none' if not active else 'more than one'} of them is active: pass adapter_name=… (one "
+                         "of those)")
 
 
 def save_lorax_weights(
@@ -123,7 +169,7 @@ def save_lorax_weights(
     transformer: torch.nn.Module | None = None,
     text_encoder: torch.nn.Module | None = None,
     text_encoder_2: torch.nn.Module | None = None,
-    adapter_name: str = "default",
+    adapter_name: str | None = None,
     source: str,
     source_revision: str | None = None,
     weight_name: str | None = None,
@@ -131,7 +177,9 @@ def save_lorax_weights(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write the LoRA-X adapter ``adapter_name`` of the given components to ``save_directory/weight_name`` and
-    return the path.
+    return the path. ``adapter_name=None`` (default): the only LoRA-X adapter on the given components, or where they
+    hold several, the one that is active (``set_adapters``; on a diffusers model ``add_lorax_adapter`` activates the
+    adapter it adds).
 
     ``source``: the source base model the adapter was trained on, as a Hub repo id (``owner/name``; with
     ``source_revision``), recorded so that loaders can find it, or a local label (a path or any name: then loaders
@@ -140,13 +188,14 @@ def save_lorax_weights(
     :data:`STANDALONE_WEIGHT_NAME`. ``training``: settings to record (JSON-serialisable; shown on the Hub card).
 
     Components may use different configs (each is recorded). Raises :class:`LoraxFileError`, writing nothing, when
-    no given component has a LoRA-X adapter of that name, a layer does not follow its component's config, a core holds
-    NaN/Inf, or ``training`` is not JSON-serialisable.
+    no given component has a LoRA-X adapter of that name (or, for ``None``, when they hold none, or several with not
+    exactly one active: the message names them), a layer does not follow its component's config, a core holds NaN/Inf,
+    or ``training`` is not JSON-serialisable.
     """
     from safetensors.torch import save_file
 
     models = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    tensors, layers, configs = _collect(models, adapter_name, standalone)
+    tensors, layers, configs = _collect(models, _adapter_to_save(models, adapter_name), standalone)
     is_hub = looks_like_hub_id(source)
     meta = {"source": {"hub_id": source if is_hub else None, "revision": source_revision if is_hub else None,
                        "label": None if is_hub else str(source)},
@@ -172,7 +221,7 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
              ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, LoraXConfig]]:
     """The tensors to write (cores, or standalone ``lora_A``/``lora_B``, float32), the per-layer metadata and each
     component's config (components may use different ones, e.g. a UNet at r=4 with a full core and a text encoder at
-    r=0.5). Raises :class:`LoraxFileError` when no component has the adapter."""
+    r=0.5). ``adapter_name`` is one that :func:`lorax_adapter_names` finds."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     configs: dict[str, LoraXConfig] = {}
@@ -193,9 +242,6 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
                 tensors[f"{key}.lora_B.weight"] = core(delta.to(core.U.dtype)).detach().float().contiguous()
             else:
                 tensors[key + CORE_SUFFIX] = delta.contiguous()
-    if not layers:
-        raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components: add one with "
-                             "add_lorax_adapter (and pass the component, e.g. unet=pipe.unet)")
     return tensors, layers, configs
 
 
