@@ -139,7 +139,7 @@ def _zero_file(shapes: dict[str, tuple[int, ...]], r, core: str, standalone: boo
     tensors, layers = {}, {}
     for key, shape in shapes.items():
         k, m = config.r_for(shape), shape[0]
-        layers[key] = {"r": k, "shape": list(shape), "fingerprint": "0" * 32}
+        layers[key] = {"r": k, "shape": list(shape), "dtype": "float32", "fingerprint": "0" * 32}
         if standalone:
             tensors[f"{key}.lora_A.weight"] = torch.zeros(k, *shape[1:])
             tensors[f"{key}.lora_B.weight"] = torch.zeros(m, k, *([1, 1] if len(shape) == 4 else []))

@@ -55,7 +55,7 @@ class RegistryError(LoraxError, RuntimeError):
 
 class LoraxFileError(InvalidLoraError):
     """A LoRA-X adapter file (compact or standalone) is damaged, truncated, edited or of an unknown format version,
-    or an adapter to save is not a LoRA-X adapter."""
+    or an adapter to save is not a LoRA-X adapter (or, none being named, which one to save is ambiguous)."""
 
 
 class SourceMismatchError(SourceModelError):

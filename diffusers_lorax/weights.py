@@ -59,10 +59,19 @@ def fingerprint(weight: torch.Tensor) -> str:
     against 1.2 GB/s for SHA-256), which keeps a warm transfer near the cost of a plain load; it is a checksum, not
     a cryptographic hash: a registry is trusted by whoever shares it.
     """
-    t = weight.detach().to("cpu").contiguous()
-    digest = xxhash.xxh3_128(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    digest.update(t.view(-1).view(torch.uint8).numpy().data)
+    digest = xxhash.xxh3_128(f"{weight.dtype}|{tuple(weight.shape)}|".encode())
+    digest.update(raw_bytes(weight))
     return digest.hexdigest()
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor``'s values in row-major order, on the CPU (what :func:`fingerprint` and the LoRA-X file
+    digest hash). ``contiguous()`` keeps a one-element tensor's stride (e.g. 2 for the diagonal of a ``(1, 1)``
+    matrix, a rank-1 LoRA-X core), which ``view(torch.uint8)`` refuses: such a tensor is copied."""
+    flat = tensor.detach().to("cpu").reshape(-1)  # a row-major copy where the layout is not already
+    if flat.numel() and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8).numpy().data
 
 
 #: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
@@ -184,9 +193,9 @@ def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
     or an EMA step through ``.data``, alters). Only a sparse write through ``.data`` that avoids every probed
     position would go unseen."""
     flat = param.detach().reshape(-1)
-    probe = flat[:: max(1, flat.numel() // 4096)].to("cpu").contiguous()
+    probe = flat[:: max(1, flat.numel() // 4096)]
     return (param.data_ptr(), str(param.device), param.dtype, tuple(param.shape), param._version, merged,
-            xxhash.xxh3_64(probe.view(torch.uint8).numpy().data).intdigest())
+            xxhash.xxh3_64(raw_bytes(probe)).intdigest())
 
 
 class SafetensorsWeights:

@@ -12,12 +12,17 @@ trained (``diffusers_lorax.add_lorax_adapter``), so the saved file is tiny and a
 can load it with ``pipe.load_lora_weights_cross(source, "<output_dir>")``. Data: scikit-learn's handwritten digits
 in the testbed's style look (slanted), captioned "a handwritten digit <word> in lrx style" (10 % empty prompts);
 noise-prediction loss on the DDPM forward process, as in the diffusers script.
+
+A failed save does not lose the run: the trainable cores are then written as plain tensors to
+``<output_dir>/trainable_cores.safetensors`` (:func:`keep_cores`; the message says where), and :func:`load_cores` puts
+them back into a pipeline given the same adapter, to save again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +34,9 @@ from diffusers_lorax.quality import ASSETS, data
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: Where a failed save leaves the trained cores (in the folder it was saving to).
+CORES_NAME = "trainable_cores.safetensors"
+COMPONENTS = ("unet", "text_encoder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,10 +101,45 @@ def save(args, pipe, step: int | None, settings: dict) -> Path:
     common = dict(unet=pipe.unet, text_encoder=pipe.text_encoder if args.train_text_encoder else None,
                   source=args.source_id or args.pretrained_model_name_or_path, source_revision=args.revision,
                   training=settings)
-    path = save_lorax_weights(folder, **common)
-    if step is None:
-        save_lorax_weights(folder, standalone=True, **common)
+    try:
+        path = save_lorax_weights(folder, **common)
+        if step is None:
+            save_lorax_weights(folder, standalone=True, **common)
+    except Exception:
+        kept = keep_cores(pipe, folder)
+        print(f"saving the LoRA-X adapter failed (the error follows); the trained cores are kept in {kept}: add the "
+              f"adapter again with the same options and call load_cores(pipe, {str(kept)!r}) (this script's), then "
+              "save_lorax_weights", file=sys.stderr)
+        raise
     return path
+
+
+def keep_cores(pipe, folder: Path) -> Path:
+    """Write every trainable parameter (the LoRA-X cores, ``(r,)`` or ``(r, r)``, in their dtype) as plain tensors
+    named ``<component>.<parameter name>`` to ``folder/trainable_cores.safetensors``; return its path."""
+    from safetensors.torch import save_file
+
+    cores = {f"{component}.{name}": param.detach().clone(memory_format=torch.contiguous_format)
+             for component in COMPONENTS for name, param in getattr(pipe, component).named_parameters()
+             if param.requires_grad}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(cores, str(folder / CORES_NAME))
+    return folder / CORES_NAME
+
+
+def load_cores(pipe, path: str | Path) -> None:
+    """Load the cores :func:`keep_cores` wrote into ``pipe``, whose components hold the same LoRA-X adapter (added
+    again with the same options). Raises ``ValueError`` naming a core the pipeline has no place for."""
+    from safetensors.torch import load_file
+
+    cores = load_file(str(path))
+    for component in COMPONENTS:
+        own = {key.split(".", 1)[1]: value for key, value in cores.items() if key.startswith(f"{component}.")}
+        if own:
+            unexpected = getattr(pipe, component).load_state_dict(own, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"{path}: the {component} has no LoRA-X core {unexpected[0]!r}: add the adapter "
+                                 "with the options it was trained with")
 
 
 def validate(args, pipe, step: int) -> list[Path]:

@@ -1,9 +1,11 @@
 """LoRA-X adapters while training: ``add_lorax_adapter`` builds a PEFT LoRA of rank r per layer with ``lora_A = Ṽᵀ``
 (frozen) and ``lora_B = Ũ ΔΣ`` (a parametrization of the trainable core), checked against float64 SVDs; it starts at
-zero, trains only the cores, behaves as a diffusers adapter, takes its bases from the registry, and refuses bad
+zero, trains only the cores, behaves as a diffusers adapter (its state dict is a plain LoRA: diffusers'
+``save_lora_weights`` → ``load_lora_weights`` round-trips it), takes its bases from the registry, and refuses bad
 input without changing anything."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -113,6 +115,72 @@ def test_behaves_as_a_diffusers_adapter(registry):
     # PEFT keeps its (empty) wrappers after delete_adapters, as for any LoRA: compare under the base names
     now = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
     assert now.keys() == weights.keys() and all(torch.allclose(now[k], weights[k], atol=1e-6) for k in weights)
+
+
+def test_diffusers_save_lora_weights_round_trips_the_adapter(registry, tmp_path):
+    """Issue 20: plain diffusers saves a LoRA-X adapter as a standard LoRA (``lora_B`` = Ũ ΔΣ, not the
+    parametrization's core) that plain ``load_lora_weights`` reads on a fresh pipeline: the same factors, bit for
+    bit, hence the same outputs. Ranks differ per layer (r = min(m, n), and half of it on the text encoder)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    pipe = toy.sd_pipeline(seed=0)
+    cores = add_lorax_adapter(pipe.unet, LoraXConfig(r=1.0), "style", registry=registry)
+    cores += add_lorax_adapter(pipe.text_encoder, LoraXConfig(r=0.5), "style", registry=registry)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for core in cores:
+            core.copy_(torch.randn(core.shape, generator=g))
+    pipe.save_lora_weights(tmp_path / "plain",
+                           unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="style"),
+                           text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="style"))
+    adapted = {(c, n) for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()
+               if hasattr(m, "lora_A") and "style" in m.lora_A}
+    saved = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == {f"{c}.{n}.lora_{p}.weight" for c, n in adapted for p in "AB"}
+    fresh = toy.sd_pipeline(seed=0)
+    fresh.load_lora_weights(tmp_path / "plain", adapter_name="plain")
+    for component, name in adapted:
+        module, loaded = getattr(pipe, component).get_submodule(name), getattr(fresh, component).get_submodule(name)
+        for part in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(loaded, part)["plain"].weight, getattr(module, part)["style"].weight), name
+        assert loaded.scaling["plain"] == module.scaling["style"] == 1.0, name
+    assert torch.equal(latents(fresh), latents(pipe))
+    # the model's own state dict still round-trips (e.g. accelerate's save_state / load_state)
+    state = _assert_state_dict_round_trips(pipe.unet, "style")
+    key = next(k for k in state if k.endswith(".lora_B.style.weight"))
+    with pytest.raises(RuntimeError, match=f"size mismatch for {re.escape(key)}"):
+        pipe.unet.load_state_dict({**state, key: torch.zeros(3, 3)})
+
+
+def _assert_state_dict_round_trips(model, adapter_name):
+    """``model.load_state_dict(model.state_dict())`` with the LoRA-X cores zeroed in between reads each core back
+    from its ``B`` by least squares, δ' = diag(Ũᵀ fl(Ũ δ)): per entry |δ' − δ| ≤ |δ| (|1 − ‖u_i‖²| + (m + 2) 2⁻²⁴)
+    (one float32 product per entry of B, a length-m dot product). Returns the state dict."""
+    state = model.state_dict()
+    layers = [module.lora_B[adapter_name].parametrizations.weight for module in model.modules()
+              if hasattr(module, "lora_B") and adapter_name in module.lora_B]  # [0]: the LoraXCore, .original: δ
+    assert layers
+    trained = [weight.original.detach().double() for weight in layers]
+    with torch.no_grad():
+        for weight in layers:
+            weight.original.zero_()
+    model.load_state_dict(state, strict=True)
+    for weight, before in zip(layers, trained):
+        U = weight[0].U.double()
+        tol = before.abs() * ((1 - U.square().sum(0)).abs() + (U.shape[0] + 2) * 2.0**-24)
+        assert bool(((weight.original.detach().double() - before).abs() <= tol).all())
+    return state
+
+
+def test_state_dict_round_trips_where_torch_has_no_public_load_pre_hook(registry, monkeypatch):
+    """torch 2.4 (the lowest supported) has only the private ``_register_load_state_dict_pre_hook``."""
+    monkeypatch.delattr(torch.nn.Module, "register_load_state_dict_pre_hook")
+    pipe, g = toy.sd_pipeline(seed=0), torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for core in add_lorax_adapter(pipe.unet, LoraXConfig(r=4), "style", registry=registry):
+            core.copy_(torch.randn(core.shape, generator=g))
+    _assert_state_dict_round_trips(pipe.unet, "style")
 
 
 def test_text_encoder_gets_its_attention_projections_by_default(registry):

@@ -1,5 +1,6 @@
 """``examples/train_lorax.py`` trains, checkpoints, validates and saves a LoRA-X adapter on the digits testbed (run
-here for two steps of batch 4), and what it saves loads back onto the source and onto the fine-tuned target."""
+here for two steps of batch 4), and what it saves loads back onto the source and onto the fine-tuned target; a save
+that fails leaves the trained cores on disk, from which the adapter is saved again."""
 
 import importlib.util
 import math
@@ -7,18 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_lorax import read_lorax_file
+import torch
+
+from diffusers_lorax import LoraXConfig, add_lorax_adapter, read_lorax_file, save_lorax_weights
 from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.quality.evaluate import load_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_lorax.py"
 
 
-def test_example_trains_checkpoints_validates_and_saves(tmp_path):
+def _example():
     pytest.importorskip("sklearn", reason="the digits come from scikit-learn (pip install -e '.[test]')")
     spec = importlib.util.spec_from_file_location("train_lorax", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_trains_checkpoints_validates_and_saves(tmp_path):
+    example = _example()
     out = tmp_path / "out"
     path = example.main([
         "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "4", "--checkpointing_steps", "1",
@@ -43,3 +51,42 @@ def test_example_trains_checkpoints_validates_and_saves(tmp_path):
         assert row.k == min(m, n) and 0 < row.kept <= 1 + 1e-5, row.module
         if m == n:
             assert row.kept == pytest.approx(1.0, abs=1e-5), row.module
+
+
+class DiskFull(OSError):
+    """The failure injected into the example's second save."""
+
+
+def test_a_failed_save_keeps_the_trained_cores_and_rank_1_saves(tmp_path, monkeypatch, capsys):
+    """Issue 23: ``--rank 1`` crashed in the file digest after the training, which was lost. Here the compact file
+    (rank 1) is written, the standalone save then fails: the cores are kept, and saved again they give the same file."""
+    example = _example()
+
+    def failing(folder, **kwargs):
+        if kwargs.get("standalone"):
+            raise DiskFull("no space left on device")
+        return save_lorax_weights(folder, **kwargs)
+
+    monkeypatch.setattr(example, "save_lorax_weights", failing)
+    out, registry = tmp_path / "out", tmp_path / "registry"
+    argv = ["--output_dir", str(out), "--rank", "1", "--max_train_steps", "1", "--train_batch_size", "2",
+            "--lr_warmup_steps", "0", "--checkpointing_steps", "100", "--threads", "1", "--registry", str(registry)]
+    with pytest.raises(DiskFull):
+        example.main(argv)
+    kept = out / example.CORES_NAME
+    assert f"the trained cores are kept in {kept}" in capsys.readouterr().err
+    compact = read_lorax_file(out / "lorax_weights.safetensors")
+    assert compact.layers and {info.r for info in compact.layers.values()} == {1}
+    from safetensors.torch import load_file
+
+    cores = load_file(kept)
+    assert cores.keys() == {f"{key}.lora_B.default.parametrizations.weight.original" for key in compact.layers}
+    assert all(torch.equal(cores[f"{key}.lora_B.default.parametrizations.weight.original"], compact.core(key))
+               for key in compact.layers)
+    assert all(bool(compact.core(key).ne(0).all()) for key in compact.layers)  # one AdamW step at lr 0.1 moved them
+    # the recovery the message describes: the same adapter again, the kept cores loaded, saved
+    pipe, _ = example.load_models(example.parse_args(argv))
+    add_lorax_adapter(pipe.unet, LoraXConfig(r=1, target_modules=example.UNET_TARGETS), registry=registry)
+    example.load_cores(pipe, kept)
+    again = read_lorax_file(save_lorax_weights(tmp_path / "again", unet=pipe.unet, source="x"))
+    assert again.layers == compact.layers and all(torch.equal(again.core(k), compact.core(k)) for k in compact.layers)

@@ -3,10 +3,13 @@
 Float64 references on fresh random inputs: compact on its own source reproduces the trained ``Ũ ΔΣ Ṽᵀ``
 (rel. err ≤ 1e-5); on a perturbed target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone
 and compact give the same adapter (≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
-than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry."""
+than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry. An adapter built on a
+half-precision cast of its source loads against the float32 source (issue 20); a rank-1 core saves (issue 23); the
+adapter to save is the only or the active LoRA-X adapter by default."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -29,6 +32,7 @@ from diffusers_lorax import (
     transfer_lora,
 )
 from diffusers_lorax.adapters.files import digest, file_size_bytes
+from diffusers_lorax.weights import fingerprint, memoised_fingerprint
 
 from helpers import assert_unchanged, delta_weights, state_of
 
@@ -253,6 +257,149 @@ def test_unknown_format_version_says_to_upgrade(saved, tmp_path):
     save_file(data, str(tmp_path / "v9.safetensors"), metadata=dict(metadata, format_version="9"))
     with pytest.raises(LoraxFileError, match="upgrade diffusers-lorax"):
         read_lorax_file(tmp_path / "v9.safetensors")
+
+
+#: Unit roundoff of the half-precision dtypes a model is cast to for training.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _factors(module, adapter_name):
+    """``(B, A)`` of a PEFT LoRA layer as float64 ``(m, r)``, ``(r, n)``."""
+    B, A = module.lora_B[adapter_name].weight.detach().double(), module.lora_A[adapter_name].weight.detach().double()
+    return B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1)
+
+
+def _as_version_1(path, out):
+    """A copy of a LoRA-X file as format version 1 wrote it: no per-layer dtype."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata, data = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    lorax = json.loads(metadata["lorax"])
+    for info in lorax["layers"].values():
+        del info["dtype"]
+    save_file(data, str(out), metadata=dict(metadata, format_version="1", lorax=json.dumps(lorax)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_adapter_built_on_a_half_precision_cast_loads_against_its_float32_source(saved, tmp_path, dtype):
+    """Issue 20: ``pipe.to(dtype)`` then ``add_lorax_adapter`` (the usual GPU practice). The file records the dtype;
+    loading against the float32 source (a folder, a pipeline, or a version-1 file without the dtype) casts the source
+    to it: accepted, and the adapter that was trained. Another source is still refused."""
+    source, r, u = saved["root"] / "source", 8, UNIT_ROUNDOFF[dtype]
+    trained = toy.sd_pipeline(seed=0).to(dtype)  # the weights of `source`, cast
+    registry = Registry(tmp_path / "registry")
+    g = torch.Generator().manual_seed(3)
+    for core in add_lorax_adapter(trained.unet, LoraXConfig(r=r), "style", registry=registry):
+        with torch.no_grad():
+            core.copy_(torch.randn(core.shape, generator=g))
+    path = save_lorax_weights(tmp_path / "adapter", unet=trained.unet, adapter_name="style", source=str(source))
+    pipe = _pipe(saved, "source")  # float32
+    report = pipe.load_lora_weights_cross(source, path, adapter_name="copied", method="copy", registry=registry)
+    file = read_lorax_file(path)
+    assert {info.dtype for info in file.layers.values()} == {dtype}
+    assert len(report.applied) == len(file.layers) and report.bases_computed == 0  # the adapter's own bases
+    pipe.load_lora_weights_cross(_pipe(saved, "source"), path, adapter_name="eq3", registry=registry)
+    pipe.load_lora_weights_cross(source, _as_version_1(path, tmp_path / "v1.safetensors"), adapter_name="v1",
+                                 method="copy", registry=registry)
+    eq3 = delta_weights(pipe, "eq3")
+    # the loaded factors rounded to `dtype` are the trained model's: A once, B = Ũ·δ twice (Ũ, then the product),
+    # and the loaded B is itself a float32 product: entrywise |ΔW_trained − ΔW| ≤ c |B||A| with
+    c = (1 + u) ** 3 / (1 - 2.0**-24) - 1
+    layers = [(n, m) for n, m in trained.unet.named_modules() if hasattr(m, "lora_A") and "style" in m.lora_A]
+    assert len(layers) == len(file.layers)
+    for name, module in layers:
+        loaded = pipe.unet.get_submodule(name)
+        (B, A), (B_h, A_h) = _factors(loaded, "copied"), _factors(module, "style")
+        got = B @ A
+        assert _rel(got, B_h @ A_h) <= c * float((B.abs() @ A.abs()).norm() / got.norm()), name
+        # the float64 reference: Σ δ_i u_i v_iᵀ from the exact SVD of the float32 source cast to `dtype`
+        W = loaded.base_layer.weight.detach()
+        U, _, Vh = torch.linalg.svd(W.to(dtype).double(), full_matrices=False)
+        expected = (U[:, :r] * module.lora_B["style"].parametrizations.weight.original.detach().double()) @ Vh[:r]
+        assert _rel(got, expected) <= 1e-3, name  # float32 bases, as above
+        assert all(map(torch.equal, _factors(loaded, "v1"), (B, A))), name
+        # the default method: Eq. 3 onto the float32 source's own top-r subspaces
+        U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        assert _rel(eq3[("unet", name)], U[:, :r] @ U[:, :r].T @ expected @ Vh[:r].T @ Vh[:r]) <= 1e-3, name
+    with pytest.raises(SourceMismatchError, match=f"cast to {str(dtype).removeprefix('torch.')}, as the adapter was "
+                                                  "built"):
+        pipe.load_lora_weights_cross(saved["root"] / "target", path, registry=registry)
+
+
+def test_another_source_is_refused_naming_the_source_and_the_file(saved, registry, tmp_path):
+    source, target = saved["root"] / "source", saved["root"] / "target"
+    pipe = _pipe(saved, "target")
+    before = state_of(pipe)
+    with pytest.raises(SourceMismatchError) as err:
+        pipe.load_lora_weights_cross(target, saved["compact"], registry=registry)
+    assert (f"the source {str(target)!r} is not the base model that the LoRA-X file {saved['compact']} was trained "
+            f"on ({str(source)!r}, as the file names it)") in str(err.value)
+    assert "changed since" not in str(err.value)
+    # a file that names the model given: its weights changed since
+    relabelled = _rewrite(saved["compact"], tmp_path / "relabelled.safetensors",
+                          meta=lambda m: m["source"].update(label=str(target)))
+    with pytest.raises(SourceMismatchError, match=f"The model at {re.escape(str(target))} has changed since the file "
+                                                  "was saved"):
+        pipe.load_lora_weights_cross(target, relabelled, registry=registry)
+    assert_unchanged(pipe, before)
+
+
+def test_one_element_tensors_of_any_stride_are_fingerprinted_and_digested():
+    """Issue 23: a rank-1 diagonal core is the diagonal of a (1, 1) matrix, stride (2,), which ``contiguous()``
+    keeps and ``view(torch.uint8)`` refused."""
+    core, plain = torch.ones(1, 1).diagonal().clone(), torch.ones(1)
+    assert core.stride() == (2,)
+    assert fingerprint(core) == fingerprint(plain) and digest({"c": core}) == digest({"c": plain})
+    assert memoised_fingerprint(torch.nn.Parameter(core)) == fingerprint(plain)
+
+
+def test_rank_1_adapter_saves_and_reproduces_on_its_source(saved, registry, tmp_path):
+    source = saved["root"] / "source"
+    trained = toy.sd_pipeline(seed=0)
+    g = torch.Generator().manual_seed(5)
+    for core in add_lorax_adapter(trained.unet, LoraXConfig(r=1), "style", registry=registry):
+        with torch.no_grad():
+            core.copy_(torch.randn(core.shape, generator=g))
+    kwargs = dict(unet=trained.unet, adapter_name="style", source=str(source))
+    compact, standalone = (save_lorax_weights(tmp_path / "r1", standalone=s, **kwargs) for s in (False, True))
+    assert {info.r for info in read_lorax_file(compact).layers.values()} == {1}
+    pipe = _pipe(saved, "source")
+    for name, path in (("compact", compact), ("standalone", standalone)):
+        pipe.load_lora_weights_cross(source, path, adapter_name=name, registry=registry)
+    expected = delta_weights(trained, "style")
+    for name in ("compact", "standalone"):
+        got = delta_weights(pipe, name)
+        assert got.keys() == expected.keys() and all(_rel(got[k], ref) <= 1e-5 for k, ref in expected.items())
+
+
+def test_save_takes_the_only_or_the_active_lorax_adapter(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    pipe = toy.sd_pipeline(seed=0)
+    kwargs = dict(unet=pipe.unet, source="someone/model")
+    style = add_lorax_adapter(pipe.unet, LoraXConfig(r=4), "style", registry=tmp_path / "registry")
+    with torch.no_grad():
+        for core in style:
+            core.fill_(0.5)
+    only = read_lorax_file(save_lorax_weights(tmp_path / "only", **kwargs))  # named "style", not "default"
+    assert only.config.r == 4 and all(bool((only.core(key) == 0.5).all()) for key in only.layers)
+    add_lorax_adapter(pipe.unet, LoraXConfig(r=2), "other", registry=tmp_path / "registry")  # now the active one
+    assert read_lorax_file(save_lorax_weights(tmp_path / "active", **kwargs)).config.r == 2
+    assert read_lorax_file(save_lorax_weights(tmp_path / "named", adapter_name="style", **kwargs)).config.r == 4
+    pipe.set_adapters(["style", "other"])
+    with pytest.raises(LoraxFileError, match=r"several LoRA-X adapters \('style', 'other'\) and more than one of them "
+                                             "is active: pass adapter_name="):
+        save_lorax_weights(tmp_path / "ambiguous", **kwargs)
+    pipe.save_lora_weights(tmp_path / "plain",
+                           unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="style"))
+    pipe.load_lora_weights(tmp_path / "plain", adapter_name="plain")
+    pipe.set_adapters("plain")  # a standard LoRA: no LoRA-X adapter is active
+    with pytest.raises(LoraxFileError, match="and none of them is active"):
+        save_lorax_weights(tmp_path / "ambiguous", **kwargs)
+    with pytest.raises(LoraxFileError, match=r"no LoRA-X adapter named 'default' on the given components \(they hold "
+                                             "'style', 'other'\)"):
+        save_lorax_weights(tmp_path / "ambiguous", adapter_name="default", **kwargs)
+    assert not (tmp_path / "ambiguous").exists()
 
 
 def test_another_source_is_refused_naming_the_first_layer(saved, registry):

@@ -27,6 +27,8 @@ Wanted = dict[str, tuple[int, Callable[[], torch.Tensor], str]]
 
 #: float32-value fingerprints (see :func:`value_fingerprint`) by stored fingerprint, for this process.
 _VALUE_FINGERPRINTS: dict[str, str] = {}
+#: :func:`fingerprints_as` by (stored fingerprint, dtype), for this process.
+_AS_TRAINED: dict[tuple[str, torch.dtype | None], tuple[str, str]] = {}
 
 
 def canonical_signs(basis: Basis) -> Basis:
@@ -57,6 +59,23 @@ def value_fingerprint(weight: torch.Tensor | Callable[[], torch.Tensor], stored:
     if stored is not None:
         _VALUE_FINGERPRINTS[stored] = value
     return value
+
+
+def fingerprints_as(weight: Callable[[], torch.Tensor], stored: str, dtype: torch.dtype | None) -> tuple[str, str]:
+    """A source weight as an adapter built on it in ``dtype`` saw it: ``(fingerprint, value fingerprint)`` of the
+    weight cast to ``dtype`` (``None`` or its own dtype: as stored). The first is the registry's key for the bases
+    computed from that cast (the key :func:`~diffusers_lorax.add_lorax_adapter` used), the second what a LoRA-X file
+    records (:func:`value_fingerprint`). ``weight`` reads the weight (called only when the result is not memoised
+    in this process under ``(stored, dtype)``); ``stored`` is the fingerprint of the weight as stored."""
+    key = (stored, dtype)
+    if key not in _AS_TRAINED:
+        tensor = weight().detach()
+        fp = stored
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+            fp = fingerprint(tensor)
+        _AS_TRAINED[key] = (fp, value_fingerprint(tensor, fp))
+    return _AS_TRAINED[key]
 
 
 def fetch_bases(wanted: Wanted, registry: Registry, txn: Transaction) -> tuple[dict[str, Basis], int]:

@@ -2,13 +2,18 @@
 
 Both are safetensors files with the same metadata (all values strings, as safetensors stores them):
 
-- ``format`` = ``"lora-x"``, ``format_version`` = ``"1"``, ``digest`` (XXH3-128 of the tensors, :func:`digest`);
+- ``format`` = ``"lora-x"``, ``format_version`` = ``"2"`` (``"1"``, without ``dtype``, is still read),
+  ``digest`` (XXH3-128 of the tensors, :func:`digest`);
 - ``lorax``: JSON with ``source`` (``hub_id`` and ``revision`` of the source base model on the Hub, or a local
   ``label``), ``components``: per component (``unet``, ``text_encoder``, ...) its :class:`LoraXConfig` as a dict (the
   r option, core, target modules), ``config`` (the first component's, for readers of files without ``components``),
-  ``training`` (the settings given), ``standalone`` (bool) and ``layers``: per adapted layer ``"<component>.<module>"`` its rank ``r``, its base
-  weight's ``shape`` and ``fingerprint`` (XXH3-128 of the source base weight's values in float32,
-  :func:`~diffusers_lorax.adapters.bases.value_fingerprint`).
+  ``training`` (the settings given), ``standalone`` (bool) and ``layers``: per adapted layer
+  ``"<component>.<module>"`` its rank ``r``, its base weight's ``shape``, ``dtype`` (the dtype the base weight had
+  when ``Ũ``, ``Ṽ`` were computed from it: ``"float16"`` for a model cast with ``pipe.to(torch.float16)`` before
+  :func:`~diffusers_lorax.add_lorax_adapter`) and ``fingerprint`` (XXH3-128 of that weight's values in float32,
+  :func:`~diffusers_lorax.adapters.bases.value_fingerprint`). A loader casts the source's weight to ``dtype`` before
+  comparing fingerprints and computing bases, so the file matches its source in any dtype that holds the trained
+  weights (see :func:`~diffusers_lorax.adapters.loading.check_source`).
 
 Compact tensors: ``<component>.<module>.lorax_core``, float32, ``(r,)`` (diagonal core) or ``(r, r)`` (full core):
 ``r`` or ``r²`` numbers per layer. Loading one needs the source base model's weights (to rebuild ``Ũ``, ``Ṽ``).
@@ -31,11 +36,13 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import LoraxFileError
-from ..weights import file_identity
+from ..weights import file_identity, raw_bytes
 from .config import LoraXConfig
 from .layers import LoraXCore
 
-FORMAT, FORMAT_VERSION = "lora-x", "1"
+FORMAT, FORMAT_VERSION = "lora-x", "2"
+#: Versions :func:`read_lorax_file` reads: 1 recorded no per-layer ``dtype``.
+READABLE_VERSIONS = ("1", FORMAT_VERSION)
 #: File names written by :func:`save_lorax_weights` (and looked for in a folder or Hub repo without ``weight_name``).
 COMPACT_WEIGHT_NAME = "lorax_weights.safetensors"
 STANDALONE_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -45,11 +52,13 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 
 @dataclass(frozen=True)
 class LoraXLayerInfo:
-    """One adapted layer as a file records it: ``r``, the base weight's ``shape`` and its value ``fingerprint``."""
+    """One adapted layer as a file records it: ``r``, the base weight's ``shape``, its value ``fingerprint`` and the
+    ``dtype`` it had when the adapter was built (``None``: not recorded, a format version 1 file)."""
 
     r: int
     shape: tuple[int, ...]
     fingerprint: str
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -99,12 +108,58 @@ def lorax_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, tuple[t
     out = {}
     for name, module in model.named_modules():
         lora_B = getattr(module, "lora_B", None)
-        if lora_B is None or adapter_name not in lora_B:
-            continue
-        B = lora_B[adapter_name]
-        if parametrize.is_parametrized(B, "weight") and isinstance(B.parametrizations.weight[0], LoraXCore):
-            out[name] = (B, B.parametrizations.weight[0])
+        core = _lorax_core(lora_B[adapter_name]) if lora_B is not None and adapter_name in lora_B else None
+        if core is not None:
+            out[name] = (lora_B[adapter_name], core)
     return out
+
+
+def _lorax_core(B: torch.nn.Module) -> LoraXCore | None:
+    """The :class:`LoraXCore` parametrising a PEFT ``lora_B`` module, or ``None`` for an ordinary LoRA's."""
+    if parametrize.is_parametrized(B, "weight") and isinstance(B.parametrizations.weight[0], LoraXCore):
+        return B.parametrizations.weight[0]
+    return None
+
+
+def lorax_adapter_names(models: dict[str, torch.nn.Module | None]) -> dict[str, bool]:
+    """The names of the LoRA-X adapters on ``models`` (in the order found), each with whether a layer of it is
+    active (PEFT's ``active_adapters``: diffusers' ``set_adapters`` sets them; a diffusers model's ``add_adapter``
+    activates the adapter it adds)."""
+    names: dict[str, bool] = {}
+    for model in models.values():
+        for module in model.modules() if model is not None else ():
+            lora_B = getattr(module, "lora_B", None)
+            if not isinstance(lora_B, torch.nn.ModuleDict):
+                continue
+            active = set(getattr(module, "active_adapters", ()))
+            for name, B in lora_B.items():
+                if _lorax_core(B) is not None:
+                    names[name] = names.get(name, False) or name in active
+    return names
+
+
+def _adapter_to_save(models: dict[str, torch.nn.Module | None], adapter_name: str | None) -> str:
+    """``adapter_name``, or where it is ``None`` the only LoRA-X adapter on ``models``, else the only active one.
+    Raises :class:`LoraxFileError` naming the LoRA-X adapters when there is none, or several and not one active."""
+    names = lorax_adapter_names(models)
+    if adapter_name is not None and adapter_name in names:
+        return adapter_name
+    held = f"they hold {', '.join(map(repr, names))}" if names else "they hold none"
+    if adapter_name is not None:
+        raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components ({held}): pass one "
+                             "of those, or add one with add_lorax_adapter (and pass the component, e.g. "
+                             "unet=pipe.unet)")
+    if not names:
+        raise LoraxFileError("no LoRA-X adapter on the given components: add one with add_lorax_adapter (and pass "
+                             "the component, e.g. unet=pipe.unet)")
+    if len(names) == 1:
+        return next(iter(names))
+    active = [name for name, is_active in names.items() if is_active]
+    if len(active) == 1:
+        return active[0]
+    raise LoraxFileError(f"the given components hold several LoRA-X adapters ({', '.join(map(repr, names))}) and "
+                         f"{'none' if not active else 'more than one'} of them is active: pass adapter_name=… (one "
+                         "of those)")
 
 
 def save_lorax_weights(
@@ -114,7 +169,7 @@ def save_lorax_weights(
     transformer: torch.nn.Module | None = None,
     text_encoder: torch.nn.Module | None = None,
     text_encoder_2: torch.nn.Module | None = None,
-    adapter_name: str = "default",
+    adapter_name: str | None = None,
     source: str,
     source_revision: str | None = None,
     weight_name: str | None = None,
@@ -122,7 +177,9 @@ def save_lorax_weights(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write the LoRA-X adapter ``adapter_name`` of the given components to ``save_directory/weight_name`` and
-    return the path.
+    return the path. ``adapter_name=None`` (default): the only LoRA-X adapter on the given components, or where they
+    hold several, the one that is active (``set_adapters``; on a diffusers model ``add_lorax_adapter`` activates the
+    adapter it adds).
 
     ``source``: the source base model the adapter was trained on, as a Hub repo id (``owner/name``; with
     ``source_revision``), recorded so that loaders can find it, or a local label (a path or any name: then loaders
@@ -131,13 +188,14 @@ def save_lorax_weights(
     :data:`STANDALONE_WEIGHT_NAME`. ``training``: settings to record (JSON-serialisable; shown on the Hub card).
 
     Components may use different configs (each is recorded). Raises :class:`LoraxFileError`, writing nothing, when
-    no given component has a LoRA-X adapter of that name, a layer does not follow its component's config, a core holds
-    NaN/Inf, or ``training`` is not JSON-serialisable.
+    no given component has a LoRA-X adapter of that name (or, for ``None``, when they hold none, or several with not
+    exactly one active: the message names them), a layer does not follow its component's config, a core holds NaN/Inf,
+    or ``training`` is not JSON-serialisable.
     """
     from safetensors.torch import save_file
 
     models = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    tensors, layers, configs = _collect(models, adapter_name, standalone)
+    tensors, layers, configs = _collect(models, _adapter_to_save(models, adapter_name), standalone)
     is_hub = looks_like_hub_id(source)
     meta = {"source": {"hub_id": source if is_hub else None, "revision": source_revision if is_hub else None,
                        "label": None if is_hub else str(source)},
@@ -163,7 +221,7 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
              ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, LoraXConfig]]:
     """The tensors to write (cores, or standalone ``lora_A``/``lora_B``, float32), the per-layer metadata and each
     component's config (components may use different ones, e.g. a UNet at r=4 with a full core and a text encoder at
-    r=0.5). Raises :class:`LoraxFileError` when no component has the adapter."""
+    r=0.5). ``adapter_name`` is one that :func:`lorax_adapter_names` finds."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     configs: dict[str, LoraXConfig] = {}
@@ -175,7 +233,8 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
             configs[component] = _config_of(model, adapter_name, found)
         for name, (B, core) in found.items():
             key = f"{component}.{name}"
-            layers[key] = {"r": core.r, "shape": list(core.base_shape), "fingerprint": core.fingerprint}
+            layers[key] = {"r": core.r, "shape": list(core.base_shape), "dtype": dtype_name(core.base_dtype),
+                           "fingerprint": core.fingerprint}
             delta = B.parametrizations.weight.original.detach().float()
             if standalone:
                 A = _lora_A_of(model, name, adapter_name)
@@ -183,9 +242,6 @@ def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, stand
                 tensors[f"{key}.lora_B.weight"] = core(delta.to(core.U.dtype)).detach().float().contiguous()
             else:
                 tensors[key + CORE_SUFFIX] = delta.contiguous()
-    if not layers:
-        raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components: add one with "
-                             "add_lorax_adapter (and pass the component, e.g. unet=pipe.unet)")
     return tensors, layers, configs
 
 
@@ -258,14 +314,15 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
     where = str(path) if path else "(LoRA-X state)"
     if metadata.get("format") != FORMAT:
         raise LoraxFileError(f"{where} is not a LoRA-X file (metadata format={metadata.get('format')!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise LoraxFileError(f"{where} is LoRA-X format version {metadata.get('format_version')!r}; this version of "
-                             f"diffusers-lorax reads version {FORMAT_VERSION}: upgrade diffusers-lorax")
+                             f"diffusers-lorax reads versions {', '.join(READABLE_VERSIONS)}: upgrade diffusers-lorax")
     try:
         meta = json.loads(metadata["lorax"])
         default = LoraXConfig.from_dict(meta["config"])
         configs = {name: LoraXConfig.from_dict(c) for name, c in (meta.get("components") or {}).items()}
-        layers = {key: LoraXLayerInfo(int(v["r"]), tuple(int(d) for d in v["shape"]), str(v["fingerprint"]))
+        layers = {key: LoraXLayerInfo(int(v["r"]), tuple(int(d) for d in v["shape"]), str(v["fingerprint"]),
+                                      parse_dtype(v["dtype"]) if metadata["format_version"] != "1" else None)
                   for key, v in meta["layers"].items()}
         source = {k: meta["source"].get(k) for k in ("hub_id", "revision", "label")}
         standalone = bool(meta["standalone"])
@@ -285,6 +342,19 @@ def parse_lorax(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path
     return out
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float16"`` for ``torch.float16``: how files name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The floating-point ``torch.dtype`` a file names (:func:`dtype_name`). Raises ``ValueError`` for another."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype")
+    return dtype
+
+
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     """XXH3-128 (hex) over every tensor's name, dtype, shape and bytes, in name order: what a file records so that
     a damaged or edited file is refused rather than loaded as another adapter (a checksum, not a signature)."""
@@ -292,9 +362,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
     h = xxhash.xxh3_128()
     for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
+        t = tensors[key]
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(raw_bytes(t))
     return h.hexdigest()
 
 

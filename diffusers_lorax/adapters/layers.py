@@ -10,6 +10,14 @@ The adapter is a standard PEFT LoRA of rank r per layer (so diffusers' ``set_ada
   ``Ũ`` is a non-persistent buffer;
 - ``lora_alpha = r`` per layer, so PEFT's scaling is 1 and ``ΔW = lora_B.weight @ lora_A.weight`` exactly.
 
+In a state dict the layer is a plain LoRA: a state-dict post-hook writes ``lora_B``'s entry as ``….weight`` = ``Ũ ΔΣ``
+instead of the parametrization's ``….parametrizations.weight.original`` (the core), so PEFT's
+``get_peft_model_state_dict``, diffusers' ``save_lora_adapter`` and ``pipe.save_lora_weights`` write a standard LoRA
+that plain ``load_lora_weights`` reads (scale 1: diffusers gives a file without alphas ``alpha = r`` per module). A
+load pre-hook reads such an entry back into the core (``LoraXCore.right_inverse``, least squares: exact up to float
+rounding for a ``B`` of the adapter's own form), so ``model.load_state_dict(model.state_dict())`` (e.g. accelerate's
+``save_state`` / ``load_state``) still round-trips; a file's key ``…original`` (the core itself) loads as it is.
+
 ``Ũ``, ``Ṽ`` are the top-r singular vectors of the module's own base weight (conv flattened to ``(out, in·kh·kw)``),
 from the registry (computed once per weight and cached, like a transfer's bases). The core starts at zero, so the
 model's output is unchanged until it is trained; ``requires_grad`` is set on the cores only.
@@ -33,16 +41,17 @@ class LoraXCore(nn.Module):
 
     ``U``: ``Ũ`` ``(m, r)``, canonical signs (:func:`~diffusers_lorax.adapters.bases.canonical_signs`), in the
     adapter's dtype. ``weight_shape``: ``(m, r)`` or ``(m, r, 1, 1)``. The attributes ``fingerprint`` (float32-value
-    fingerprint of the source base weight), ``weight_shape_base`` (the base weight's shape) and ``core`` are what
+    fingerprint of the source base weight), ``base_shape`` (the base weight's shape), ``base_dtype`` (the dtype the
+    base weight had when ``Ũ``, ``Ṽ`` were computed from it) and ``core`` are what
     :func:`~diffusers_lorax.save_lorax_weights` records.
     """
 
     def __init__(self, U: torch.Tensor, core: str, weight_shape: tuple[int, ...], fingerprint: str,
-                 base_shape: tuple[int, ...]):
+                 base_shape: tuple[int, ...], base_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.register_buffer("U", U, persistent=False)
         self.core, self.weight_shape = core, tuple(weight_shape)
-        self.fingerprint, self.base_shape = fingerprint, tuple(base_shape)
+        self.fingerprint, self.base_shape, self.base_dtype = fingerprint, tuple(base_shape), base_dtype
 
     @property
     def r(self) -> int:
@@ -53,7 +62,7 @@ class LoraXCore(nn.Module):
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """The core nearest to a given ``B`` (least squares): ``C = Ũᵀ B`` (full) or its diagonal."""
-        C = self.U.T @ weight.reshape(weight.shape[0], -1).to(self.U.dtype)
+        C = self.U.T @ weight.reshape(weight.shape[0], -1).to(self.U)
         return C.diagonal().clone() if self.core == "diagonal" else C
 
 
@@ -128,7 +137,7 @@ def _layer_plan(name: str, base: nn.Module, config: LoraXConfig) -> dict:
     if not torch.isfinite(W).all():
         raise SourceModelError(f"the base weight of {name} holds NaN or Inf; the base model is damaged")
     stored = fingerprint(W)
-    return dict(r=config.r_for(tuple(W.shape)), shape=tuple(W.shape), fp=stored,
+    return dict(r=config.r_for(tuple(W.shape)), shape=tuple(W.shape), dtype=W.dtype, fp=stored,
                 value_fp=value_fingerprint(W, stored))
 
 
@@ -166,6 +175,43 @@ def _constrain(wrapper: nn.Module, adapter_name: str, basis, core: str, plan: di
         lora_B.weight.zero_()
     lora_A.weight.requires_grad_(False)
     U = basis.U.to(device=lora_B.weight.device, dtype=dtype)
-    parametrize.register_parametrization(
-        lora_B, "weight", LoraXCore(U, core, tuple(lora_B.weight.shape), plan["value_fp"], plan["shape"]), unsafe=True)
+    parametrization = LoraXCore(U, core, tuple(lora_B.weight.shape), plan["value_fp"], plan["shape"], plan["dtype"])
+    parametrize.register_parametrization(lora_B, "weight", parametrization, unsafe=True)
+    lora_B.register_state_dict_post_hook(_save_as_lora)
+    _register_load_pre_hook(lora_B, _load_as_core)
     return lora_B.parametrizations.weight.original
+
+
+def _register_load_pre_hook(module: nn.Module, hook) -> None:
+    """``module.register_load_state_dict_pre_hook(hook)``, public since torch 2.5; on torch 2.4 (the lowest this
+    package supports) its private form, which takes the module as the hook's first argument likewise."""
+    register = getattr(module, "register_load_state_dict_pre_hook", None)
+    if register is not None:
+        register(hook)
+    else:
+        module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+#: The key, under a LoRA-X ``lora_B``'s prefix, of its trainable core as torch.nn.utils.parametrize names it.
+CORE_KEY = "parametrizations.weight.original"
+
+
+def _save_as_lora(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of a LoRA-X ``lora_B``: ``<prefix>weight`` = ``Ũ ΔΣ`` (detached) in place of the core."""
+    if state_dict.pop(prefix + CORE_KEY, None) is not None:
+        state_dict[prefix + "weight"] = module.weight.detach()
+
+
+def _load_as_core(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Load pre-hook of a LoRA-X ``lora_B``: a ``<prefix>weight`` ``B`` is read as its core (least squares,
+    ``LoraXCore.right_inverse``); one of another shape is reported as torch reports a size mismatch."""
+    B = state_dict.get(prefix + "weight")
+    if B is None:
+        return
+    param = module.parametrizations.weight[0]
+    if tuple(B.shape) != param.weight_shape:
+        error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(B.shape)}, the "
+                          f"shape in the current model (a LoRA-X lora_B) is {param.weight_shape}")
+        return
+    state_dict[prefix + CORE_KEY] = param.right_inverse(state_dict.pop(prefix + "weight"))

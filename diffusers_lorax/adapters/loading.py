@@ -5,8 +5,9 @@ after this step the transfer's own machinery applies unchanged: the LoRA-X trans
 2025, Eq. 3), ``ΔW_t = U_t U_tᵀ ΔW_s V_t V_tᵀ`` with ``k = r`` per layer, the subspace-similarity filter, the report
 and the registry's adapter cache. On the source itself ``U_t = Ũ_s`` and the adapter is reproduced.
 
-- A **compact** file holds only the cores: ``Ũ_s``, ``Ṽ_s`` are rebuilt from the source's weights (registry: no SVD
-  once cached), after every layer's source fingerprint has been checked against the file.
+- A **compact** file holds only the cores: ``Ũ_s``, ``Ṽ_s`` are rebuilt from the source's weights cast to the dtype
+  the adapter was built in (registry: no SVD once cached), after every layer's source fingerprint has been checked
+  against the file.
 - A **standalone** file holds ``A`` and ``B``; its source fingerprints are checked the same way (the similarity
   filter compares the source's and the target's subspaces, so the source must be the one it was trained on).
 """
@@ -29,12 +30,13 @@ from ..options import LORAX_FILE_METHOD, HubOptions, TransferRequest
 from ..registry import Registry, Transaction
 from ..report import TransferReport
 from ..weights import BaseModelWeights
-from .bases import Wanted, fetch_bases, times_core, value_fingerprint
+from .bases import Wanted, fetch_bases, fingerprints_as, times_core
 from .files import (
     COMPACT_WEIGHT_NAME,
     STANDALONE_WEIGHT_NAME,
     LoraXFile,
     digest,
+    dtype_name,
     is_lorax_metadata,
     looks_like_hub_id,
     read_lorax_file,
@@ -130,41 +132,85 @@ def lora_layers(file: LoraXFile) -> list[LoraLayer]:
             continue
         A = torch.empty((info.r, *info.shape[1:]), device="meta")
         B = torch.empty((info.shape[0], info.r, *([1, 1] if len(info.shape) == 4 else [])), device="meta")
-        identity = f"lora-x {file.config_for(key).core} r={info.r} core={digest({'core': file.core(key)})}"
+        identity = (f"lora-x {file.config_for(key).core} r={info.r} dtype={info.dtype} "
+                    f"core={digest({'core': file.core(key)})}")
         layers.append(LoraXLayer(component, module, A, B, 1.0, identity=identity, k=info.r))
     return layers
 
 
-def check_source(file: LoraXFile, source: BaseModelWeights) -> dict[str, str]:
-    """Check every layer's source fingerprint against the file; return ``layer key -> the source weight's stored
-    fingerprint`` (the registry's key for its basis).
+#: The dtypes a file without a recorded one (format version 1) may have been trained in, tried in this order per
+#: layer: the weight as stored (or upcast to float32, which is exact), else a half-precision cast of it.
+_VERSION_1_DTYPES = (None, torch.float16, torch.bfloat16)
 
-    Raises :class:`SourceMismatchError` naming the first layer (in the file's order) whose source weight is missing
-    or differs."""
-    stored = {}
+#: ``layer key -> (the registry key of its source basis, the dtype to cast the source weight to; None: as stored)``.
+SourceLayers = dict[str, tuple[str, torch.dtype | None]]
+
+
+def check_source(file: LoraXFile, source: BaseModelWeights) -> SourceLayers:
+    """Check every layer's source weight against the file: its value fingerprint, after a cast to the dtype the
+    adapter was built in (``LoraXLayerInfo.dtype``), must be the one recorded. Returns per layer the fingerprint of
+    the cast weight (the registry's key for its basis) and the dtype.
+
+    Why a cast and not the weight as given: an adapter built on a model cast to float16 (the usual GPU practice)
+    records that model's float16 weights; the float32 source they were cast from still yields them exactly (a cast
+    rounds deterministically), so any dtype that holds the trained weights is accepted, and the bases rebuilt from
+    the cast are the adapter's own (the same registry entries, bit for bit). Checksums of the bases instead would
+    tie a file to one machine's SVD (bases are not bit-reproducible across BLAS builds and thread counts), and a
+    cast the other way (to float32) cannot recover the rounded values. A file without a recorded dtype (version 1)
+    is tried as stored, then cast to float16, then to bfloat16.
+
+    Raises :class:`SourceMismatchError` naming the source, the file and the first layer (in the file's order) whose
+    source weight is missing or differs."""
+    out: SourceLayers = {}
     for key, info in file.layers.items():
         component, module = key.split(".", 1)
         try:
-            fp = source.fingerprint(component, module)
-            value = value_fingerprint(lambda: source.weight(component, module), fp)
+            stored = source.fingerprint(component, module)
         except SourceModelError as err:
-            raise SourceMismatchError(f"the source {source.label} has no weight for {key}, which the {file.describe()}"
-                                      f" adapts ({err}); pass the source base model it was trained on") from err
-        if value != info.fingerprint:
             raise SourceMismatchError(
-                f"the source {source.label} is not the base model this {file.describe()} was trained on: the weight "
-                f"of {key} differs (fingerprint {value[:12]}…, the file expects {info.fingerprint[:12]}…). Pass the "
-                "source it names (same weights, any dtype that holds them exactly), with its revision")
-        stored[key] = fp
-    return stored
+                f"the source {source.label!r} has no weight for {key}, which the LoRA-X file {_where(file)} adapts "
+                f"({err}); pass the source base model it was trained on ({_named(file)})") from err
+        differing = []
+        for dtype in (info.dtype,) if info.dtype is not None else _VERSION_1_DTYPES:
+            fp, value = fingerprints_as(_loader(source, component, module), stored, dtype)
+            if value == info.fingerprint:
+                out[key] = (fp, dtype)
+                break
+            differing.append(value)
+        else:
+            raise SourceMismatchError(_mismatch(file, source, key, differing[0], info.dtype))
+    return out
 
 
-def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, fingerprints: dict[str, str],
+def _where(file: LoraXFile) -> str:
+    return str(file.path) if file.path is not None else "(LoRA-X state)"
+
+
+def _named(file: LoraXFile) -> str:
+    """The source a file names: ``'owner/name'@revision`` or its local label."""
+    rev = f"@{file.source['revision']}" if file.source.get("revision") else ""
+    return f"{file.source.get('hub_id') or file.source.get('label')!r}{rev}"
+
+
+def _mismatch(file: LoraXFile, source: BaseModelWeights, key: str, got: str, dtype: torch.dtype | None) -> str:
+    named = file.source.get("hub_id") or file.source.get("label") or ""
+    cast = f"cast to {dtype_name(dtype)}, as the adapter was built" if dtype is not None else "as stored or cast"
+    text = (f"the source {source.label!r} is not the base model that the LoRA-X file {_where(file)} was trained on "
+            f"({_named(file)}, as the file names it): the weight of {key} differs ({cast}: fingerprint {got[:12]}…, "
+            f"the file expects {file.layers[key].fingerprint[:12]}…). ")
+    if named and (named == source.label or Path(named).resolve() == Path(source.label).resolve()):
+        return text + (f"The model at {named} has changed since the file was saved: pass the weights it was trained "
+                       "on (for a Hub repo, the revision the file names)")
+    return text + "Pass the source the file names (its weights in any dtype that holds them), with its revision"
+
+
+def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, checked: SourceLayers,
            registry: Registry, txn: Transaction, report: TransferReport) -> list[LoraLayer]:
     """Fill a compact file's placeholder layers: ``B = Ũ_s ΔΣ`` ``(m, r[, 1, 1])``, ``A = Ṽ_sᵀ``
-    ``(r, in[, kh, kw])`` float32, with ``Ũ_s``, ``Ṽ_s`` the canonical-sign top-r bases of the source weights
-    (``fingerprints`` from :func:`check_source`) from the registry or computed and staged in ``txn``. Counts them in
-    ``report.bases_cached`` / ``bases_computed``. A standalone file's layers are returned as they are."""
+    ``(r, in[, kh, kw])`` float32, with ``Ũ_s``, ``Ṽ_s`` the canonical-sign top-r bases of the source weights cast
+    to the dtype the adapter was built in (``checked``, from :func:`check_source`) from the registry or computed and
+    staged in ``txn``. Counts them in ``report.bases_cached`` / ``bases_computed``. A standalone file's layers are
+    returned as they are."""
     if file.standalone:
         return layers
     wanted: Wanted = {}
@@ -172,7 +218,8 @@ def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, f
         if layer.A.device.type != "meta":
             continue
         key = layer.peft_key
-        wanted[fingerprints[key]] = (file.layers[key].r, _loader(source, layer.component, layer.module), key)
+        fp, dtype = checked[key]
+        wanted[fp] = (file.layers[key].r, _loader(source, layer.component, layer.module, dtype), key)
     if not wanted:
         return layers  # rebuilt already
     bases, computed = fetch_bases(wanted, registry, txn)
@@ -183,15 +230,18 @@ def expand(file: LoraXFile, layers: list[LoraLayer], source: BaseModelWeights, f
         if layer.A.device.type != "meta":
             out.append(layer)
             continue
-        basis, core = bases[fingerprints[layer.peft_key]], file.core(layer.peft_key)
+        basis, core = bases[checked[layer.peft_key][0]], file.core(layer.peft_key)
         B = times_core(basis.U, core)
         out.append(dataclasses.replace(layer, A=basis.V.T.reshape(layer.A.shape).contiguous(),
                                        B=B.reshape(layer.B.shape).contiguous()))
     return out
 
 
-def _loader(source: BaseModelWeights, component: str, module: str) -> Any:
-    return lambda: source.weight(component, module)
+def _loader(source: BaseModelWeights, component: str, module: str, dtype: torch.dtype | None = None) -> Any:
+    """What reads a source weight (cast to ``dtype`` unless ``None``) when it is needed."""
+    if dtype is None:
+        return lambda: source.weight(component, module)
+    return lambda: source.weight(component, module).to(dtype)
 
 
 class LoraXInput:
@@ -204,7 +254,7 @@ class LoraXInput:
         self.file = file
         self.request, self.source_note = resolve_request(file, request)
         self.needs_registry = not file.standalone
-        self.fingerprints: dict[str, str] = {}
+        self.checked: SourceLayers = {}
 
     @classmethod
     def open(cls, request: TransferRequest) -> LoraXInput | None:
@@ -218,7 +268,7 @@ class LoraXInput:
     def check(self, source: BaseModelWeights, report: TransferReport) -> None:
         """Check the source's fingerprints (:func:`check_source`) and say in the report what the LoRA is and where
         the source came from."""
-        self.fingerprints = check_source(self.file, source)
+        self.checked = check_source(self.file, source)
         report.lora = f"{report.lora} ({self.file.describe()})"
         if hasattr(report, "lora_format"):
             report.lora_format = f"LoRA-X ({self.file.kind})"
@@ -231,4 +281,4 @@ class LoraXInput:
         (not when the registry answers the whole request); ``None`` for a standalone file."""
         if self.file.standalone:
             return None
-        return lambda layers: expand(self.file, layers, source, self.fingerprints, registry, txn, report)
+        return lambda layers: expand(self.file, layers, source, self.checked, registry, txn, report)
