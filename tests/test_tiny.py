@@ -94,19 +94,23 @@ def _patterns(keys):
     return found
 
 
+def _real_config(realcases, path):
+    config = json.loads((realcases / "configs" / path).read_text())
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
 def _full_size(realcases, family, config):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = FAMILIES[family]
-    config = json.loads((realcases / "configs" / config).read_text())
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config = _real_config(realcases, config)
     with torch.device("meta"):
         models = {"transformer": getattr(diffusers, config["_class_name"]).from_config(config)}
         if "text_encoder" in spec.adapted:
             te = json.loads((realcases / "configs" / "sd15" / "text_encoder__config.json").read_text())  # CLIP-L
             models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te.items() if k[0] != "_"}))
-    return shapes_of(spec, models)
+    return shapes_of(models)
 
 
 def _rank(keys):
@@ -137,13 +141,50 @@ def test_flux_formats_have_the_keys_and_shapes_of_real_files(realcases, stem, fm
         assert {k: ours.get(k) for k in real} == real
 
 
-@pytest.mark.parametrize("stem, fmt", [("qwen_image_lora_diffusers_format", "qwen_unprefixed"),
-                                       ("qwen_image_lora_kohya_format", "kohya_qwen")])
+@pytest.mark.parametrize("stem, fmt", [("qwen_image_lora_diffusers_format", "unprefixed_alpha"),
+                                       ("qwen_image_lora_kohya_format", "kohya_dit")])
 def test_qwen_formats_name_the_modules_of_real_files(realcases, stem, fmt):
     """Module names and their (out, in) shapes; the real kohya file stores LoKr factors, ours lora_down/lora_up."""
     real = _real_keys(realcases, stem)
     ours = lora_keys("qwen_image", fmt, rank=4,
                      shapes=_full_size(realcases, "qwen_image", "qwen_image/transformer__config.json"))
     modules = {k.rsplit(".", 1)[0].removesuffix(".lora_down").removesuffix(".lora_up") for k in real}
-    shapes = {k.split(".")[0] if fmt == "kohya_qwen" else k.rsplit(".", 2)[0]: None for k in ours}
+    shapes = {k.split(".")[0] if fmt == "kohya_dit" else k.rsplit(".", 2)[0]: None for k in ours}
     assert modules <= set(shapes)
+
+
+@pytest.mark.parametrize("family", [name for name, spec in FAMILIES.items() if spec.skip])
+def test_a_family_that_cannot_be_built_says_why(family):
+    spec = FAMILIES[family]
+    assert hasattr(__import__("diffusers"), spec.pipeline)  # the pipeline exists in this diffusers and has a mixin
+    assert any(base.__name__.endswith("LoraLoaderMixin") for base in spec.pipeline_class.__mro__)
+    with pytest.raises(RuntimeError, match="is not built: " + re.escape(spec.skip)):
+        spec.build()
+
+
+#: Config keys that set sizes (widths, depths, channels, patch, positions): the only ones the tiny configs change.
+SIZES = {"attention_head_dim", "num_attention_heads", "num_layers", "num_single_layers", "num_refiner_layers",
+         "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim", "caption_projection_dim",
+         "text_embed_dim", "text_dim", "ffn_dim", "axes_dims_rope", "rope_axes_dim", "rope_max_seq_len", "patch_size",
+         "pos_embed_max_size", "sample_size", "approximator_hidden_dim", "approximator_layers",
+         "approximator_num_channels", "dual_attention_layers"}
+
+
+@pytest.mark.parametrize("family, config", [
+    ("flux", "flux1_dev"), ("flux_kontext", "flux1_kontext_dev"), ("chroma", "chroma"), ("qwen_image", "qwen_image"),
+    ("hunyuan_video", "hunyuanvideo_t2v"), ("wan", "wan21_t2v_1.3b"), ("wan22", "wan22_t2v_a14b"),
+    ("sd3", "sd3_medium"), ("sd35", "sd35_medium")])
+def test_tiny_transformers_keep_the_architecture_of_the_real_configs(realcases, family, config):
+    import diffusers
+
+    real = _real_config(realcases, f"{config}/transformer__config.json")
+    spec = FAMILIES[family].components["transformer"]
+    assert spec.model_class == real["_class_name"]
+    with torch.device("meta"):
+        tiny = getattr(diffusers, spec.model_class)(**spec.config).config
+
+    def same(a, b):
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    changed = {k for k, v in real.items() if not k.startswith("_") and not same(v, tiny.get(k))}
+    assert changed <= SIZES, {k: (real[k], tiny.get(k)) for k in changed - SIZES}

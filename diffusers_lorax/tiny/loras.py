@@ -7,10 +7,19 @@ the original checkpoints do — a table from each file module to the diffusers m
 ``qkv`` stands for ``to_q``, ``to_k``, ``to_v``: its up factor is their outputs stacked, its down factor shared).
 The tables follow the key lists of real files in ``../shared/realcases/lora_keys`` (checked by the tests at full
 width) and diffusers' converters in ``diffusers/loaders/lora_conversion_utils.py``.
+
+Formats a family does not list are those diffusers 0.42 does not read for it, or reads only at full width:
+``.alpha`` keys beside PEFT keys outside the Flux mixin (refused: "Invalid LoRA checkpoint"; Qwen-Image's converter
+prefixes ``transformer.`` twice); BFL/ai-toolkit ``diffusion_model.double_blocks…lora_A`` keys for Flux (no converter:
+nothing is loaded, silently); fal Kontext ``base_model.model…`` and BFL Control LoRAs (their converters hard-code
+19/38 blocks and width 3072); kohya Flux and original HunyuanVideo ``single_blocks.{i}.linear1`` (split at width 3072:
+left out of those formats here); original Lumina 2 names (q/k/v split at 2304/768/768); Qwen's kohya LoKr file (not
+a LoRA).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -107,7 +116,7 @@ class Format:
     keep: Mapping[str, str] = field(default_factory=dict)
 
 
-_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "connectors")
 _PEFT_PREFIXES = {c: f"{c}." for c in _COMPONENTS}
 _KOHYA_TE = {"text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
@@ -136,10 +145,11 @@ FORMATS: dict[str, Format] = {
     "musubi": Format("musubi-tuner Wan: lora_unet_blocks_{i}_self_attn_q.lora_down.weight … with .alpha",
                      {"transformer": "lora_unet_"}, KOHYA, alpha=True, flatten=True,
                      names={"transformer": WAN_BLOCKS}),
-    "qwen_unprefixed": Format("Qwen-Image: transformer_blocks.{i}.….lora_down/lora_up.weight and .alpha, no prefix",
-                              {"transformer": ""}, KOHYA, alpha=True),
-    "kohya_qwen": Format("kohya Qwen-Image: lora_unet_transformer_blocks_{i}_attn_to_q.lora_down.weight … .alpha",
-                         {"transformer": "lora_unet_"}, KOHYA, alpha=True, flatten=True),
+    "unprefixed_alpha": Format("diffusers module names without a prefix, lora_down/lora_up.weight and .alpha "
+                               "(Qwen-Image, Z-Image)", {"transformer": ""}, KOHYA, alpha=True),
+    "kohya_dit": Format("kohya/musubi over diffusers names: lora_unet_transformer_blocks_{i}_attn_to_q.lora_down.weight"
+                        " … .alpha (Qwen-Image, Z-Image)", {"transformer": "lora_unet_"}, KOHYA, alpha=True,
+                        flatten=True),
     "diffusion_model": Format("diffusers module names under diffusion_model. (lora_A/lora_B)",
                               {"transformer": "diffusion_model."}),
     "hunyuan_original": Format("HunyuanVideo original names: diffusion_model.double_blocks.{i}.img_attn_qkv.lora_A…",
@@ -259,10 +269,11 @@ def _plan(family: str, format: str, shapes: Mapping[str, Mapping[str, torch.Size
     if format not in spec.formats:
         raise ValueError(f"diffusers does not read {format} LoRAs for {family} (it reads {', '.join(spec.formats)})")
     shapes = shapes or module_shapes(family)
+    saves = inspect.signature(spec.pipeline_class.save_lora_weights).parameters
     plan = []
     for component in spec.adapted:
-        if component not in fmt.prefixes:
-            continue
+        if component not in fmt.prefixes or fmt.metadata and f"{component}_lora_layers" not in saves:
+            continue  # a component the format does not name, or that save_lora_weights does not save
         names = (fmt.names or {}).get(component)
         keep = re.compile(fmt.keep.get(component, ".*"))
         for name, modules in _file_modules({m: s for m, s in shapes[component].items() if keep.fullmatch(m)}, names):
@@ -302,14 +313,14 @@ def module_shapes(family: str) -> dict[str, dict[str, torch.Size]]:
     if family not in _SHAPES:
         spec = FAMILIES[family]
         pipe = spec.build()
-        _SHAPES[family] = shapes_of(spec, {c: getattr(pipe, c) for c in spec.adapted})
+        _SHAPES[family] = shapes_of({c: getattr(pipe, c) for c in spec.adapted})
     return _SHAPES[family]
 
 
-def shapes_of(spec: Any, models: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, torch.Size]]:
-    """component → {module: weight shape} of the modules of ``models`` that ``spec`` (a
-    :class:`~diffusers_lorax.tiny.Family`) lets its LoRAs adapt."""
-    return {c: {name: m.weight.shape for name, m in model.named_modules() if _adaptable(m) and spec.adapts(c, name)}
+def shapes_of(models: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, torch.Size]]:
+    """component → {module: weight shape} of the modules of ``models`` (component → model) a random LoRA adapts:
+    every Linear and ungrouped Conv2d."""
+    return {c: {name: m.weight.shape for name, m in model.named_modules() if _adaptable(m)}
             for c, model in models.items()}
 
 
