@@ -8,6 +8,7 @@ adapter_name="a")`` load the same random LoRA file, and every PEFT layer's effec
 the layer's ``scaling["a"]``, conv weights flattened, float64) is compared.
 
 What is asserted, and why:
+- the pipeline lists the same adapters per component, and the same active ones;
 - the adapted modules are the same set, exactly (component and module name);
 - each layer's factors have plain's dtypes and devices;
 - float32: ``‖ΔW_cross − ΔW_plain‖_F ≤ 1e-5 ‖ΔW_plain‖_F`` per layer (the loads may fold ``s`` into a factor:
@@ -97,6 +98,8 @@ def test_cross_load_between_identical_models_equals_plain_load(pipelines, lora_f
         cross.load_lora_weights_cross(source, lora, adapter_name="a", **load_kwargs)
         expected, found = lora_layers(plain, components), lora_layers(cross, components)
         assert expected, "plain load_lora_weights adapted nothing"
+        assert cross.get_list_adapters() == plain.get_list_adapters()
+        assert cross.get_active_adapters() == plain.get_active_adapters()
         assert found.keys() == expected.keys(), (
             f"adapted modules differ: only plain {sorted(expected.keys() - found.keys())[:3]}…, only cross "
             f"{sorted(found.keys() - expected.keys())[:3]}…")

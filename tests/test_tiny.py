@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusers_lorax.tiny import FAMILIES
-from diffusers_lorax.tiny.loras import FORMATS, lora_keys, random_lora, save_random_lora, shapes_of
+from diffusers_lorax.tiny.loras import FORMATS, adapted_modules, lora_keys, random_lora, save_random_lora, shapes_of
 
 BUILT = [name for name, spec in FAMILIES.items() if not spec.skip]
 
@@ -46,17 +46,11 @@ def test_plain_load_lora_weights_adapts_exactly_the_modules_the_file_names(famil
     path = save_random_lora(tmp_path, family, fmt)
     pipe = spec.build()
     pipe.load_lora_weights(str(path), adapter_name="a")
-    named = {(c, m) for _, c, modules, _, _ in _plan_rows(family, fmt) for m in modules}
+    named = adapted_modules(family, fmt)
     assert named and _adapted(pipe, spec.components) == named
     if not FORMATS[fmt].metadata:
         sd = random_lora(family, fmt)
         assert {k: tuple(v.shape) for k, v in sd.items()} == lora_keys(family, fmt)
-
-
-def _plan_rows(family, fmt):
-    from diffusers_lorax.tiny.loras import _plan
-
-    return _plan(family, fmt)
 
 
 def test_metadata_format_carries_lora_alpha_and_the_alpha_pattern(tmp_path):

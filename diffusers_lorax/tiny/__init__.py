@@ -205,7 +205,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             ("peft", "metadata", "unprefixed_alpha", "kohya_dit", "diffusion_model")),
     _family("flux2", "Flux2Pipeline", diffusers_model(
         "Flux2Transformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4)),
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4)),
             ("peft", "metadata")),
     _family("skyreels_v2", "SkyReelsV2Pipeline", diffusers_model("SkyReelsV2Transformer3DModel", **WAN),
             ("peft", "metadata", "wan_original", "musubi")),

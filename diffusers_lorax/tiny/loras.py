@@ -168,7 +168,6 @@ class FileLayer:
     A: torch.Tensor
     B: torch.Tensor
     alpha: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def random_lora(family: str, format: str, rank: int = 4, seed: int = 0, alphas: float | Sequence[float] | None = None,
@@ -176,12 +175,13 @@ def random_lora(family: str, format: str, rank: int = 4, seed: int = 0, alphas: 
     """A random LoRA for the tiny pipeline of ``family`` in ``format`` (a key of :data:`FORMATS` listed in the
     family's ``formats``), as the state dict its file holds.
 
-    Every Linear/Conv2d module of the family's adapted components gets ``A`` ``(rank, in[, kh, kw])`` and ``B``
-    ``(out, rank[, 1, 1])`` with standard normal entries scaled by ``1/√in`` and ``1/√rank`` (from ``seed``), in
-    ``dtype``. ``alphas``: one alpha for every module, or a sequence cycled over the file's modules in order;
-    default ``0.75 · rank``: not the rank (so a lost alpha shows) and a scale ``alpha / rank`` that is not a power
-    of two (so folding it into a factor rounds). Used where the format has alphas.
-    For a ``metadata`` format the alphas are in the metadata that :func:`save_random_lora` writes, not in this
+    Every module the format can name (each Linear and ungrouped Conv2d of the family's adapted components, or each
+    entry of its names table) gets ``A`` ``(rank, in[, kh, kw])`` and ``B`` ``(out, rank[, 1, 1])`` — ``out``
+    summed over the modules a fused entry stands for — with standard normal entries scaled by ``1/√in`` and
+    ``1/√rank`` (from ``seed``), in ``dtype``. ``alphas``: one alpha for every module, or a sequence cycled over
+    the file's modules in order; default ``0.75 · rank``: not the rank (so a lost alpha shows) and a scale
+    ``alpha / rank`` that is not a power of two (so folding it into a factor rounds). Used where the format has
+    alphas. For a ``metadata`` format the alphas are in the metadata that :func:`save_random_lora` writes, not in this
     dict. Raises ``KeyError`` for an unknown family or format, ``ValueError`` for a format the family does not list.
     """
     return _state_dict(_layers(family, format, rank, seed, alphas, dtype), FORMATS[format])
@@ -247,6 +247,12 @@ def lora_keys(family: str, format: str, rank: int = 4,
         if fmt.alpha:
             keys[f"{name}.alpha"] = ()
     return keys
+
+
+def adapted_modules(family: str, format: str) -> set[tuple[str, str]]:
+    """``(component, module)`` of every diffusers module that a :func:`random_lora` file of ``format`` adapts once
+    loaded (a fused file module adapts each module it stands for)."""
+    return {(component, m) for _, component, modules, _, _ in _plan(family, format) for m in modules}
 
 
 def _layers(family: str, format: str, rank: int, seed: int, alphas: float | Sequence[float] | None,
