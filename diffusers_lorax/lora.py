@@ -206,7 +206,9 @@ def _component_layers(
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
-    is_denoiser = component in DENOISERS
+    # a text encoder is a transformers model, loaded by _load_lora_into_text_encoder; every other component (the
+    # denoisers, LTX-2's connectors) is a diffusers model, loaded by its load_lora_adapter
+    is_denoiser = not component.startswith("text_encoder")
     # The converters only rewrite keys, so running them on {key: key} yields each PEFT key's original key, which is
     # what network_alphas are keyed by.
     try:

@@ -18,8 +18,8 @@ LAYERS = {
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection", "injection", "snapshot"],
-    4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "quality", "quality.data", "quality.classifiers",
-        "quality.evaluate"],
+    4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality", "quality.data",
+        "quality.classifiers", "quality.evaluate"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 
