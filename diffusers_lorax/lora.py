@@ -126,6 +126,8 @@ def layers_of(pipeline_cls: type, normalised: Normalised, adapter_metadata: dict
     try:
         state_dict, network_alphas = lora_state_dict(pipeline_cls, dict(normalised.state_dict), unet_config)
     except Exception as err:  # diffusers raises ValueError/KeyError for keys it cannot convert
+        if normalised.format == "kohya":  # only where diffusers fails: its families read more than kohya's layout
+            formats.kohya.check_layout(list(normalised.state_dict), where)
         raise InvalidLoraError(f"diffusers could not read the LoRA {where} ({normalised.format} keys): "
                                f"{type(err).__name__}: {err}") from err
     metadata = adapter_metadata if normalised.native else None

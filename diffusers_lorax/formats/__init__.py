@@ -5,7 +5,7 @@ forward.
 | format | read as |
 |---|---|
 | PEFT / diffusers / old attention processors / kohya-A1111 (``lora_unet_…``) / LyCORIS LoCon | by diffusers, unchanged |
-| kohya names in another key layout (``kohya.py``) | refused (:class:`InvalidLoraError`, the first key and the layout expected) |
+| kohya names in another key layout (``kohya.py``), where diffusers cannot read them | refused (:class:`InvalidLoraError`, the first key and the layout expected) |
 | LyCORIS LoHa, LoKr, LoCon with Tucker core, full (``lycoris.py``) | ΔW from ``lycoris-lora``, truncated SVD to LoRA |
 | cloneofsimo ``lora_diffusion`` safetensors (``lora_diffusion.py``) | module order reproduced, PEFT keys |
 | legacy ``lora_diffusion`` ``.pt`` lists, LyCORIS IA³/OFT/BOFT/GLoRA/T-LoRA, DoRA | refused (:class:`UnsupportedFormatError`) |
@@ -67,8 +67,7 @@ def normalise(state_dict: Any, metadata: dict[str, str] | None = None, *, where:
     ΔW computation, ``tolerance`` is the re-factorisation's relative Frobenius error).
 
     Raises :class:`~diffusers_lorax.errors.UnsupportedFormatError` for a format that is recognised but cannot be
-    read (naming it and the way forward), :class:`InvalidLoraError` for a damaged one (kohya names in another key
-    layout than kohya's: the first such key and the layout expected)."""
+    read (naming it and the way forward), :class:`InvalidLoraError` for a damaged one."""
     fmt = detect(state_dict, metadata)
     if fmt == "lora_diffusion .pt (legacy)":
         raise lora_diffusion.refuse_legacy_list(list(state_dict), where)
@@ -81,6 +80,4 @@ def normalise(state_dict: Any, metadata: dict[str, str] | None = None, *, where:
         return lora_diffusion.normalise(state_dict, metadata, where, unet_config=unet_config)
     if fmt == "LyCORIS":
         return lycoris.normalise(state_dict, where, stub=stub, tolerance=tolerance)
-    if fmt == "kohya":
-        kohya.check_layout(list(state_dict), where)
     return Normalised(dict(state_dict), fmt)

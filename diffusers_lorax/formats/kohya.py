@@ -1,4 +1,4 @@
-"""kohya / A1111 key layout, checked before diffusers converts it.
+"""kohya / A1111 key layout, checked where diffusers could not convert a kohya-named LoRA (to say why).
 
 diffusers reads a kohya LoRA as ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an optional
 ``<name>.alpha`` (``<name>.dora_scale`` for DoRA), ``<name>`` being ``lora_unet_``/``lora_te_``/``lora_te1_``/
