@@ -121,10 +121,10 @@ def checked_bytes(path: Path, checksum: str) -> bytes | None:
     return data if xxhash.xxh3_128(data).hexdigest() == checksum else None
 
 
-#: Blobs whose checksum held, by (resolved path, size, mtime in ns, checksum): within a process a blob that has not
+#: Blobs whose checksum held, by (device, inode, size, mtime in ns, checksum): within a process a blob that has not
 #: changed is not hashed again (blobs are written once, under a name that holds their checksum, and replaced only by
 #: an atomic rename), as source files are not re-fingerprinted (``weights.py``).
-_VERIFIED: set[tuple[str, int, int, str]] = set()
+_VERIFIED: set[tuple[int, int, int, int, str]] = set()
 
 
 def checked_file(path: Path, checksum: str) -> bool:
@@ -136,7 +136,7 @@ def checked_file(path: Path, checksum: str) -> bool:
     try:
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
-            identity = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, checksum)
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, checksum)
             if identity in _VERIFIED:
                 return True
             if stat.st_size == 0:
