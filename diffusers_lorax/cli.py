@@ -184,7 +184,9 @@ def registry_command(args: argparse.Namespace) -> int:
     elif args.action == "verify":
         found = registry.verify()
         for key in found.bad:
-            print(f"bad: {key} (blob missing or fails its checksum)")
+            why = (f"its blob path {found.unsafe[key]!r} is not a blob of this registry: not opened"
+                   if key in found.unsafe else "blob missing or fails its checksum")
+            print(f"bad: {key} ({why})")
         print(f"checked {found.checked} entries: {len(found.bad)} bad, {len(found.orphans)} orphan blobs, "
               f"{len(found.leftovers)} leftovers of interrupted writes")
         return 0 if found.ok else 1

@@ -4,6 +4,7 @@ checksums, schema versions, housekeeping, least-recently-used eviction, concurre
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import time
@@ -108,8 +109,6 @@ def test_a_changed_blob_fails_its_checksum_is_dropped_and_recomputed(make_regist
 
 
 def test_engine_is_reused_while_the_database_file_is_the_same(tmp_path, monkeypatch):
-    import shutil
-
     from diffusers_lorax.registry import database
 
     first = Registry(tmp_path / "r")  # creates the database file
@@ -395,3 +394,202 @@ def test_sigkill_during_writes_never_leaves_a_bad_registry(tmp_path, registry_ur
         reg.engine.dispose()
     stats = Registry(directory, url=registry_url).stats()
     assert stats["bases"] >= 20 and stats["bases"] == stats["adapters"] == stats["similarities"]
+
+
+# -- blob paths read from the database stay inside the blob directory --------------------------------------------------
+def _rewrite(reg, table, key, **values):
+    """Change a stored row as anyone who can write to the database can."""
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from diffusers_lorax.registry.database import key_column
+
+    with Session(reg.engine) as session, session.begin():
+        assert session.execute(update(table).where(key_column(table) == key).values(**values)).rowcount == 1
+
+
+def _plant_damaged_rows(reg, root, outside):
+    """Store bases and an adapter, then point their rows at paths outside the blob directory or at no blob of theirs:
+    an absolute path, a ``../`` path, a valid name that is a symbolic link to a file outside (with that file's true
+    checksum: a basis one could read), a valid name under a linked folder, a file of the registry directory that is
+    not a blob, another row's blob, and an adapter's absolute path. Returns the damaged rows' keys with the path each
+    holds, their keys by case, the key and basis of the row whose blob ``other_row`` names, and the files (with their
+    bytes) that must stay as they are."""
+    import xxhash
+    from safetensors.torch import save_file
+
+    from diffusers_lorax.registry.blobs import blob_path
+    from diffusers_lorax.registry.database import AdapterRow, BasisRow
+
+    outside.mkdir()
+    victim, victim_basis = basis_of((8, 8), 4, seed=100)
+    put_bases(reg, {victim: victim_basis})
+    [victim_blob] = [p.relative_to(root).as_posix() for p in (root / "bases").rglob("*.safetensors")]
+    (outside / "folder").mkdir()
+    linked = outside / "linked.safetensors"
+    eye = torch.eye(8)[:, :4].contiguous()
+    save_file({"U": eye, "S": torch.ones(4), "V": eye.clone()}, linked)
+    linked_sum = xxhash.xxh3_128(linked.read_bytes()).hexdigest()
+    keys = {name: prefix * 16 for name, prefix in (("absolute", "a1"), ("dotdot", "b2"), ("link", "c3"),
+                                                   ("folder", "d4"), ("not_a_blob", "e5"), ("other_row", "f6"))}
+    assert victim[:2] not in {key[:2] for key in keys.values()}
+    damaged = {
+        "absolute": (str(outside / "absolute.txt"), "0" * 32),
+        "dotdot": (f"../{outside.name}/dotdot.txt", "0" * 32),
+        "link": (blob_path("bases", keys["link"], linked_sum), linked_sum),
+        "folder": (blob_path("bases", keys["folder"], "1" * 32), "1" * 32),
+        "not_a_blob": ("notes.txt", "0" * 32),
+        "other_row": (victim_blob, "0" * 32),
+    }
+    (outside / "absolute.txt").write_text("absolute")
+    (outside / "dotdot.txt").write_text("dotdot")
+    (outside / "folder" / damaged["folder"][0].rsplit("/", 1)[1]).write_text("in a linked folder")
+    (root / "notes.txt").write_text("a file of the registry directory that is no blob")
+    for seed, (name, (blob, checksum)) in enumerate(damaged.items()):
+        fp, basis = basis_of((8, 8), 4, seed)
+        put_bases(reg, {fp: basis})
+        _rewrite(reg, BasisRow, fp, fingerprint=keys[name], blob=blob, checksum=checksum)
+    (root / damaged["link"][0]).parent.mkdir(parents=True, exist_ok=True)
+    (root / damaged["link"][0]).symlink_to(linked)
+    (root / "bases" / keys["folder"][:2]).symlink_to(outside / "folder", target_is_directory=True)
+    adapter = "ad" * 16
+    with reg.begin() as txn:
+        txn.stage_adapter(adapter, {"x.lora_A.weight": torch.ones(2, 2)}, {})
+    _rewrite(reg, AdapterRow, adapter, blob=str(outside / "adapter.txt"), checksum="0" * 32)
+    (outside / "adapter.txt").write_text("adapter")
+    held = {keys[name]: blob for name, (blob, _) in damaged.items()} | {adapter: str(outside / "adapter.txt")}
+    keep = {p: p.read_bytes() for p in [*outside.rglob("*.*"), root / "notes.txt"]}
+    assert len(keep) == 6
+    return held, keys | {"adapter": adapter}, (victim, victim_basis), keep
+
+
+@pytest.mark.parametrize("operation", ["verify", "prune", "read", "evict", "clear"])
+def test_blob_paths_from_the_database_never_leave_the_blob_directory(make_registry, tmp_path, caplog, capsys,
+                                                                     operation):
+    """Rows naming an absolute path, a ``../`` path, a link out of the directory, a file that is not a blob or another
+    row's blob are damaged rows: verify reports them (``unsafe``), prune and a read drop them, evict and clear delete
+    them, and no file they name is opened or removed: every file outside, and the file of the registry directory that
+    is not a blob, keeps its bytes; the row whose blob a damaged row named still serves its basis."""
+    reg, root = make_registry(), tmp_path / "registry"
+    damaged, keys, (victim, victim_basis), keep = _plant_damaged_rows(reg, root, tmp_path / "outside")
+    link, folder = root / damaged[keys["link"]], root / "bases" / keys["folder"][:2]
+    if operation == "verify":
+        found = reg.verify()
+    elif operation == "prune":
+        pruned = reg.prune(older_than=0)
+    elif operation == "read":
+        stored = reg.find_bases(damaged, 4)
+        read = [reg.load_basis(ref, 4) for ref in stored.values()] + [reg.get_adapter(keys["adapter"])]
+    elif operation == "evict":
+        with reg.lock:
+            evicted = reg.evict(0)
+    else:
+        reg.clear()
+    assert {p: p.read_bytes() for p in keep if p.exists()} == keep  # first of all
+    stats = reg.stats()
+    if operation == "verify":
+        assert sorted(found.bad) == sorted(damaged) and found.unsafe == damaged and found.bad_blobs == []
+        assert {link, folder} <= set(found.orphans)  # links are garbage: prune removes the link, not its target
+        assert stats["bases"] == 7 and stats["adapters"] == 1  # verify changes nothing
+        args = ["registry", "verify", "--registry", str(root), "--url", reg.url]
+        assert cli.main(args) == 1 and capsys.readouterr().out.count("is not a blob of this registry: not opened") == 7
+    elif operation == "prune":
+        assert pruned["bad"] == 7 and reg.verify().ok and stats["bases"] == 1 and stats["adapters"] == 0
+        assert not link.is_symlink() and not folder.is_symlink()
+    elif operation == "read":
+        assert sorted(stored) == sorted(k for k in damaged if k != keys["adapter"]) and read == [None] * 7
+        assert caplog.text.count("which is not a blob of this registry") == 7
+        assert stats["bases"] == 1 and stats["adapters"] == 0  # dropped, as a damaged row is
+    elif operation == "evict":
+        assert evicted == 8 and stats["bases"] == stats["adapters"] == 0
+    else:
+        assert stats["bases"] == stats["adapters"] == 0 and not (root / "bases").exists()
+    if operation in ("verify", "prune", "read"):
+        assert torch.equal(get_bases(reg, [victim], 4)[victim].U, victim_basis.U)
+
+
+def test_prune_and_clear_remove_links_in_the_blob_directory_not_what_they_point_to(make_registry, tmp_path):
+    """``adapters`` and ``staging`` replaced by links to folders outside, ``bases/ee`` a link to a folder, with old
+    files there: prune lists each link as garbage and removes the link only; clear too."""
+    reg, root = make_registry(), tmp_path / "registry"
+    store_bases(reg, 1, (8, 8), 4)
+    outside = tmp_path / "outside"
+    for name in ("adapters", "staging", "ee"):
+        (outside / name).mkdir(parents=True)
+        (outside / name / "old.safetensors").write_text(name)
+        os.utime(outside / name / "old.safetensors", (0, 0))
+    (root / "adapters").symlink_to(outside / "adapters", target_is_directory=True)
+    shutil.rmtree(root / "staging", ignore_errors=True)
+    (root / "staging").symlink_to(outside / "staging", target_is_directory=True)
+    (root / "bases" / "ee").symlink_to(outside / "ee", target_is_directory=True)
+    links = [root / "adapters", root / "staging", root / "bases" / "ee"]
+    for link in links:
+        os.utime(link, (0, 0), follow_symlinks=False)
+    found, pruned = reg.verify(), reg.prune(older_than=60)
+    assert sorted(p.read_text() for p in outside.rglob("*.safetensors")) == ["adapters", "ee", "staging"]
+    assert found.ok and found.orphans == [root / "bases" / "ee", root / "adapters"]
+    assert found.leftovers == [root / "staging"] and pruned == {"bad": 0, "garbage": 3, "evicted": 0}
+    assert not any(link.is_symlink() for link in links) and reg.verify().ok and reg.stats()["bases"] == 1
+    for name in ("adapters", "staging"):
+        (root / name).symlink_to(outside / name, target_is_directory=True)
+    reg.clear()
+    assert not any(link.is_symlink() for link in links) and reg.stats()["bases"] == 0
+    assert sorted(p.read_text() for p in outside.rglob("*.safetensors")) == ["adapters", "ee", "staging"]
+
+
+def test_a_store_id_file_that_holds_no_id_is_refused(tmp_path):
+    Registry(tmp_path)
+    assert len((tmp_path / "store-id").read_text().strip()) == 32
+    (tmp_path / "store-id").write_text("../../etc")
+    with pytest.raises(RegistryError, match="does not hold a blob store id .* delete it"):
+        Registry(tmp_path)
+    assert (tmp_path / "store-id").read_text() == "../../etc"
+
+
+# -- a database shared by clients whose blob directories differ ----------------------------------------------------
+@pytest.fixture
+def shared_url(tmp_path, registry_url):
+    """A database two registries share: one SQLite file outside both blob directories, or the PostgreSQL one."""
+    return registry_url or f"sqlite:///{tmp_path / 'shared.sqlite'}"
+
+
+def test_clients_with_their_own_blob_directories_keep_each_others_rows(tmp_path, shared_url, caplog):
+    """Two clients of one database with different blob directories: what one stored is a miss for the other (its
+    directory lacks the blob), never dropped by the other's reads, verify, prune or eviction; each then stores its
+    own copy; similarities, which need no blob, are shared."""
+    a, b = Registry(tmp_path / "a", url=shared_url), Registry(tmp_path / "b", url=shared_url)
+    fp, basis = basis_of((8, 8), 4)
+    put_bases(a, {fp: basis})
+    with a.begin() as txn:
+        txn.stage_adapter("ab" * 16, {"x.lora_A.weight": basis.U.T.contiguous()}, {})
+    put_similarities(a, {(fp, fp, 4): (1.0, 1.0)})
+    assert get_bases(b, [fp], 4) == {} and b.get_adapter("ab" * 16) is None  # a miss for b ...
+    assert b.get_similarities([(fp, fp, 4)]) == {(fp, fp, 4): (1.0, 1.0)}
+    assert b.verify().ok and b.verify().checked == 0
+    assert b.prune(max_bytes=0, older_than=0) == {"bad": 0, "garbage": 0, "evicted": 0}
+    assert torch.equal(get_bases(a, [fp], 4)[fp].U, basis.U) and a.get_adapter("ab" * 16) is not None  # ... kept for a
+    assert "missing" not in caplog.text and a.verify().ok and a.stats()["bases"] == 1
+    put_bases(b, {fp: basis})  # b recomputed it: stored in its own directory, a's row untouched
+    assert torch.equal(get_bases(b, [fp], 4)[fp].U, basis.U) and torch.equal(get_bases(a, [fp], 4)[fp].U, basis.U)
+    assert a.stats()["bases"] == b.stats()["bases"] == 1 and a.verify().ok and b.verify().ok
+    with b.lock:
+        assert b.evict(0) == 1  # b's cap covers b's blobs
+    assert torch.equal(get_bases(a, [fp], 4)[fp].U, basis.U) and a.stats()["blob_bytes"] > 0 == b.stats()["blob_bytes"]
+    assert a.store != b.store and Registry(tmp_path / "a", url=shared_url).store == a.store  # a store per directory
+
+
+def test_a_transfer_on_a_shared_database_recomputes_what_its_blob_directory_lacks(folders, tmp_path, shared_url):
+    """End to end: a client whose blob directory differs computes the bases once (similarities come from the shared
+    database), then serves its own; the first client's cached adapter still serves it; the results are identical."""
+    a, b = Registry(tmp_path / "a", url=shared_url), Registry(tmp_path / "b", url=shared_url)
+    args = (folders["source"], folders["target"], folders["lora"])
+    first, report_a = transfer_lora(*args, method="prolora", registry=a)
+    got, report_b = transfer_lora(*args, method="prolora", registry=b)
+    n = len(first) // 2
+    assert report_a.bases_computed == report_b.bases_computed == 2 * n and not report_b.adapter_cached
+    assert report_b.similarities_cached == n
+    again, report_b = transfer_lora(*args, method="prolora", registry=b)
+    assert report_b.adapter_cached and report_b.bases_computed == 0
+    _, report_a = transfer_lora(*args, method="prolora", registry=a)
+    assert report_a.adapter_cached and a.verify().ok and b.verify().ok and a.stats()["bases"] == 2 * n
+    assert first.keys() == got.keys() == again.keys() and all(torch.equal(first[k], got[k]) for k in first)

@@ -5,14 +5,19 @@ Layout under the registry directory::
     bases/<fp[:2]>/<fp>-<sum[:16]>.safetensors       U (m, k), S (k,), V (n, k), float32, per weight fingerprint
     adapters/<key[:2]>/<key>-<sum[:16]>.safetensors  a transferred adapter (PEFT keys) and its per-layer report
     staging/<random>/                                blobs of a transfer in progress, moved into place on commit
+    store-id                                         the blob store's id (32 random hex digits), written on first use
 
 A blob is written to a temporary file, fsynced and renamed, so a path is either absent or complete; its name carries
-its XXH3-128 checksum, so a blob is never replaced under a reader. Names come from hashes only.
+its XXH3-128 checksum, so a blob is never replaced under a reader. Names come from hashes only, and a path read from
+the database is followed only when it is the name this module gives that row (:func:`blob_file`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,15 +26,72 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import RegistryError
 from ..subspace import Basis
 
 #: The sub-directories that hold blobs.
 BLOB_DIRS = ("bases", "adapters", "staging")
+#: The file naming the blob store in its directory.
+STORE_ID = "store-id"
+#: A key (weight fingerprint, request key), checksum or store id: 32 hex digits (XXH3-128, or random).
+HASH = re.compile(r"[0-9a-f]{32}")
 
 
 def blob_path(kind: str, key: str, checksum: str) -> str:
     """The path of a blob relative to the registry directory (``kind`` is ``"bases"`` or ``"adapters"``)."""
     return f"{kind}/{key[:2]}/{key}-{checksum[:16]}.safetensors"
+
+
+def blob_file(directory: Path, kind: str, key: str, checksum: str, blob: str) -> Path | None:
+    """The file of a row's ``blob`` (read from the database), or ``None`` when the row is damaged: ``blob`` is not
+    the :func:`blob_path` of its key and checksum (an absolute path, ``..``, another row's blob, any other name), or
+    a part of it is a symbolic link (which could lead out of ``directory / kind``). A ``None`` path is never opened
+    or removed."""
+    if not (HASH.fullmatch(key) and HASH.fullmatch(checksum)) or blob != blob_path(kind, key, checksum):
+        return None
+    path = directory / blob
+    # The name is ``kind/xx/file`` in hex digits, so without a link among these three the resolved path lies inside
+    # ``directory / kind`` (an lstat each: a quarter of the cost of resolving every component of the path).
+    return None if any(os.path.islink(p) for p in (path.parent.parent, path.parent, path)) else path
+
+
+def store_id(directory: Path) -> str:
+    """The id of the blob store in ``directory`` (its ``store-id`` file), created on first use: 32 random hex digits
+    that every client of this directory (a shared mount, under any path) reads alike. Call under the registry lock.
+    Raises :class:`RegistryError` when the file holds something else."""
+    path = directory / STORE_ID
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = secrets.token_hex(16)
+        tmp = path.with_name(f"{STORE_ID}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value
+    if not HASH.fullmatch(value):
+        raise RegistryError(f"{path} does not hold a blob store id (32 hex digits): delete it, and the entries of "
+                            f"this blob directory are recomputed when next needed")
+    return value
+
+
+def remove(path: Path) -> None:
+    """Remove a file, a directory tree, or a symbolic link (the link itself, never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def stored_files(top: Path) -> list[Path]:
+    """The files under ``top``, sorted, without following a symbolic link: a link (to a file or a directory, or
+    ``top`` itself) is listed as one entry, so that removing it removes the link only."""
+    if top.is_symlink():
+        return [top]
+    out = []
+    for folder, dirs, files in os.walk(top):  # followlinks=False: a linked directory is listed, not entered
+        out += [Path(folder, name) for name in files]
+        out += [Path(folder, name) for name in dirs if Path(folder, name).is_symlink()]
+    return sorted(out)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
@@ -59,10 +121,10 @@ def checked_bytes(path: Path, checksum: str) -> bytes | None:
     return data if xxhash.xxh3_128(data).hexdigest() == checksum else None
 
 
-#: Blobs whose checksum held, by (resolved path, size, mtime in ns, checksum): within a process a blob that has not
+#: Blobs whose checksum held, by (device, inode, size, mtime in ns, checksum): within a process a blob that has not
 #: changed is not hashed again (blobs are written once, under a name that holds their checksum, and replaced only by
 #: an atomic rename), as source files are not re-fingerprinted (``weights.py``).
-_VERIFIED: set[tuple[str, int, int, str]] = set()
+_VERIFIED: set[tuple[int, int, int, int, str]] = set()
 
 
 def checked_file(path: Path, checksum: str) -> bool:
@@ -74,7 +136,7 @@ def checked_file(path: Path, checksum: str) -> bool:
     try:
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
-            identity = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, checksum)
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, checksum)
             if identity in _VERIFIED:
                 return True
             if stat.st_size == 0:
@@ -105,7 +167,8 @@ def metadata(path: Path) -> dict[str, str]:
 
 
 def mtime(path: Path) -> float:
+    """Modification time (epoch s) of ``path``, of a symbolic link itself; 0 when absent."""
     try:
-        return path.stat().st_mtime
+        return path.lstat().st_mtime
     except FileNotFoundError:
         return 0.0

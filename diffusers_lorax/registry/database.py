@@ -22,7 +22,7 @@ logger = logging.get_logger(__name__)
 
 #: 3: columns named ``k`` (singular vectors), adapter keys independent of layer order. A registry of another version
 #: is rebuilt empty (it is a cache), with a warning.
-SCHEMA_VERSION = 4  # 4: calibrations and correspondences tables
+SCHEMA_VERSION = 5  # 4: calibrations and correspondences tables; 5: the blob store of each basis and adapter
 
 
 class Base(DeclarativeBase):
@@ -30,9 +30,11 @@ class Base(DeclarativeBase):
 
 
 class BlobColumns:
-    """The columns of a row that owns one blob file: its path, XXH3-128 checksum, size, creation and last use (epoch
-    seconds, for least-recently-used eviction)."""
+    """The columns of a row that owns one blob file: the blob store (directory) holding it, its path in that directory,
+    XXH3-128 checksum, size, creation and last use (epoch seconds, for least-recently-used eviction). A row belongs to
+    its store: clients of a shared database whose blob directories differ each keep (and drop) their own rows."""
 
+    store: Mapped[str] = mapped_column(String(32), primary_key=True)
     blob: Mapped[str] = mapped_column(String(120))
     checksum: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(Integer)
@@ -103,8 +105,8 @@ BLOB_TABLES: tuple[type[Base], ...] = (BasisRow, AdapterRow)
 
 
 def key_column(table: type[Base]):
-    """The primary-key column of a blob table (fingerprint or request key)."""
-    return inspect(table).primary_key[0]
+    """The key column of a blob table (fingerprint or request key): its primary key besides the store."""
+    return next(column for column in inspect(table).primary_key if column.name != "store")
 
 
 #: Engines by URL, with the identity of the SQLite file they were opened on (``None`` for a server): a registry opened

@@ -28,9 +28,9 @@ from sqlalchemy.orm import Session
 
 from ..errors import RegistryError
 from ..subspace import Basis
-from .blobs import checked_file, metadata, truncated
-from .database import (AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, connect, ensure_schema, error_message, redact,
-                       sqlite_url)
+from .blobs import checked_file, metadata, store_id, truncated
+from .database import (AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, connect, ensure_schema,
+                       error_message, key_column, redact, sqlite_url)
 from .maintenance import RegistryMaintenance
 from .transaction import Similarities, Transaction
 
@@ -65,6 +65,10 @@ class StoredBasis:
 class Registry(RegistryMaintenance):
     """Bases, similarities and transferred adapters: tables in SQLite or a database URL, blobs in a directory.
 
+    The directory is a blob store with an id (its ``store-id`` file, :attr:`store`); a database shared by clients of
+    different blob directories holds each store's bases and adapters apart (a client neither sees nor drops another
+    store's, and recomputes what its own lacks), and shares similarities, calibrations and correspondences.
+
     Args:
         directory: blob store (and SQLite database when there is no ``url``); default ``$LORAX_CACHE_DIR`` or the
             user cache dir.
@@ -87,6 +91,7 @@ class Registry(RegistryMaintenance):
             self.lock = FileLock(str(self.directory / "registry.lock"))
             self.engine = connect(self.url)
             with self.lock:
+                self.store = store_id(self.directory)
                 ensure_schema(self.engine, self.location, self.remove_blobs)
         except (OSError, DatabaseError, SQLAlchemyError, ArgumentError, ImportError) as err:
             raise RegistryError(f"cannot open the registry at {self.location}: {error_message(err, self.url)}") from err
@@ -111,15 +116,17 @@ class Registry(RegistryMaintenance):
         if not fps:
             return {}
         with Session(self.engine) as session:
-            rows = session.scalars(select(BasisRow).where(BasisRow.fingerprint.in_(fps), BasisRow.k >= k)).all()
-            found = {row.fingerprint: StoredBasis(row.fingerprint, row.blob, row.checksum) for row in rows}
-        self._touch(BasisRow, BasisRow.fingerprint, list(found))
+            query = select(BasisRow).where(self.mine(BasisRow, BasisRow.fingerprint.in_(fps), BasisRow.k >= k))
+            found = {row.fingerprint: StoredBasis(row.fingerprint, row.blob, row.checksum)
+                     for row in session.scalars(query)}
+        if found:
+            self._touch(BasisRow, self.mine(BasisRow, BasisRow.fingerprint.in_(list(found))))
         return found
 
     def load_basis(self, stored: StoredBasis, k: int) -> Basis | None:
-        """The first ``k`` vectors of a stored basis, or ``None`` when its blob is missing or fails its checksum (the
-        entry is then dropped and a warning logged, so that the basis is recomputed)."""
-        path = self._read(BasisRow, BasisRow.fingerprint == stored.fingerprint, stored.blob, stored.checksum)
+        """The first ``k`` vectors of a stored basis, or ``None`` when its blob is missing, fails its checksum or is not
+        a blob of this registry (the entry is then dropped and a warning logged, so that the basis is recomputed)."""
+        path = self._read(BasisRow, stored.fingerprint, stored.blob, stored.checksum)
         return None if path is None else truncated(load_file(str(path)), k)
 
     def get_similarities(self, pairs: Iterable[tuple[str, str, int]]) -> Similarities:
@@ -134,16 +141,16 @@ class Registry(RegistryMaintenance):
 
     def get_adapter(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """A stored transferred adapter ``(state_dict, info)`` for a request key, or ``None`` (also when its blob is
-        missing or fails its checksum; the entry is then dropped)."""
+        missing, fails its checksum or is not a blob of this registry; the entry is then dropped)."""
         with Session(self.engine) as session:
-            row = session.get(AdapterRow, key)
+            row = session.get(AdapterRow, {"key": key, "store": self.store})
             blob, checksum = (row.blob, row.checksum) if row is not None else (None, None)
         if blob is None:
             return None
-        path = self._read(AdapterRow, AdapterRow.key == key, blob, checksum)
+        path = self._read(AdapterRow, key, blob, checksum)
         if path is None:
             return None
-        self._touch(AdapterRow, AdapterRow.key, [key])
+        self._touch(AdapterRow, self.mine(AdapterRow, AdapterRow.key == key))
         return load_file(str(path)), json.loads(metadata(path).get("lorax", "{}"))
 
     def get_calibration(self, key: str) -> dict | None:
@@ -161,34 +168,39 @@ class Registry(RegistryMaintenance):
             value = row.value if row is not None else None
         if value is None:
             return None
-        self._touch(table, table.key, [key])
+        self._touch(table, table.key == key)
         return json.loads(value)
 
-    def _read(self, table, where, blob: str, checksum: str) -> Path | None:
-        """The path of a blob whose checksum holds (hashed memory-mapped: blobs are replaced only by an atomic rename,
-        never rewritten, so the file read next is the one checked); ``None`` (and the entry dropped, with a warning)
-        if missing or changed."""
-        path = self.directory / blob
-        if not checked_file(path, checksum):
+    def _read(self, table, key: str, blob: str, checksum: str) -> Path | None:
+        """The path of this blob store's blob whose checksum holds (hashed memory-mapped: blobs are replaced only by an
+        atomic rename, never rewritten, so the file read next is the one checked); ``None`` (and the entry dropped,
+        with a warning) if missing or changed, or if the row names no blob of this registry (a path that is then
+        neither opened nor removed)."""
+        path = self.blob_file(table, key, blob, checksum)
+        if path is None:
+            logger.warning(f"registry entry {key!r} names {blob!r}, which is not a blob of this registry: dropped "
+                           f"without opening it, it will be recomputed")
+        elif checked_file(path, checksum):
+            return path
+        else:
             logger.warning(f"registry blob {path} is missing or fails its checksum: discarded, it will be recomputed")
-            try:
-                with self.lock, Session(self.engine) as session, session.begin():
-                    session.execute(delete(table).where(where, table.blob == blob))
+        try:
+            with self.lock, Session(self.engine) as session, session.begin():
+                session.execute(delete(table).where(self.mine(table, key_column(table) == key, table.blob == blob)))
+            if path is not None:
                 path.unlink(missing_ok=True)
-            except (OSError, SQLAlchemyError) as err:
-                logger.warning(f"could not drop the damaged entry {path}: {error_message(err, self.url)}")
-            return None
-        return path
+        except (OSError, SQLAlchemyError) as err:
+            logger.warning(f"could not drop the damaged entry {key!r}: {error_message(err, self.url)}")
+        return None
 
-    def _touch(self, table, column, keys: list[str]) -> None:
-        """Record a use (for least-recently-used eviction). A cache statistic: a failure is not an error."""
-        if not keys:
-            return
+    def _touch(self, table, where) -> None:
+        """Record a use of the rows ``where`` selects (for least-recently-used eviction). A cache statistic: a failure
+        is not an error."""
         now = time.time()
         try:
             with Session(self.engine) as session, session.begin():
                 # Minute resolution is enough for eviction, and spares repeated warm calls a database write.
-                session.execute(update(table).where(column.in_(keys), table.last_used < now - 60).values(last_used=now))
+                session.execute(update(table).where(where, table.last_used < now - 60).values(last_used=now))
         except SQLAlchemyError as err:
             logger.debug(f"could not record registry use: {error_message(err, self.url)}")
 

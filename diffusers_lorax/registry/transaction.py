@@ -70,8 +70,9 @@ class Transaction:
         checksum = atomic_save(basis_tensors(basis), path)
         now = time.time()
         self.bases[fp] = (path, BasisRow(
-            fingerprint=fp, rows=basis.U.shape[0], cols=basis.V.shape[0], k=basis.k, blob=blob_path("bases", fp, checksum),
-            checksum=checksum, bytes=path.stat().st_size, created_at=now, last_used=now))
+            fingerprint=fp, store=self.registry.store, rows=basis.U.shape[0], cols=basis.V.shape[0], k=basis.k,
+            blob=blob_path("bases", fp, checksum), checksum=checksum, bytes=path.stat().st_size, created_at=now,
+            last_used=now))
 
     def staged_basis(self, fp: str, k: int) -> Basis | None:
         """A basis staged earlier in this transaction (a weight shared by two layers), truncated to ``k``, or
@@ -85,8 +86,8 @@ class Transaction:
         path = self.directory / f"adapter-{key}"
         checksum = atomic_save(state_dict, path, {"lorax": json.dumps(info)})
         now = time.time()
-        self.adapter = (path, AdapterRow(key=key, blob=blob_path("adapters", key, checksum), checksum=checksum,
-                                         bytes=path.stat().st_size, created_at=now, last_used=now))
+        self.adapter = (path, AdapterRow(key=key, store=self.registry.store, blob=blob_path("adapters", key, checksum),
+                                         checksum=checksum, bytes=path.stat().st_size, created_at=now, last_used=now))
 
     def stage_calibration(self, key: str, value: dict) -> None:
         """A calibration result (JSON-serialisable) to store under ``key`` with the rest."""
@@ -139,14 +140,15 @@ class Transaction:
 
     def _new_entries(self, session: Session) -> list[tuple[Path, Base]]:
         out: list[tuple[Path, Base]] = []
+        store = self.registry.store
         for fp, (path, row) in self.bases.items():
-            stored = session.get(BasisRow, fp)
+            stored = session.get(BasisRow, {"fingerprint": fp, "store": store})
             if stored is None or stored.k < row.k:
-                if stored is not None:  # a larger k replaces it: its blob goes once the rows have committed
-                    old = self.registry.directory / stored.blob
+                old = None if stored is None else self.registry.blob_file(BasisRow, fp, stored.blob, stored.checksum)
+                if old is not None:  # a larger k replaces it: its blob goes once the rows have committed
                     event.listen(session, "after_commit", lambda _, old=old: old.unlink(missing_ok=True), once=True)
                 out.append((path, row))
-        if self.adapter is not None and session.get(AdapterRow, self.adapter[1].key) is None:
+        if self.adapter is not None and session.get(AdapterRow, {"key": self.adapter[1].key, "store": store}) is None:
             out.append(self.adapter)
         return out
 
