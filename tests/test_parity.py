@@ -10,14 +10,12 @@ the layer's ``scaling["a"]``, conv weights flattened, float64) is compared.
 What is asserted, and why:
 - the pipeline lists the same adapters per component, and the same active ones;
 - the adapted modules are the same set, exactly (component and module name);
-- each layer's factors have plain's dtypes and devices;
-- float32: ``‖ΔW_cross − ΔW_plain‖_F ≤ 1e-5 ‖ΔW_plain‖_F`` per layer (the loads may fold ``s`` into a factor:
-  float32 rounding of that product, ≈ 6e-8 relative);
-- float16 / bfloat16 (unit roundoff ``u`` = 2⁻¹¹ / 2⁻⁸): both loads round factors to the pipeline's dtype once.
-  If they keep the same factors the difference is 0. If one folds the scale into a factor before rounding and the
-  other keeps it apart, each factor may differ by up to ``e = 2u + 4u₃₂`` of its magnitude (both sides rounded to
-  nearest, plus float32 products), so per layer ``‖ΔW_c − ΔW_p‖_F ≤ |s| (e (‖B‖_F ‖A‖_2 + ‖B‖_2 ‖A‖_F) + e² ‖B‖_F
-  ‖A‖_F)`` with plain's ``B``, ``A`` — a bound from the arithmetic, for any BLAS and thread count.
+- every layer holds bit-identical factors (same values, dtype and device) and the same ``scaling``: the cross load
+  hands diffusers the LoRA's own factors and each module's own ``lora_alpha`` (``injection.py``), so nothing is
+  rounded differently, in any dtype. (Exactness is the arithmetic here: the same tensors through the same code. A
+  load that folded ``alpha / r`` into ``lora_B`` would round it once more: 2⁻²⁴, 2⁻¹¹, 2⁻⁸ relative per element in
+  float32 / float16 / bfloat16, which this test would catch.) The relative difference of ``ΔW = s · B A`` is
+  recorded per case, and must then be 0.
 
 The three pipelines of a (family, dtype) are built once per module and unloaded (``unload_lora_weights``) after
 each case, which restores their modules, so every case starts from plain models.
@@ -30,9 +28,6 @@ from diffusers_lorax.tiny import FAMILIES
 from diffusers_lorax.tiny.loras import save_random_lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-U32 = 2.0 ** -24
-FLOAT32_TOLERANCE = 1e-5
 
 CASES = [pytest.param(name, fmt, {}, id=f"{name}-{fmt}") for name, spec in FAMILIES.items() if not spec.skip
          for fmt in spec.formats]
@@ -76,17 +71,6 @@ def update(B, A, s):
     return s * B.detach().double().reshape(B.shape[0], -1) @ A.detach().double().reshape(A.shape[0], -1)
 
 
-def tolerance(B, A, s, dtype):
-    """The bound of the module docstring on ‖ΔW_c − ΔW_p‖_F / ‖ΔW_p‖_F for plain's factors in ``dtype``."""
-    if dtype == torch.float32:
-        return FLOAT32_TOLERANCE
-    B, A = B.detach().double().reshape(B.shape[0], -1), A.detach().double().reshape(A.shape[0], -1)
-    e = 2 * UNIT_ROUNDOFF[dtype] + 4 * U32
-    fro, two = torch.linalg.matrix_norm, lambda M: torch.linalg.matrix_norm(M, ord=2)
-    bound = abs(s) * (e * (fro(B) * two(A) + two(B) * fro(A)) + e * e * fro(B) * fro(A))
-    return float(bound / update(B, A, s).norm())
-
-
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("family, fmt, load_kwargs", CASES)
 def test_cross_load_between_identical_models_equals_plain_load(pipelines, lora_files, family, fmt, load_kwargs, dtype,
@@ -108,13 +92,13 @@ def test_cross_load_between_identical_models_equals_plain_load(pipelines, lora_f
             Bc, Ac, sc = found[key]
             assert (Bc.dtype, Ac.dtype, Bc.device, Ac.device) == (B.dtype, A.dtype, B.device, A.device), key
             reference = update(B, A, s)
-            differences[key] = (float((update(Bc, Ac, sc) - reference).norm() / reference.norm()),
-                                tolerance(B, A, s, dtype))
-        over = {k: v for k, v in differences.items() if v[0] > v[1]}
-        worst = max(differences, key=lambda k: differences[k][0])
-        record_property("max_relative_difference", differences[worst][0])  # for the junit report
-        assert not over, (f"relative difference {differences[worst][0]:.3g} at {'.'.join(worst)} (tolerance "
-                          f"{differences[worst][1]:.3g}); {len(over)}/{len(differences)} layers over")
+            differences[key] = float((update(Bc, Ac, sc) - reference).norm() / reference.norm())
+        worst = max(differences, key=differences.get)
+        record_property("max_relative_difference", differences[worst])  # for the junit report
+        different = [key for key, (B, A, s) in expected.items()
+                     if not (torch.equal(found[key][0], B) and torch.equal(found[key][1], A) and found[key][2] == s)]
+        assert not different, (f"{len(different)}/{len(expected)} layers differ from plain's, e.g. "
+                               f"{'.'.join(different[0])}; worst relative difference of ΔW {differences[worst]:.3g}")
     finally:
         for pipe in (plain, cross):
             pipe.unload_lora_weights()
