@@ -33,6 +33,7 @@ import xxhash
 from diffusers.utils import logging
 
 from . import _version, probe
+from .held import execution_device, stored_tensor, unwrap_compiled
 from .lora import LoraLayer
 from .models import BaseModel
 from .options import TransferRequest
@@ -176,11 +177,12 @@ def _target_factors(adapter: TransferredAdapter, prefix: str) -> tuple[torch.Ten
 
 
 def _device_dtype(target: BaseModel) -> tuple[torch.device, torch.dtype]:
-    """Where the passes run: the target pipeline's UNet device and dtype; float32 on the CPU for a folder or Hub id."""
+    """Where the passes run: the target pipeline's execution device (also under offload) and its UNet's dtype;
+    float32 on the CPU for a folder or Hub id."""
     unet = getattr(target.model, "unet", None) if target.kind == "pipeline" else None
     if isinstance(unet, torch.nn.Module):
         weight = next(unet.parameters())
-        return weight.device, weight.dtype
+        return execution_device(target.model) or weight.device, weight.dtype
     return torch.device("cpu"), torch.float32
 
 
@@ -241,19 +243,28 @@ _FILE_IDS: dict[tuple[str, int, int], str] = {}
 
 def model_fingerprint(model: BaseModel, components: tuple[str, ...] = ("unet", *probe.TEXT_COMPONENTS)) -> str:
     """XXH3-128 over the UNet's and text encoders' configs and weights: for a pipeline, every parameter and buffer
-    (a PEFT layer's base weight, not its adapters; memoised on the tensor while it is unchanged, as
-    :class:`~diffusers_lorax.weights.PipelineWeights` does); for a folder or Hub id, the weight files' contents (a
-    Hub cache blob's SHA-256 name, else an XXH3 of the file, once per process)."""
+    (a PEFT layer's base weight, not its adapters; an offloaded one from its hook, a quantized one by its dequantized
+    values; memoised on the tensor while it is unchanged, as :class:`~diffusers_lorax.weights.PipelineWeights`
+    does); for a folder or Hub id, the weight files' contents (a Hub cache blob's SHA-256 name, else an XXH3 of the
+    file, once per process)."""
     digest = xxhash.xxh3_128()
     if model.kind == "pipeline":
         for component in components:
             module = getattr(model.model, component, None)
             if not isinstance(module, torch.nn.Module):
                 continue
+            module = unwrap_compiled(module)
             digest.update(f"|{component}|{getattr(module, 'config', '')}".encode())
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            # every parameter, then every buffer (named_parameters() then named_buffers(): the keys of calibrations
+            # already stored), each with the module that holds it: an offloaded value is in that module's hook
+            owned = [(path, owner, local) for kind in ("named_parameters", "named_buffers")
+                     for path, owner in module.named_modules() for local, _ in getattr(owner, kind)(recurse=False)]
+            for path, owner, local in owned:
+                name = f"{path}.{local}" if path else local
                 if ".lora_" not in name and "lora_magnitude" not in name:
-                    digest.update(f"|{name.replace('.base_layer', '')}={memoised_fingerprint(tensor)}".encode())
+                    tensor = stored_tensor(owner, local, f"{model.label}: {component}.{path}")
+                    digest.update(f"|{name.replace('.base_layer', '')}="
+                                  f"{memoised_fingerprint(tensor, module=owner)}".encode())
         return digest.hexdigest()
     for component in components:
         config = model.resolve(f"{component}/config.json")

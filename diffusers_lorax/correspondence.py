@@ -168,7 +168,6 @@ class Correspondence:
 
         bases = Bases(registry, txn, self.layers, {}, {}, {}, self.weights, report)
         bases.prefetch({(fp, self.ks[i]) for group in todo.values() for i, key in group for fp in (src[i], tgt[key])})
-        bases.on_device_of(next(iter(todo.values()))[0][1])
         for group in tqdm(list(todo.values()), desc="layer correspondence", disable=len(todo) < 8):
             k = self.ks[group[0][0]]
             targets = {key: bases.basis("target", key, tgt[key], k) for _, key in group}

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidOptionsError, SourceModelError
+from .held import unwrap_compiled
 from .models import BaseModel
 from .weights import canonical_module
 
@@ -212,7 +213,7 @@ def hooked(components: dict[str, torch.nn.Module], factors: Factors,
     try:
         for component, root in components.items():
             names = {}
-            for name, module in root.named_modules():
+            for name, module in unwrap_compiled(root).named_modules():
                 if hasattr(module, "base_layer") and hasattr(module, "_disable_adapters"):
                     if not getattr(module, "merged", False):  # a fused adapter is part of the weights: left alone
                         peft_layers.append((module, module._disable_adapters))
@@ -240,14 +241,15 @@ class _Branch:
     with the layer's stride, padding and dilation; B ``(out, r, 1, 1)``) output, recording the two squared norms."""
 
     def __init__(self, module: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, record: list[float]):
-        weight = module.weight
-        self.A = A.to(weight.device, weight.dtype)
-        self.B = B.reshape(B.shape[0], B.shape[1], *([1, 1] if isinstance(module, torch.nn.Conv2d) else [])).to(
-            weight.device, weight.dtype)
+        self.A = A
+        self.B = B.reshape(B.shape[0], B.shape[1], *([1, 1] if isinstance(module, torch.nn.Conv2d) else []))
         self.record = record
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
+        if (self.A.device, self.A.dtype) != (x.device, x.dtype):  # the input's, not the weight's: that may be
+            # quantized (int8 codes) or on the meta device between offload hooks
+            self.A, self.B = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
         if isinstance(module, torch.nn.Conv2d):
             delta = F.conv2d(F.conv2d(x, self.A, None, module.stride, module.padding, module.dilation), self.B)
         else:

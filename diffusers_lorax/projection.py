@@ -27,7 +27,7 @@ from .registry.store import StoredBasis
 from .report import PhaseClock, TransferReport
 from .subspace import Basis
 from .transferred import TransferredAdapter
-from .weights import BaseModelWeights, PipelineWeights, fingerprint, fingerprints
+from .weights import BaseModelWeights, fingerprint, fingerprints
 
 logger = logging.get_logger(__name__)
 
@@ -157,7 +157,8 @@ def _factors_id(layer: LoraLayer) -> str:
 
 class Bases:
     """Bases of the matched layers, each from (in order) this transaction's staging area, the registry, or computed
-    on the target pipeline's accelerator (when it has one) and staged at once, so memory holds one layer's bases."""
+    where the target computes (a pipeline's execution device, also under offload; the CPU for files) and staged at
+    once, so memory holds one layer's bases."""
 
     def __init__(self, registry, txn, layers, matched, fps, ks, weights, report):
         self.registry, self.txn, self.layers, self.fps, self.ks = registry, txn, layers, fps, ks
@@ -166,9 +167,7 @@ class Bases:
         self.stored: dict[tuple[str, int], StoredBasis] = {}
         self.prefetch({(fp, ks[i]) for i in matched for fp in fps[i]})
         self.missing = sum((fp, ks[i]) not in self.stored for i in matched for fp in set(fps[i]))
-        self.device = None
-        if matched:
-            self.on_device_of(next(iter(matched.values())))
+        self.device = weights["target"].device
         self.matched = matched
 
     def prefetch(self, wanted: set[tuple[str, int]]) -> None:
@@ -176,10 +175,6 @@ class Bases:
         for k in sorted({k for _, k in wanted}):
             fps = {fp for fp, kk in wanted if kk == k and (fp, k) not in self.stored}
             self.stored.update({(fp, k): ref for fp, ref in self.registry.find_bases(fps, k).items()})
-
-    def on_device_of(self, key: tuple[str, str]) -> None:
-        """Compute bases on the device of the target's module ``key`` when it is an accelerator."""
-        self.device = _compute_device(self.weights["target"], key)
 
     def get(self, side: str, i: int) -> Basis:
         key = self.layers[i].key if side == "source" else self.matched[i]
@@ -250,12 +245,3 @@ def build_adapter(
                     A.reshape(A.shape[0], *layer.A.shape[1:]).to(layer.A.dtype).contiguous(),
                     math.sqrt(B.shape[1]) if rslora else None)  # scaling 1: the scale is in B
     return adapter
-
-
-def _compute_device(target_w: BaseModelWeights, key: tuple[str, str]) -> torch.device | None:
-    """The target pipeline's device when it is an accelerator (bases are computed there), else ``None``."""
-    if isinstance(target_w, PipelineWeights):
-        device = target_w.weight(*key).device
-        if device.type != "cpu":
-            return device
-    return None

@@ -1,11 +1,12 @@
 """Read single base-model weights by (component, module) without loading a whole model, and fingerprint them.
 
 Two readers: :class:`PipelineWeights` over a loaded pipeline's modules (an injected PEFT layer's ``base_layer`` is
-used), and :class:`SafetensorsWeights` over per-component safetensors files (a local diffusers folder or files
-fetched from the Hub; sharded ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``, one
-tensor at a time. ``models.py`` picks the reader for a source or target.
+used; compiled, offloaded and quantized models are read as the plain models they stand for), and
+:class:`SafetensorsWeights` over per-component safetensors files (a local diffusers folder or files fetched from the
+Hub; sharded ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``, one tensor at a time.
+``models.py`` picks the reader for a source or target.
 
-Weights are returned in their stored dtype; a Conv2d weight keeps its 4-D shape.
+Weights are returned in their stored float dtype (a quantized one dequantized); a Conv2d weight keeps its 4-D shape.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 import xxhash
 from safetensors import safe_open
 
+from . import quantized
 from .errors import SourceModelError
+from .held import base_layers, execution_device, stored_tensor, unwrap_compiled
 
 _WEIGHT_FILES = ("diffusion_pytorch_model", "model")
 
@@ -37,11 +40,16 @@ class BaseModelWeights(Protocol):
 
     label: str
 
+    #: Where bases of this model's weights are computed (a pipeline's execution device); ``None``: where each weight is.
+    device: torch.device | None
+
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
-        """Canonical module name -> weight shape, for every 2-D (Linear) and 4-D (Conv2d) weight of ``component``."""
+        """Canonical module name -> weight shape, for every 2-D (Linear) and 4-D (Conv2d) weight of ``component``
+        (a quantized layer's logical shape)."""
 
     def weight(self, component: str, module: str) -> torch.Tensor:
-        """The ``module``'s weight, stored dtype and shape. Raises ``SourceModelError`` if it is absent."""
+        """The ``module``'s weight in its shape and stored float dtype (a quantized weight dequantized). Raises
+        ``SourceModelError`` if it is absent."""
 
     def fingerprint(self, component: str, module: str) -> str:
         """:func:`fingerprint` of the ``module``'s weight. Raises ``SourceModelError`` if it is absent."""
@@ -108,7 +116,11 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
 
 
 class PipelineWeights:
-    """Weights of an already loaded pipeline (or any object whose components are ``torch.nn.Module`` attributes)."""
+    """Weights of an already loaded pipeline (or any object whose components are ``torch.nn.Module`` attributes),
+    however they are held: a compiled component (``torch.compile``'s wrapper) is read through to its model; an
+    injected PEFT layer counts as its ``base_layer`` (its adapters' own modules are not base modules); a weight on the
+    meta device (sequential offload) is read from its offload hook; a quantized weight has its logical shape and is
+    dequantized when its values are read (:mod:`~diffusers_lorax.quantized`)."""
 
     def __init__(self, pipe: Any, label: str | None = None, components: dict[str, str] | None = None):
         self.pipe = pipe
@@ -119,11 +131,17 @@ class PipelineWeights:
         # a PEFT wrapper injected later keeps this module as its base layer)
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the pipeline computes (:func:`~diffusers_lorax.held.execution_device`): bases of its weights are
+        computed there."""
+        return execution_device(self.pipe)
+
     def _component(self, component: str) -> torch.nn.Module:
         module = getattr(self.pipe, self.components.get(component, component), None)
         if not isinstance(module, torch.nn.Module):
             raise SourceModelError(f"{self.label} has no component {component!r}")
-        return module
+        return unwrap_compiled(module)
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         if component not in self._shapes:
@@ -133,14 +151,9 @@ class PipelineWeights:
                 return {}
             out: dict[str, tuple[int, ...]] = {}
             modules: dict[str, torch.nn.Module] = {}
-            wrappers: dict[str, torch.nn.Module] = {}
-            for name, module in root.named_modules():  # parents first
-                if hasattr(module, "base_layer"):
-                    wrappers[name] = module  # a PEFT wrapper: its base layer follows as "<name>.base_layer"
-                elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                    name = name.removesuffix(".base_layer")
-                    out[canonical_module(name)] = tuple(module.weight.shape)
-                    modules[canonical_module(name)] = wrappers.get(name, module)  # its merge state is the wrapper's
+            for name, module, wrapper in base_layers(root):
+                out[canonical_module(name)] = quantized.logical_shape(module)
+                modules[canonical_module(name)] = wrapper or module  # its merge state is the wrapper's
             self._shapes[component], self._modules[component] = out, modules
         return self._shapes[component]
 
@@ -152,54 +165,68 @@ class PipelineWeights:
             raise SourceModelError(f"{self.label}: {component} has no Linear/Conv2d module {module!r}")
         return found
 
-    def _parameter(self, component: str, module: str) -> tuple[torch.Tensor, tuple[str, ...]]:
-        """The base weight parameter (a PEFT layer's ``base_layer``'s) and the adapters merged into it."""
+    def _parameter(self, component: str, module: str) -> tuple[torch.Tensor, tuple[str, ...], torch.nn.Module]:
+        """The base weight as stored (:func:`~diffusers_lorax.held.stored_tensor` of a PEFT layer's ``base_layer``),
+        the adapters merged into it, and the layer holding it."""
         mod = self._module(component, module)
-        return getattr(mod, "base_layer", mod).weight, tuple(getattr(mod, "merged_adapters", ()))
+        base = getattr(mod, "base_layer", mod)
+        weight = stored_tensor(base, "weight", f"{self.label}: {component}.{module}")
+        return weight, tuple(getattr(mod, "merged_adapters", ())), base
 
     def weight(self, component: str, module: str) -> torch.Tensor:
-        return self._parameter(component, module)[0].detach()
+        """The weight's values as the layer computes with them: a quantized weight dequantized (this layer only)."""
+        weight, _, base = self._parameter(component, module)
+        return quantized.dequantize(weight, base)
 
     def fingerprint(self, component: str, module: str) -> str:
-        """Memoised on the parameter itself while its storage, autograd version counter, PEFT merge state and a
-        probe of its values are unchanged (see :func:`_tensor_state`); hashed in full otherwise."""
+        """Memoised on the stored weight itself while its storage, autograd version counter, PEFT merge state and a
+        probe of its values are unchanged (see :func:`_tensor_state`); hashed in full otherwise (a quantized weight's
+        dequantized values: those the bases are computed from)."""
         return memoised_fingerprint(*self._parameter(component, module))
 
     def known_fingerprint(self, component: str, module: str) -> str | None:
-        return known_fingerprint(*self._parameter(component, module))
+        return known_fingerprint(*self._parameter(component, module)[:2])
 
 
-def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
-    """:func:`fingerprint` of ``param``, memoised on the tensor itself while :func:`_tensor_state` (with the PEFT
-    adapters ``merged`` into it) is unchanged; hashed in full otherwise."""
+def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = (), module: torch.nn.Module | None = None) -> str:
+    """:func:`fingerprint` of ``param``'s values (a quantized one's :func:`~diffusers_lorax.quantized.dequantize`
+    values; ``module`` is the layer holding it), memoised on the tensor itself while :func:`_memo_state` (with the
+    PEFT adapters ``merged`` into it) is unchanged; hashed in full otherwise."""
     value = known_fingerprint(param, merged)
     if value is None:
-        value = fingerprint(param)
-        param._lorax_fingerprint = (_tensor_state(param, merged), value)
+        value = fingerprint(quantized.dequantize(param, module))
+        param._lorax_fingerprint = (_memo_state(param, merged), value)
     return value
 
 
 def known_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str | None:
     """The memo of :func:`memoised_fingerprint` when it is still valid, else ``None`` (nothing is hashed)."""
     memo = getattr(param, "_lorax_fingerprint", None)
-    return memo[1] if memo is not None and memo[0] == _tensor_state(param, merged) else None
+    return memo[1] if memo is not None and memo[0] == _memo_state(param, merged) else None
 
 
-def _tensor_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
+def _memo_state(param: torch.Tensor, merged: tuple[str, ...]) -> tuple:
+    """The PEFT adapters ``merged`` into ``param`` (``fuse_lora`` writes through ``weight.data``, which bumps no
+    counter) and the :func:`_tensor_state` of each tensor that stores it (a quantized weight's codes and scales)."""
+    return merged, *(_tensor_state(t) for t in quantized.storage(param))
+
+
+def _tensor_state(param: torch.Tensor) -> tuple:
     """What tells, without reading all of ``param``, that it has not changed since it was hashed: its storage
     (``data_ptr``, device, dtype, shape), its autograd version counter (bumped by every in-place op, ``copy_`` and
-    ``load_state_dict`` included), the PEFT adapters merged into it (``fuse_lora`` writes through ``weight.data``,
-    which bumps no counter) and an XXH3 of 4,096 evenly spaced values (which any dense change, such as a fused delta
-    or an EMA step through ``.data``, alters). Only a sparse write through ``.data`` that avoids every probed
+    ``load_state_dict`` included) and an XXH3 of 4,096 evenly spaced values (which any dense change, such as a fused
+    delta or an EMA step through ``.data``, alters). Only a sparse write through ``.data`` that avoids every probed
     position would go unseen."""
     flat = param.detach().reshape(-1)
     probe = flat[:: max(1, flat.numel() // 4096)]
-    return (param.data_ptr(), str(param.device), param.dtype, tuple(param.shape), param._version, merged,
+    return (param.data_ptr(), str(param.device), param.dtype, tuple(param.shape), param._version,
             xxhash.xxh3_64(raw_bytes(probe)).intdigest())
 
 
 class SafetensorsWeights:
     """Lazy reader over per-component safetensors files (a local diffusers folder or files fetched from the Hub)."""
+
+    device = None  # read on the CPU
 
     def __init__(self, label: str, files: dict[str, list[Path]]):
         self.label = label

@@ -129,19 +129,27 @@ def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
 
 
 def delta_weights(pipe, adapter_name):
-    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter."""
+    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter (also on a
+    compiled or sequentially offloaded component)."""
     out = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
         if model is None:
             continue
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and adapter_name in module.lora_A:
-                A = module.lora_A[adapter_name].weight
-                B = module.lora_B[adapter_name].weight
+                A, B = _held(module.lora_A[adapter_name]), _held(module.lora_B[adapter_name])
                 d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1) * module.scaling[adapter_name]
                 out[(component, name.removeprefix("text_model."))] = d.detach().double()
     return out
+
+
+def _held(layer):
+    """A layer's weight; under sequential CPU offload (a meta parameter) the copy accelerate's hook holds."""
+    if layer.weight.device.type == "meta":
+        return layer._hf_hook.weights_map["weight"]
+    return layer.weight
 
 
 def state_of(pipe):
