@@ -15,7 +15,7 @@ LAYERS = {
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya"],
     2: ["models", "matching", "projection", "correspondence", "probe", "calibration",
-        "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.loading",
+        "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.saving", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection", "injection", "snapshot"],
     4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality", "quality.data",

@@ -30,7 +30,7 @@ import build  # noqa: E402  (the testbed's own recipe: batches, schedule, optimi
 
 from diffusers_lorax import Registry  # noqa: E402
 from diffusers_lorax.adapters import LoraXConfig, add_lorax_adapter  # noqa: E402
-from diffusers_lorax.adapters.files import save_lorax_weights  # noqa: E402
+from diffusers_lorax.adapters.saving import save_lorax_weights  # noqa: E402
 from diffusers_lorax.quality import data  # noqa: E402
 from diffusers_lorax.quality.evaluate import load_pipeline, quiet_logging  # noqa: E402
 

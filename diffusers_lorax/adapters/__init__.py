@@ -7,7 +7,8 @@ transfer recognises and expands a LoRA-X file), ``hub`` (:func:`push_lorax_to_hu
 """
 
 from .config import LoraXConfig
-from .files import COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME, LoraXFile, read_lorax_file, save_lorax_weights
+from .files import COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME, LoraXFile, read_lorax_file
+from .saving import save_lorax_weights
 from .hub import push_lorax_to_hub
 from .layers import LoraXCore, add_lorax_adapter
 
