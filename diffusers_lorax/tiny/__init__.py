@@ -82,6 +82,12 @@ class Family:
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     skip: str | None = None
 
+    def __post_init__(self) -> None:
+        import diffusers
+
+        if self.skip is None and not hasattr(diffusers, self.pipeline):  # a family newer than the installed release
+            object.__setattr__(self, "skip", f"diffusers {diffusers.__version__} has no {self.pipeline}")
+
     def file_module(self, component: str, module: str) -> str:
         """``module``'s name in LoRA files: CLIP text encoders' modules under ``text_model.`` as transformers < 5
         named them (and LoRAs in the wild still do)."""
