@@ -150,10 +150,8 @@ def test_qwen_formats_name_the_modules_of_real_files(realcases, stem, fmt):
 @pytest.mark.parametrize("family", [name for name, spec in FAMILIES.items() if spec.skip])
 def test_a_family_that_cannot_be_built_says_why(family):
     spec = FAMILIES[family]
-    if hasattr(__import__("diffusers"), spec.pipeline):  # else: a family of a newer diffusers, which says so
+    if hasattr(__import__("diffusers"), spec.pipeline):  # else a family of a newer diffusers (``skip`` says so)
         assert any(base.__name__.endswith("LoraLoaderMixin") for base in spec.pipeline_class.__mro__)
-    else:
-        assert spec.skip.startswith(f"diffusers {__import__('diffusers').__version__} has no ")
     with pytest.raises(RuntimeError, match="is not built: " + re.escape(spec.skip)):
         spec.build()
 
