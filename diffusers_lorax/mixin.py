@@ -19,6 +19,7 @@ import torch
 from diffusers.utils import logging
 
 from .errors import InvalidOptionsError, LoraxError
+from .held import unwrap_compiled
 from .injection import load_adapter
 from .options import TransferRequest
 from .report import PhaseClock, TransferReport
@@ -159,10 +160,15 @@ def _request(source: Any, pipe: Any, lora: Any, kwargs: dict[str, Any]) -> Trans
 
 
 def _adapter_names(pipe: Any) -> set[str]:
-    try:
-        return {name for names in pipe.get_list_adapters().values() for name in names}
-    except Exception:  # no PEFT layers yet
-        return set()
+    """The adapters loaded in any of the pipeline's LoRA components, a compiled one included (diffusers'
+    ``get_list_adapters`` skips a component that ``torch.compile`` wrapped, while its ``load_lora_weights`` still
+    hotswaps into it)."""
+    names: set[str] = set()
+    for component in (*getattr(pipe, "_lora_loadable_modules", ()), "transformer_2"):
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            names |= set(getattr(unwrap_compiled(model), "peft_config", None) or {})
+    return names
 
 
 def _default_adapter_name(pipe: Any, used: set[str]) -> str:

@@ -149,3 +149,20 @@ def test_a_fine_tune_with_one_module_of_its_own_is_copied_by_name_without_a_corr
     assert report.bases_computed == 0 and report.similarities_computed == 0
     plain.load_lora_weights({k: v for k, v in lora.items() if ".conv_in." not in k}, adapter_name="style")
     _assert_same_adapter(plain, target, "style")
+
+
+def test_a_compiled_pipeline_hotswaps_a_transferred_lora_as_load_lora_weights_does(base):
+    """diffusers' compiled-hotswap recipe — ``enable_lora_hotswap(target_rank)``, load, ``torch.compile``, then
+    ``hotswap=True`` — with the cross load in place of both loads (the compiled forward itself is not run here)."""
+    first, second = _kohya(base, seed=1, alphas=(2.0,)), _kohya(base, seed=3, alphas=(2.0,), rank=8)
+    pipes = {}
+    for how in ("plain", "cross"):
+        pipe = pipes[how] = copy.deepcopy(base)
+        pipe.enable_lora_hotswap(target_rank=8)
+        load = pipe.load_lora_weights if how == "plain" else (lambda *a, **k: pipe.load_lora_weights_cross(base, *a, **k))
+        load(dict(first), adapter_name="style")
+        pipe.unet = torch.compile(pipe.unet)
+        load(dict(second), adapter_name="style", hotswap=True)
+        assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert delta_weights(pipes["cross"], "style") and all(
+        torch.equal(d, delta_weights(pipes["cross"], "style")[k]) for k, d in delta_weights(pipes["plain"], "style").items())
