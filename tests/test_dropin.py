@@ -166,3 +166,20 @@ def test_a_compiled_pipeline_hotswaps_a_transferred_lora_as_load_lora_weights_do
         assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert delta_weights(pipes["cross"], "style") and all(
         torch.equal(d, delta_weights(pipes["cross"], "style")[k]) for k, d in delta_weights(pipes["plain"], "style").items())
+
+
+@pytest.mark.parametrize("method", ["copy", "lorax", "prolora"])
+def test_a_float32_source_and_a_bfloat16_target(base, method):
+    """The source in float32 (as a folder or pipeline is often loaded), the target in bfloat16 (as on a GPU), a
+    float32 LoRA: the copy is the plain load's adapter; the projections run (bases in float32 from either dtype) and
+    leave factors of the dtype plain gives the target's layers."""
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    lora = toy.random_lora(base, rank=4, seed=1)
+    plain = copy.deepcopy(target)
+    plain.load_lora_weights(dict(lora), adapter_name="style")
+    report = target.load_lora_weights_cross(base, dict(lora), adapter_name="style", method=method)
+    assert len(report.applied) == len(module_names(lora))
+    if method == "copy":
+        _assert_same_adapter(plain, target, "style")
+    else:
+        assert {v[3:] for v in _configs(target, "style").values()} == {v[3:] for v in _configs(plain, "style").values()}
