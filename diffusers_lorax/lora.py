@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -257,7 +258,22 @@ def _component_layers(
         made_from = normalised.origin_of(A) or Origin(normalised.format)
         scale = alpha / (math.sqrt(r) if rslora else r)
         layers.append(LoraLayer(component, module, A, B, scale, made_from, alpha, rslora))
+    if normalised.native and network_alphas:
+        _say_unapplied_alphas(layers, file_alphas(component, network_alphas, origin), where)
     return layers
+
+
+def _say_unapplied_alphas(layers: list[LoraLayer], own: Callable, where: str) -> None:
+    """Warn where diffusers gives modules another alpha than their own in the file (it applies the most common
+    kohya alpha to every module: its alpha patterns match no module name), which the cross load reproduces."""
+    differ = [(layer, a) for layer in layers if (a := own(layer.module)[1]) is not None and a != layer.alpha]
+    if differ:
+        layer, a = differ[0]
+        logger.warning(
+            f"{where}: {len(differ)} of {len(layers)} {layer.component} modules have their own alpha in the file, "
+            f"which diffusers' load_lora_weights does not apply (e.g. {layer.module}: alpha {a:g} in the file, "
+            f"{layer.alpha:g} applied); load_lora_weights_cross loads it as diffusers does. A1111 and ComfyUI apply "
+            "each module's own alpha")
 
 
 def _pairs(component: str, peft_sd: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:

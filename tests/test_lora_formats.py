@@ -230,3 +230,15 @@ def test_peft_metadata_without_alpha_takes_peft_default(pipe, tmp_path):
     )
     layers = read_lora(StableDiffusionPipeline, str(tmp_path))
     assert layers and all(layer.scale == LoraConfig().lora_alpha / 4 for layer in layers)
+
+
+def test_modules_whose_own_kohya_alpha_diffusers_does_not_apply_are_named(peft_lora, caplog):
+    modules = module_names(peft_lora)
+    kohya = toy.to_kohya(peft_lora, {m: (2.0 if i % 3 else 0.5 + i) for i, m in enumerate(modules)})
+    with caplog.at_level("WARNING", logger="diffusers_lorax"):
+        read_lora(StableDiffusionPipeline, kohya)
+    assert "which diffusers' load_lora_weights does not apply" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusers_lorax"):
+        read_lora(StableDiffusionPipeline, toy.to_kohya(peft_lora, {m: 2.0 for m in modules}))
+    assert "does not apply" not in caplog.text
