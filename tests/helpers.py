@@ -128,8 +128,25 @@ def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
     ).images
 
 
-def delta_weights(pipe, adapter_name):
-    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter."""
+def hub_cache(root, repo_id, files):
+    """A pre-filled huggingface_hub cache entry for ``repo_id`` (revision main, commit 0…0) under ``root`` holding
+    ``files``: {name in the repo: local path to copy}."""
+    import shutil
+
+    owner, name = repo_id.split("/")
+    repo = root / f"models--{owner}--{name}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for rel, path in files.items():
+        dest = repo / "snapshots" / ("0" * 40) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    return repo
+
+
+def adapter_factors(pipe, adapter_name):
+    """{(component, module): (B, A, scaling)} of one adapter as PEFT holds it: the stored factors as float64 (conv
+    flattened: B ``(out, r)``, A ``(r, in·kh·kw)``) and PEFT's scaling."""
     out = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
@@ -137,11 +154,17 @@ def delta_weights(pipe, adapter_name):
             continue
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and adapter_name in module.lora_A:
-                A = module.lora_A[adapter_name].weight
-                B = module.lora_B[adapter_name].weight
-                d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1) * module.scaling[adapter_name]
-                out[(component, name.removeprefix("text_model."))] = d.detach().double()
+                A = module.lora_A[adapter_name].weight.detach().double()
+                B = module.lora_B[adapter_name].weight.detach().double()
+                out[(component, name.removeprefix("text_model."))] = (
+                    B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1), module.scaling[adapter_name])
     return out
+
+
+def delta_weights(pipe, adapter_name):
+    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened; float64 from the stored
+    factors), for one adapter."""
+    return {key: B @ A * scaling for key, (B, A, scaling) in adapter_factors(pipe, adapter_name).items()}
 
 
 def state_of(pipe):
