@@ -39,7 +39,8 @@ from .models import BaseModel
 from .options import TransferRequest
 from .report import TransferReport
 from .transferred import TransferredAdapter
-from .weights import component_files, file_identity, fingerprint, memoised_fingerprint
+from .weight_files import component_files
+from .weights import file_identity, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
 

@@ -3,7 +3,9 @@
 Reads the file (offline for a local file; no ΔW, no SVD: LyCORIS modules are read as shapes only), and says its
 format, components, layer count, ranks and alphas, the architecture family its layer shapes fit, the base model its
 metadata names, and with a target: which layers would apply, which not and why (``matching.match_layers`` on the
-target's lazy weights: safetensors headers only), or in one line that the LoRA is for another family.
+target's shapes: the registry's catalogue for a Hub id it lists, else the configs or safetensors headers, never a
+weight), or in one line that the LoRA is for another family. A Hub id that cannot be reached fails in seconds with
+what to do (``hub_access``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from typing import Any
 import torch
 
 from . import formats
-from .errors import (ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError, SourceModelError,
+from .errors import (ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError,
                      UnsupportedFormatError)
 from .formats.skeleton import KNOWN_UNETS
 from .lora import LoraLayer, layers_of
 from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
 from .options import HubOptions
-from .registry.families import FamilyMatch, family, family_of_hub_id, identify_layers
+from .registry.families import FamilyMatch, family, identify_layers
 from .report import LayerReport, TransferReport
 
 #: Metadata keys that name the base model a LoRA was trained on (kohya ``ss_*``, Stability's ``modelspec.*``).
@@ -106,11 +108,13 @@ def inspect_lora(
     positions, kohya's SDXL block names, flattened LyCORIS kernels). Without it such a file is read against the SD
     1.x, SD 2.x and SDXL UNet configs in turn, then the target's.
 
-    Reads no base-model weights (only configs and safetensors headers) and computes no SVD. Raises
+    Reads no base-model weights (the target's shapes only: the catalogue, configs or safetensors headers) and
+    computes no SVD. Raises
     :class:`~diffusers_lorax.errors.InvalidLoraError` (or its subclass ``UnsupportedFormatError``, naming the format
     and the way forward) when the file cannot be read (a ``lora_diffusion`` file that no known UNet, nor the target's,
     names: the message says to pass ``source``), :class:`~diffusers_lorax.errors.SourceModelError` when the target or
-    the source cannot be resolved."""
+    the source cannot be resolved (a Hub id offline or unreachable and not in the local cache: within seconds, saying
+    what to do)."""
     started = time.perf_counter()
     file = formats.fetch(lora, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token,
                          cache_dir=cache_dir)
@@ -298,32 +302,19 @@ class _OwnShapes:
         return self._shapes.get(component, {})
 
 
-class _FamilyShapes(_OwnShapes):
-    """A known Hub id's shapes from the registry, when the repo is not at hand (offline and not cached)."""
-
-    def __init__(self, family):
-        self.label = f"(shapes of {family.label} from the registry)"
-        self._shapes = family.shapes
-
-
 def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family: FamilyMatch | None,
                     model: BaseModel) -> None:
     report = TransferReport(source="(none)", target=model.label, lora=found.lora, method="copy", rank=1, threshold=0,
                             layers=[LayerReport(x.component, x.module, x.weight_shape, x.r) for x in layers])
     try:
         check_known_hub_ids(lora_family, model)
-        known = family_of_hub_id(model.hub_id) if model.hub_id else None
-        try:
-            target_w = model.weights(sorted(found.components))
-            target_w.shapes(next(iter(found.components), "unet"))
-        except SourceModelError:
-            if known is None:
-                raise
-            target_w = _FamilyShapes(known)
-            found.notes.append(f"{model.label} is not at hand: compared with {known.label}'s shapes in the registry")
-        match_layers(layers, lora_family, _OwnShapes(layers), target_w, report, match="name")
+        if model.catalogue is not None:
+            found.notes.append(f"{model.label}: compared with {model.catalogue.label}'s shapes in the registry's "
+                               "catalogue (no file of it read)")
+        match_layers(layers, lora_family, _OwnShapes(layers), model.weights(sorted(found.components)), report,
+                     match="name")
     except ArchitectureMismatchError as err:
-        known = family_of_hub_id(model.hub_id) if model.hub_id else None
+        known = model.catalogue
         found.target_family = report.target_family or (known.label if known else None)
         found.verdict = (f"will not apply: this LoRA is for {lora_family.family.label}, the target {model.label} is "
                          f"{found.target_family}" if lora_family and found.target_family else

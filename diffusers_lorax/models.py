@@ -3,8 +3,15 @@ its ``revision``, ``subfolder``, ``variant``, ``token``, ``cache_dir``) becomes 
 label, its pipeline class, its UNet config and its lazy weights.
 
 Files of a folder or Hub repo are read through one resolver per model: a path under the folder, or
-``huggingface_hub.hf_hub_download`` (served from its cache when present, and only from it under ``HF_HUB_OFFLINE``),
-so ``model_index.json`` is read once and only the weight files of the components the LoRA touches are fetched.
+``huggingface_hub.hf_hub_download`` (served from its cache when present, and only from it when the Hub is switched
+off or unreachable: ``hub_access``). What is read depends on what the method needs:
+
+- **shapes** (every method; all that ``copy`` needs): a Hub id's from the registry's catalogue where it lists the id
+  (no file at all), else from its configs (``model_index.json`` and ``<component>/config.json``, built as a skeleton
+  on the meta device), else from its safetensors headers (a cached file's first bytes, or the Hub's header of each
+  file); a folder's from its safetensors headers;
+- **values** (projections, LoRA-X fingerprints, correspondence on a student, calibration): the weight files of the
+  components asked for, fetched on the first value needed, then read one tensor at a time.
 """
 
 from __future__ import annotations
@@ -18,11 +25,15 @@ from typing import Any
 
 import torch
 
+from . import hub_access
 from .errors import SourceModelError
-from .formats.fetch import offline
+from .formats.skeleton import meta_model
 from .options import HubOptions
-from .registry.families import family_of_hub_id
-from .weights import BaseModelWeights, PipelineWeights, SafetensorsWeights, component_files
+from .registry.families import Family, family_of_hub_id
+from .held import base_layers
+from .quantized import logical_shape
+from .weight_files import LazyWeights, check_unwrapped, component_files, header_shapes, weight_shapes
+from .weights import BaseModelWeights, PipelineWeights, canonical_module
 
 
 class BaseModel:
@@ -72,23 +83,41 @@ class BaseModel:
         label = f"{type(self.model).__name__}({name})" if name else f"{type(self.model).__name__} (in memory)"
         return label + "".join(f" [{theirs} as {ours}]" for ours, theirs in self.components.items())
 
+    @cached_property
+    def catalogue(self) -> Family | None:
+        """The registry's family of a Hub id it lists (read at the repo's root: no ``subfolder``), else ``None``."""
+        return family_of_hub_id(self.hub_id) if self.hub_id and not self.options.subfolder else None
+
     def resolve(self, filename: str) -> Path | None:
         """A local path for ``filename`` (relative to the model's root), or ``None`` where the model has no such
-        file. Raises :class:`SourceModelError` when a Hub repo cannot be reached."""
+        file, or (the Hub offline or unreachable) it is not in the local cache. Raises :class:`SourceModelError`
+        when a Hub repo cannot be read (unknown, gated) or the connection fails on the way."""
         if self.kind == "folder":
             found = self.path / filename
             return found if found.is_file() else None
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError
 
         options = self.options
         try:
             return Path(hf_hub_download(self.hub_id, filename, subfolder=options.subfolder or None,
-                                        revision=options.revision, token=options.token, cache_dir=options.cache_dir))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+                                        revision=options.revision, token=options.token, cache_dir=options.cache_dir,
+                                        local_files_only=hub_access.cache_only()))
+        except EntryNotFoundError as err:  # not in the repo, or (asked of the cache alone) not in the cache
+            if hub_access.network_error(err) is not None:
+                raise SourceModelError(self._unavailable_message(filename, err)) from err
             return None
-        except Exception as err:  # network errors, missing repo, gated repo: all surface as one typed error
+        except Exception as err:  # missing repo, gated repo: all surface as one typed error
             raise SourceModelError(f"cannot fetch {filename!r} from the Hub repo {self.hub_id!r}: {err}") from err
+
+    def _cached(self, filename: str) -> Path | None:
+        """The Hub repo's ``filename`` where it is in the local cache already (nothing is asked of the Hub)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        subfolder = self.options.subfolder
+        found = try_to_load_from_cache(self.hub_id, f"{subfolder}/{filename}" if subfolder else filename,
+                                       cache_dir=self.options.cache_dir, revision=self.options.revision)
+        return Path(found) if isinstance(found, str) else None
 
     @cached_property
     def model_index(self) -> dict | None:
@@ -104,7 +133,7 @@ class BaseModel:
         (no download), ``model_index.json``'s ``_class_name``, or the pipeline's own class."""
         import diffusers
 
-        known = family_of_hub_id(self.hub_id) if self.hub_id else None
+        known = self.catalogue
         if known is not None:
             cls = getattr(diffusers, known.pipeline)
         elif self.kind == "pipeline":
@@ -135,9 +164,10 @@ class BaseModel:
         return FrozenDict(json.loads(found.read_text())) if found is not None else None
 
     def weights(self, components: Iterable[str]) -> BaseModelWeights:
-        """A lazy reader of the weights of ``components``. Raises :class:`SourceModelError` for a pipeline object
-        without those components, a folder component with only pickled weights, or a repo that is not a diffusers
-        repo."""
+        """A lazy reader of the weights of ``components``: their shapes read without any weight file (see the module
+        docstring), their values fetched per component on first use. Raises :class:`SourceModelError` for a
+        pipeline object without those components; a folder component with only pickled weights, a repo that is not
+        a diffusers repo or a Hub file that cannot be had raise it when the shapes or values are first asked for."""
         components = list(components)
         if self.kind == "pipeline":
             if any(isinstance(getattr(self.model, self.components.get(c, c), None), torch.nn.Module) for c in components):
@@ -146,21 +176,87 @@ class BaseModel:
                 f"cannot read base-model weights from a {type(self.model).__name__}; pass a pipeline, a local "
                 "diffusers folder or a Hub repo id"
             )
+        return LazyWeights(self.label, self.shapes, self.weight_files)
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Canonical module name -> weight shape of every Linear and Conv2d of ``component`` (``{}`` where the model
+        has no such component), read without any weight file where it can be: the catalogue, the configs, the
+        safetensors headers (module docstring). Raises :class:`SourceModelError` when none can be read."""
+        if self.catalogue is not None and component in self.catalogue.shapes:
+            return dict(self.catalogue.shapes[component])
         if self.kind == "hub":
-            self._required_model_index()
-        files = {c: component_files(c, self.options.variant, self.resolve, self.label) for c in components}
-        missing = [c for c, found in files.items() if not found and c in (self.model_index or {})]
-        if self.kind == "hub" and missing and offline():
-            raise SourceModelError(self._offline_message(f"{missing[0]} weights"))
-        for component, found in files.items():
-            if not found and self.kind == "folder" and (self.path / component).is_dir():
+            found = self._config_shapes(component)
+            if found is not None:
+                return found
+        headers = component_files(component, self.options.variant, self.resolve, self.label, find=self._header)
+        if not headers:
+            self._no_safetensors(component, "its layer shapes")
+        return {name: shape for index in headers for name, shape in weight_shapes(index).items()}
+
+    def weight_files(self, component: str) -> list[Path]:
+        """The local safetensors files of ``component`` (fetched from the Hub if need be: only this component's).
+        Raises :class:`SourceModelError` where it has none or they cannot be had."""
+        files = component_files(component, self.options.variant, self.resolve, self.label)
+        if not files:
+            self._no_safetensors(component, "its weights")
+            raise SourceModelError(f"the {self.role} {self.label!r} has no {component} weights (needed for their "
+                                   "values: only .safetensors files are read)")
+        return files
+
+    def _config_shapes(self, component: str) -> dict[str, tuple[int, ...]] | None:
+        """A Hub repo component's shapes from its ``config.json`` and the class ``model_index.json`` names, built on
+        the meta device; ``{}`` for a component the model does not have; ``None`` where no skeleton can be built."""
+        entry = self._required_model_index().get(component)
+        if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(x, str) for x in entry):
+            return {}
+        config = self.resolve(f"{component}/config.json")
+        skeleton = meta_model(*entry, config.read_text()) if config is not None else None
+        if skeleton is None:
+            return None
+        return {canonical_module(name): logical_shape(module) for name, module, _ in base_layers(skeleton)}
+
+    def _header(self, filename: str) -> dict[str, tuple[int, ...]] | None:
+        """Tensor name -> shape of a weight file from its header alone: a local or cached file's first bytes, else
+        (the Hub reachable) the Hub's reading of the header (two small range requests); ``None`` where it has none."""
+        found = self.resolve(filename) if self.kind == "folder" else self._cached(filename)
+        if found is not None:
+            return header_shapes(found, self.label)
+        if self.kind == "folder" or hub_access.cache_only():
+            return None
+        from huggingface_hub import parse_safetensors_file_metadata
+        from huggingface_hub.errors import EntryNotFoundError
+
+        subfolder = self.options.subfolder
+        try:
+            header = parse_safetensors_file_metadata(self.hub_id, f"{subfolder}/{filename}" if subfolder else filename,
+                                                     revision=self.options.revision, token=self.options.token)
+        except EntryNotFoundError:
+            return None
+        except Exception as err:  # a connection failure, a gated repo, a damaged header
+            message = (self._unavailable_message(filename, err) if hub_access.unavailable(err) else
+                       f"cannot read the header of {filename!r} in the Hub repo {self.hub_id!r}: {err}")
+            raise SourceModelError(message) from err
+        index = {name: tuple(info.shape) for name, info in header.tensors.items()}
+        check_unwrapped(index, self.label, filename)
+        return index
+
+    def _no_safetensors(self, component: str, what: str) -> None:
+        """Raise :class:`SourceModelError` for a ``component`` without safetensors files, saying what was needed;
+        return where the model does not have the component at all (its shapes are then ``{}``)."""
+        if self.kind == "folder":
+            if (self.path / component).is_dir():
                 raise SourceModelError(
                     f"{self.path / component} has no safetensors weights (only .safetensors are read, lazily); "
                     "re-save the model with `save_pretrained(..., safe_serialization=True)`"
                 )
-            if not found and self.role == "source":  # every LoRA layer must fit the source: say what is missing
-                raise SourceModelError(self._missing_component_message(component))
-        return SafetensorsWeights(self.label, files)
+        else:
+            if hub_access.unavailable() is not None:
+                raise SourceModelError(self._unavailable_message(f"{component} weights"))
+            if component in (self.model_index or {}):
+                raise SourceModelError(f"the Hub repo {self.hub_id!r} has no safetensors weights for {component} "
+                                       f"(needed for {what}; only .safetensors are read)")
+        if self.role == "source":  # every LoRA layer must fit the source: say what is missing
+            raise SourceModelError(self._missing_component_message(component))
 
     def _missing_component_message(self, component: str) -> str:
         where = (f"the folder has no {component}/" if self.kind == "folder" else
@@ -178,16 +274,14 @@ class BaseModel:
         if self.model_index is None:
             where = (f"the Hub repo {self.hub_id!r} (revision={self.options.revision!r}, "
                      f"subfolder={self.options.subfolder!r})" if self.kind == "hub" else str(self.path))
-            if self.kind == "hub" and offline():
-                raise SourceModelError(self._offline_message("model_index.json"))
+            if self.kind == "hub" and hub_access.unavailable() is not None:
+                raise SourceModelError(self._unavailable_message("model_index.json"))
             raise SourceModelError(f"no model_index.json in {where}: not a diffusers model")
         return self.model_index
 
-    def _offline_message(self, filename: str) -> str:
-        return (
-            f"cannot read the {self.role} {self.hub_id!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) "
-            f"and its {filename} (revision={self.options.revision!r}, subfolder={self.options.subfolder!r}) is not "
-            f"in the local cache ({self.options.cache_dir or 'the default cache'}). Download the model once with "
-            f"network access (e.g. `hf download {self.hub_id}`), pass a local diffusers folder, or "
-            "unset HF_HUB_OFFLINE."
-        )
+    def _unavailable_message(self, filename: str, err: BaseException | None = None) -> str:
+        """Why a Hub file could not be had, when the Hub is offline or unreachable, and what to do."""
+        return hub_access.not_in_cache_message(
+            hub_access.unavailable(err) or "the Hugging Face Hub cannot be asked", f"the {self.role} {self.hub_id!r}",
+            f"its {filename} (revision={self.options.revision!r}, subfolder={self.options.subfolder!r})",
+            self.options.cache_dir, self.hub_id, "a local diffusers folder")

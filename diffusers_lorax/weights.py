@@ -1,32 +1,25 @@
 """Read single base-model weights by (component, module) without loading a whole model, and fingerprint them.
 
-Two readers: :class:`PipelineWeights` over a loaded pipeline's modules (an injected PEFT layer's ``base_layer`` is
-used; compiled, offloaded and quantized models are read as the plain models they stand for), and
-:class:`SafetensorsWeights` over per-component safetensors files (a local diffusers folder or files fetched from the
-Hub; sharded ``*.safetensors.index.json`` too), read lazily with ``safetensors.safe_open``, one tensor at a time.
-``models.py`` picks the reader for a source or target.
+Two readers: :class:`PipelineWeights` (here) over a loaded pipeline's modules (an injected PEFT layer's
+``base_layer`` is used; compiled, offloaded and quantized models are read as the plain models they stand for), and
+the file readers of :mod:`~diffusers_lorax.weight_files` (a local diffusers folder or files fetched from the Hub),
+read lazily. ``models.py`` picks the reader for a source or target.
 
 Weights are returned in their stored float dtype (a quantized one dequantized); a Conv2d weight keeps its 4-D shape.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import xxhash
-from safetensors import safe_open
 
 from . import quantized
 from .errors import SourceModelError
 from .held import base_layers, execution_device, stored_tensor, unwrap_compiled
-
-_WEIGHT_FILES = ("diffusion_pytorch_model", "model")
 
 
 def canonical_module(name: str) -> str:
@@ -80,13 +73,6 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() and flat.stride(0) != 1:
         flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8).numpy().data
-
-
-#: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
-#: within a process, a file that has not changed is not read or hashed again.
-_FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
-#: Tensor names and shapes of safetensors files, by (resolved path, size, mtime in ns).
-_FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
@@ -221,100 +207,3 @@ def _tensor_state(param: torch.Tensor) -> tuple:
     probe = flat[:: max(1, flat.numel() // 4096)]
     return (param.data_ptr(), str(param.device), param.dtype, tuple(param.shape), param._version,
             xxhash.xxh3_64(raw_bytes(probe)).intdigest())
-
-
-class SafetensorsWeights:
-    """Lazy reader over per-component safetensors files (a local diffusers folder or files fetched from the Hub)."""
-
-    device = None  # read on the CPU
-
-    def __init__(self, label: str, files: dict[str, list[Path]]):
-        self.label = label
-        self.files = files
-        self._where: dict[str, dict[str, Path]] = {}  # component -> tensor name -> file
-
-    def _tensor_files(self, component: str) -> dict[str, Path]:
-        if component not in self._where:
-            self._where[component] = {key: path for path in self.files.get(component, []) for key in self._index(path)}
-        return self._where[component]
-
-    def _index(self, path: Path) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape from the file's header, memoised per process like the fingerprints. Raises
-        :class:`SourceModelError` for a truncated or unreadable file, and for weights saved from a pipeline that
-        held a PEFT adapter (``…base_layer.weight`` keys)."""
-        memo = file_identity(path)
-        if memo not in _FILE_INDEXES:
-            from .formats.safetensors_check import truncation_message
-
-            truncated = truncation_message(path, f"{self.label}: the weight file")
-            if truncated is not None:
-                raise SourceModelError(truncated)
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    _FILE_INDEXES[memo] = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
-                raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
-        index = _FILE_INDEXES[memo]
-        wrapped = min((key for key in index if ".base_layer." in key), key=lambda k: not k.endswith("weight"),
-                      default=None)
-        if wrapped is not None:
-            raise SourceModelError(
-                f"{self.label}: {path.parent.name}/{path.name} was saved from a pipeline that still held a LoRA adapter: its weights "
-                f"carry PEFT's wrapper names (e.g. {wrapped!r}), so no module has its plain name and diffusers itself "
-                "would silently re-initialise those layers. Re-save the base model without the adapter: call "
-                "`pipe.unload_lora_weights()` (or `pipe.fuse_lora()` then `pipe.unload_lora_weights()` to keep it "
-                "merged in) before `pipe.save_pretrained(...)`."
-            )
-        return index
-
-    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
-        out: dict[str, tuple[int, ...]] = {}
-        for path in self.files.get(component, []):
-            for key, shape in self._index(path).items():
-                if key.endswith(".weight") and len(shape) in (2, 4):
-                    out[canonical_module(key.removesuffix(".weight"))] = shape
-        return out
-
-    def _locate(self, component: str, module: str) -> tuple[Path, str]:
-        where = self._tensor_files(component)
-        module = canonical_module(module)
-        for key in (f"{module}.weight", f"text_model.{module}.weight"):
-            if key in where:
-                return where[key], key
-        raise SourceModelError(f"{self.label}: {component} has no weight for module {module!r}")
-
-    def weight(self, component: str, module: str) -> torch.Tensor:
-        path, key = self._locate(component, module)
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
-
-    def fingerprint(self, component: str, module: str) -> str:
-        path, key = self._locate(component, module)
-        memo = (*file_identity(path), key)
-        if memo not in _FILE_FINGERPRINTS:
-            _FILE_FINGERPRINTS[memo] = fingerprint(self.weight(component, module))
-        return _FILE_FINGERPRINTS[memo]
-
-    def known_fingerprint(self, component: str, module: str) -> str | None:
-        path, key = self._locate(component, module)
-        return _FILE_FINGERPRINTS.get((*file_identity(path), key))
-
-
-def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:
-    """Safetensors files of one component: a single file, or the shards named by an index; ``[]`` if none.
-
-    ``resolve`` maps a file name relative to the model's root to a local path (``None`` where there is no such file).
-    Raises ``SourceModelError`` if an index names a shard that is missing."""
-    for stem in _WEIGHT_FILES:
-        name = f"{component}/{stem}.{variant}.safetensors" if variant else f"{component}/{stem}.safetensors"
-        index = resolve(f"{name}.index.json")
-        if index is not None:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            found = [resolve(f"{component}/{shard}") for shard in shards]
-            if any(path is None for path in found):
-                raise SourceModelError(f"{where}: a shard listed in {name}.index.json is missing")
-            return found
-        single = resolve(name)
-        if single is not None:
-            return [single]
-    return []

@@ -128,9 +128,26 @@ def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
     ).images
 
 
-def delta_weights(pipe, adapter_name):
-    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened), for one adapter (also on a
-    compiled or sequentially offloaded component)."""
+def hub_cache(root, repo_id, files):
+    """A pre-filled huggingface_hub cache entry for ``repo_id`` (revision main, commit 0…0) under ``root`` holding
+    ``files``: {name in the repo: local path to copy}."""
+    import shutil
+
+    owner, name = repo_id.split("/")
+    repo = root / f"models--{owner}--{name}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for rel, path in files.items():
+        dest = repo / "snapshots" / ("0" * 40) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    return repo
+
+
+def adapter_factors(pipe, adapter_name):
+    """{(component, module): (B, A, scaling)} of one adapter as PEFT holds it: the stored factors as float64 (conv
+    flattened: B ``(out, r)``, A ``(r, in·kh·kw)``) and PEFT's scaling (also on a compiled or sequentially offloaded
+    component)."""
     out = {}
     for component in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
@@ -139,9 +156,10 @@ def delta_weights(pipe, adapter_name):
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and adapter_name in module.lora_A:
-                A, B = _held(module.lora_A[adapter_name]), _held(module.lora_B[adapter_name])
-                d = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1) * module.scaling[adapter_name]
-                out[(component, name.removeprefix("text_model."))] = d.detach().double()
+                A = _held(module.lora_A[adapter_name]).detach().double()
+                B = _held(module.lora_B[adapter_name]).detach().double()
+                out[(component, name.removeprefix("text_model."))] = (
+                    B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1), module.scaling[adapter_name])
     return out
 
 
@@ -150,6 +168,12 @@ def _held(layer):
     if layer.weight.device.type == "meta":
         return layer._hf_hook.weights_map["weight"]
     return layer.weight
+
+
+def delta_weights(pipe, adapter_name):
+    """{(component, module): ΔW} as PEFT applies it (scaling · B @ A, conv flattened; float64 from the stored
+    factors), for one adapter."""
+    return {key: B @ A * scaling for key, (B, A, scaling) in adapter_factors(pipe, adapter_name).items()}
 
 
 def state_of(pipe):

@@ -255,7 +255,8 @@ def test_cli_inspect_refused_format_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_known_hub_id_target_answers_offline_from_the_registry(tmp_path):
     """A known Hub id that is not in the (empty, offline) cache: another family is refused in one line without any
-    download; the same family is compared with the registry's shapes of that family, and says so."""
+    download; the same family is compared with the registry's shapes of that family (the catalogue: no file of the
+    target is needed, online or not), and says so."""
     path = tmp_path / "sd1.safetensors"
     shown, n, _ = write("sd1", "kohya", path)
     cache = str(tmp_path / "hf-cache")
@@ -264,7 +265,8 @@ def test_known_hub_id_target_answers_offline_from_the_registry(tmp_path):
                              "stabilityai/stable-diffusion-xl-base-1.0 is Stable Diffusion XL")
     same = inspect_lora(path, "stable-diffusion-v1-5/stable-diffusion-v1-5", cache_dir=cache)
     assert len(same.applies) == n and same.verdict.startswith(f"all {n} layers apply")
-    assert any("not at hand: compared with Stable Diffusion 1.x's shapes in the registry" in note for note in same.notes)
+    assert ("stable-diffusion-v1-5/stable-diffusion-v1-5: compared with Stable Diffusion 1.x's shapes in the "
+            "registry's catalogue (no file of it read)") in same.notes
 
 
 def test_lora_diffusion_file_of_another_architecture_is_read_against_its_source(toy_files, capsys):

@@ -9,8 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
-    0: ["_version", "errors", "subspace", "report", "plot", "held", "quantized", "weights", "formats.safetensors_check"],
-    1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.database", "registry.blobs", "registry.families",
+    0: ["_version", "errors", "subspace", "report", "plot", "held", "quantized", "weights", "weight_files", "formats.safetensors_check",
+        "hub_access"],
+    1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.database", "registry.blobs",
+        "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya"],

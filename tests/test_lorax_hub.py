@@ -20,7 +20,7 @@ from diffusers_lorax import (
 )
 from diffusers_lorax.adapters import COMPACT_WEIGHT_NAME, STANDALONE_WEIGHT_NAME
 
-from helpers import assert_unchanged, delta_weights, state_of
+from helpers import assert_unchanged, delta_weights, hub_cache, state_of
 
 SOURCE_ID, LORA_ID = "someone/tiny-sd", "someone/lorax-style"
 
@@ -99,28 +99,16 @@ def test_push_refuses_a_folder_without_a_compact_file(tmp_path, api):
     assert api.calls == []
 
 
-def _cache(root, repo_id, files):
-    """A pre-filled huggingface_hub cache entry for ``repo_id`` (revision main) holding ``files``: {name: path}."""
-    owner, name = repo_id.split("/")
-    repo = root / f"models--{owner}--{name}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    for rel, path in files.items():
-        dest = repo / "snapshots" / ("0" * 40) / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
-
-
 def test_repo_id_loads_offline_with_the_source_named_by_the_file(folders, tmp_path):
     cache = tmp_path / "hf-cache"
-    _cache(cache, LORA_ID, {COMPACT_WEIGHT_NAME: folders / "adapter" / COMPACT_WEIGHT_NAME})
+    hub_cache(cache, LORA_ID, {COMPACT_WEIGHT_NAME: folders / "adapter" / COMPACT_WEIGHT_NAME})
     source_files = {str(p.relative_to(folders / "source")): p for p in (folders / "source").rglob("*") if p.is_file()}
     target = toy.finetune(toy.sd_pipeline(seed=0), seed=1)
     before = state_of(target)
     with pytest.raises(SourceModelError, match=SOURCE_ID):  # the source is not in the cache yet
         target.load_lora_weights_cross(None, LORA_ID, cache_dir=str(cache), registry=tmp_path / "registry")
     assert_unchanged(target, before)
-    _cache(cache, SOURCE_ID, source_files)
+    hub_cache(cache, SOURCE_ID, source_files)
     report = target.load_lora_weights_cross(None, LORA_ID, adapter_name="hub", cache_dir=str(cache),
                                             method="lorax", threshold=0.0, registry=tmp_path / "registry")
     assert report.source == f"{SOURCE_ID} (named by the LoRA-X file's metadata)"

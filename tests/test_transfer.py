@@ -423,7 +423,7 @@ def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, regi
 
 def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):
     from diffusers_lorax import weights
-    from diffusers_lorax.weights import SafetensorsWeights
+    from diffusers_lorax.weight_files import SafetensorsWeights
 
     monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # no fingerprints from earlier tests
     read = []

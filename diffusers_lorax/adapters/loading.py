@@ -25,6 +25,7 @@ import torch
 
 from ..errors import SourceMismatchError, SourceModelError
 from ..formats.safetensors_check import read_layout
+from ..hub_access import cache_only
 from ..lora import LoraLayer
 from ..options import LORAX_FILE_METHOD, HubOptions, TransferRequest
 from ..registry import Registry, Transaction
@@ -78,9 +79,10 @@ def _local(path: Path, name: str, options: HubOptions) -> Path | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    try:
+    try:  # the cache alone where the Hub is offline or unreachable (hub_access): no retries to wait through
         return Path(hf_hub_download(str(path), name, subfolder=options.subfolder or None, revision=options.revision,
-                                    token=options.token, cache_dir=options.cache_dir))
+                                    token=options.token, cache_dir=options.cache_dir,
+                                    local_files_only=cache_only()))
     except Exception:  # not there, not cached offline, unreachable: read as a standard LoRA, which reports why
         return None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidLoraError
+from ..hub_access import cache_only, not_in_cache_message, unavailable
 from ..weights import file_identity
 from .safetensors_check import truncation_message, unreadable_message
 
@@ -41,7 +42,8 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
           proxies: dict[str, str] | None = None, **_: Any) -> LoraFile:
     """Read ``lora`` (a state dict, a file, a folder or a Hub repo id) into a :class:`LoraFile`. Raises
     :class:`InvalidLoraError`: missing, empty, truncated or unreadable file (no safetensors header, no PyTorch
-    checkpoint), or (offline) a file not in the local cache."""
+    checkpoint), or a Hub file not in the local cache while the Hub is offline or unreachable (found out in seconds:
+    ``hub_access``)."""
     if isinstance(lora, dict):
         return LoraFile(dict(lora))  # diffusers' converters pop from the dict they are given
     from diffusers.loaders.lora_base import _fetch_state_dict
@@ -56,37 +58,28 @@ def fetch(lora: Any, weight_name: str | None = None, subfolder: str | None = Non
     try:
         state_dict, adapter_metadata, file_metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=lora, weight_name=weight_name, use_safetensors=True,
-            local_files_only=local_files_only, cache_dir=cache_dir, force_download=bool(force_download),
-            proxies=proxies, token=token,
-            revision=revision, subfolder=subfolder, user_agent={"file_type": "attn_procs_weights",
-                                                                "framework": "pytorch"},
+            local_files_only=cache_only(lora, local_files_only), cache_dir=cache_dir,
+            force_download=bool(force_download), proxies=proxies, token=token, revision=revision, subfolder=subfolder,
+            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
             allow_pickle=True, return_file_metadata=True)
     except Exception as err:  # diffusers raises ValueError/OSError/SafetensorError for unreadable LoRAs
-        for read in (_local_file(lora, weight_name, subfolder, any_suffix=True),
-                     _cached_file(lora, weight_name, subfolder, revision, cache_dir)):
+        cached = _cached_file(lora, weight_name, subfolder, revision, cache_dir)
+        for read in (_local_file(lora, weight_name, subfolder, any_suffix=True), cached):
             if read is not None:
                 _check_truncated(read)
                 _check_readable(read, err)
-        if local is None and offline() and not Path(str(lora)).exists():
-            raise InvalidLoraError(
-                f"cannot read the LoRA {label}: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and "
-                f"{'the file ' + repr(weight_name) if weight_name else 'the file'} of the repo is not in the local "
-                f"cache ({cache_dir or 'the default cache'}). Download it once with network access (e.g. "
-                f"`hf download {lora}{' ' + weight_name if weight_name else ''}`), pass a local file, "
-                + ("" if weight_name else "or pass weight_name (offline, the repo's file list cannot be fetched), ")
-                + "or unset HF_HUB_OFFLINE") from err
+        hub = local is None and cached is None and not Path(str(lora)).exists()
+        reason = unavailable(err) if hub else None
+        if reason is not None:  # the Hub could not be asked: not a missing file, whatever diffusers made of it
+            raise InvalidLoraError(not_in_cache_message(
+                reason, f"the LoRA {label}", f"{'the file ' + repr(weight_name) if weight_name else 'the file'} of "
+                "the repo", cache_dir, f"{lora}{' ' + weight_name if weight_name else ''}",
+                "a local file" + ("" if weight_name else ", or pass weight_name (without the Hub, the repo's file list "
+                                                         "cannot be fetched)"))) from err
         raise InvalidLoraError(f"diffusers could not read the LoRA {label}: {type(err).__name__}: {err}") from err
     read = local or _cached_file(lora, weight_name, subfolder, revision, cache_dir)
     return LoraFile(state_dict, adapter_metadata, dict(file_metadata or {}), label,
                     file_identity(read) if read is not None else None)
-
-
-def offline() -> bool:
-    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE``, as huggingface_hub reads it): files are
-    then served from the local cache only. The one test for it (``models.py`` uses it too)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or constants.is_offline_mode()
 
 
 def _missing_path(lora: Any) -> bool:
@@ -154,8 +147,9 @@ def file_metadata(lora: Any, weight_name: str | None = None, subfolder: str | No
     try:
         out = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=lora, weight_name=weight_name, use_safetensors=True,
-            local_files_only=None, cache_dir=cache_dir, force_download=False, proxies=None, token=token,
-            revision=revision, subfolder=subfolder, user_agent={}, allow_pickle=False, return_file_metadata=True)
+            local_files_only=cache_only(lora, None), cache_dir=cache_dir, force_download=False, proxies=None,
+            token=token, revision=revision, subfolder=subfolder, user_agent={}, allow_pickle=False,
+            return_file_metadata=True)
     except Exception:  # best effort: the LoRA itself was read already
         return {}
     return dict(out[2] or {}) if len(out) == 3 else {}

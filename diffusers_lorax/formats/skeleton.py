@@ -1,6 +1,8 @@
 """Today's diffusers/transformers module trees, built on the ``meta`` device (no memory, no weights): what the legacy
 formats need from a base model without reading it.
 
+- :func:`meta_model` builds a diffusers or transformers model class from its ``config.json`` (what a Hub source's
+  layer shapes are read from when no weight file is needed), cached per config.
 - :func:`meta_unet` builds ``UNet2DConditionModel`` from a UNet config (SD 1.x in ~0.06 s, SDXL in ~0.2 s here),
   cached per config: module names, classes, kernel sizes, and their registration order (``named_modules``).
 - :func:`meta_clip` builds a ``CLIPTextModel`` of given widths and depth, cached.
@@ -35,25 +37,43 @@ KNOWN_UNETS = {
 }
 
 
+def meta_model(library: str, class_name: str, config: dict | str) -> torch.nn.Module | None:
+    """The model ``class_name`` of ``library`` (``"diffusers"`` or ``"transformers"``, as ``model_index.json``
+    names a component) built from ``config`` (its ``config.json``: a dict or the file's text) on the meta device,
+    cached per config; ``None`` for another library, a class that is not a diffusers ``ModelMixin`` or transformers
+    ``PreTrainedModel``, or a config the class cannot be built from (the caller reads the shapes elsewhere)."""
+    text = config if isinstance(config, str) else json.dumps(dict(config), sort_keys=True, default=str)
+    return _meta_model(library, class_name, text)
+
+
+@lru_cache(maxsize=8)
+def _meta_model(library: str, class_name: str, config_json: str) -> torch.nn.Module | None:
+    if library == "diffusers":
+        import diffusers
+
+        cls, base = getattr(diffusers, class_name, None), diffusers.ModelMixin
+    elif library == "transformers":
+        import transformers
+
+        cls, base = getattr(transformers, class_name, None), transformers.PreTrainedModel
+    else:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, base)):  # only a model class of the library is ever built
+        return None
+    try:
+        config = json.loads(config_json)
+        with torch.device("meta"):
+            return cls.from_config(config) if library == "diffusers" else cls(cls.config_class.from_dict(config))
+    except Exception:  # a config of another class, or one this library version cannot build
+        return None
+
+
 def meta_unet(unet_config: Any) -> torch.nn.Module | None:
     """A ``UNet2DConditionModel`` of ``unet_config`` (a dict or diffusers ``FrozenDict``) on the meta device, or
     ``None`` without a config or when diffusers cannot build one from it."""
     if not unet_config:
         return None
-    text = json.dumps({k: v for k, v in dict(unet_config).items()}, sort_keys=True, default=str)
-    return _meta_unet(text)
-
-
-@lru_cache(maxsize=4)
-def _meta_unet(config_json: str) -> torch.nn.Module | None:
-    from diffusers import UNet2DConditionModel
-
-    config = json.loads(config_json)
-    try:
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-    except Exception:  # a config of another model class: the caller says what it needed it for
-        return None
+    return meta_model("diffusers", "UNet2DConditionModel", unet_config)
 
 
 @lru_cache(maxsize=8)
