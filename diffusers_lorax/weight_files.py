@@ -119,6 +119,8 @@ class LazyWeights:
     one tensor at a time. Raises :class:`SourceModelError` from the first value asked of a component when its files
     cannot be had or disagree with the shapes given before (a config that does not describe its weights)."""
 
+    device = None  # read on the CPU
+
     def __init__(self, label: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]]],
                  files_of: Callable[[str], list[Path]]):
         self.label = label
