@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import LoraxError
+from .weights import canonical_module
 
 if TYPE_CHECKING:
     from .report import LayerReport, TransferReport
@@ -44,7 +45,7 @@ def require_matplotlib() -> Any:
 def depth_key(layer: LayerReport) -> tuple:
     """Sort key of a layer along the network's depth: component (text encoders first), stage (down, mid, up), then
     the module path with its block indices compared as numbers."""
-    module = layer.module.removeprefix("text_model.")
+    module = canonical_module(layer.module)
     head = module.split(".")[0]
     parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", module))
     return COMPONENTS.get(layer.component, 3), STAGES.get(head, 5 if layer.component.startswith("unet") else 0), parts
@@ -54,11 +55,6 @@ def status(layer: LayerReport) -> str:
     """``"applied"`` or the skip reason without its details (the text before the first ``:`` or ``(``), as the
     summary groups them."""
     return APPLIED if layer.applied else (re.sub(r"\s*\(.*$", "", layer.reason.split(":")[0]) or "not matched")
-
-
-def remapped(layer: LayerReport) -> bool:
-    """Whether the layer went to (or was matched with) another target module than its own name."""
-    return bool(layer.target_module) and layer.target_module != layer.module.removeprefix("text_model.")
 
 
 def _short(model: str) -> str:
@@ -115,7 +111,7 @@ def _status_panel(ax: Any, layers: list[LayerReport]) -> None:
             colour = APPLIED_COLOUR if kind == APPLIED else next(colours)
             ax.scatter(xs, [0] * len(xs), s=40, marker="|" if len(layers) > 150 else "s", color=colour,
                        label=f"{kind} ({len(xs)})", gid="status")
-    moved = [i for i, r in enumerate(layers) if remapped(r)]
+    moved = [i for i, r in enumerate(layers) if r.renamed]
     if moved:
         ax.scatter(moved, [0.6] * len(moved), s=22, marker="v", color="k",
                    label=f"→ another target module ({len(moved)})", gid="remapped")

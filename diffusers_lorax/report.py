@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .weights import canonical_module
+
 
 @dataclass
 class LayerReport:
@@ -38,6 +40,12 @@ class LayerReport:
     #: ``energy`` = ‖B A‖_F² / ‖ΔW‖_F², the share of its update the truncated SVD kept (``r`` is then that SVD's rank).
     origin: str | None = None
     energy: float | None = None
+
+    @property
+    def renamed(self) -> bool:
+        """Whether the layer went to a target module of another name than its own (canonical names compared: a
+        text encoder's ``text_model.`` level is not a rename)."""
+        return bool(self.target_module) and self.target_module != canonical_module(self.module)
 
 
 @dataclass
@@ -124,7 +132,7 @@ class TransferReport:
         rows = [head + (f" {'energy':>8}" if energy else "") + (f" {'scale':>6}" if scale else "") + "  status"]
         for r in self.layers:
             name = r.component + " " + r.module
-            if r.target_module and r.target_module != r.module.removeprefix("text_model."):
+            if r.renamed:
                 name += f" → {r.target_module}"
             shape = "x".join(str(d) for d in r.shape)
             ranks = f"{r.r}→{r.r_out}" if r.r_out is not None else str(r.r)
@@ -184,7 +192,7 @@ def _matched(layers: list[LayerReport]) -> list[str]:
             ways[row.matched_by] = ways.get(row.matched_by, 0) + 1
     if not ways or set(ways) == {"name"}:
         return []
-    renamed = sum(1 for row in layers if row.target_module and row.target_module != row.module)
+    renamed = sum(row.renamed for row in layers)
     return ["  matched: " + ", ".join(f"{n} by {way}" if way != "folded" else f"{n} folded"
                                       for way, n in sorted(ways.items(), key=lambda item: -item[1]))
             + (f"; {renamed} sent to a target module of another name (table(): target module)" if renamed else "")]

@@ -9,7 +9,7 @@ import pytest
 
 from diffusers_lorax import transfer_lora
 from diffusers_lorax.cli import main
-from diffusers_lorax.plot import PlotDependencyError, depth_key, remapped
+from diffusers_lorax.plot import PlotDependencyError, depth_key
 from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.report import LayerReport
 
@@ -55,7 +55,7 @@ def test_cli_plot_of_a_projection_to_the_renamed_student(tmp_path, capsys):
     fig = report.plot()
     n = len(report.layers)
     assert points(fig, "status") == n == 80
-    moved = sum(remapped(r) for r in report.layers)
+    moved = sum(r.renamed for r in report.layers)
     assert moved > 0 and points(fig, "remapped") == moved  # the student's renamed layers are marked
     assert phi_points(fig)["Φ_U"] == sum(r.phi_u is not None for r in report.layers) > 0
 

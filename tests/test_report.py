@@ -58,3 +58,24 @@ def test_copy_summary_has_no_projection_options():
     report = TransferReport(source="s", target="t", lora="l", method="copy", rank=0.5, threshold=0.9,
                             layers=[LayerReport("unet", "a", (4, 4), 2, applied=True, kept=1.0)])
     assert report.summary().splitlines()[0] == "LoRA transfer (copy): 1 of 1 layers applied, 0 skipped"
+
+
+def test_text_encoder_layers_are_not_counted_as_renamed(tmp_path):
+    """The testbed's text-encoder LoRA layers are named ``text_model.encoder…`` and their target modules
+    ``encoder…`` (transformers 5 dropped the level): the same module, not one of another name. Only the renamed
+    student's 12 renamed UNet layers count, in the summary as in the table."""
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.quality import ASSETS
+
+    lora = ASSETS / "loras" / "slant-source.safetensors"
+    counts = {}
+    for target in ("target-distilled", "target-renamed"):
+        _, report = transfer_lora(ASSETS / "source", ASSETS / target, lora, registry=tmp_path / "reg")
+        text = [r for r in report.layers if r.component == "text_encoder"]
+        assert len(text) == 8 and all(r.applied and r.module == "text_model." + r.target_module for r in text)
+        counts[target] = sum(" → " in line for line in report.table().splitlines())  # where a layer went
+        said = f"; {counts[target]} sent to a target module of another name"
+        assert (said in report.summary()) == (counts[target] > 0)
+        assert ("sent to a target module" in report.summary()) == (counts[target] > 0)
+        assert not any(r.renamed for r in text) and sum(r.renamed for r in report.layers) == counts[target]
+    assert counts == {"target-distilled": 0, "target-renamed": 12}
