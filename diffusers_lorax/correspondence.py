@@ -89,6 +89,12 @@ def relatedness(phi: float, k: int, d: int) -> float | None:
     return None if k >= d else (phi - k / d) / (1 - k / d)
 
 
+def phi_at(rho: float, k: int, d: int) -> float:
+    """The Φ of relatedness ``rho`` (the inverse of :func:`relatedness`): ``k/d + rho (1 − k/d)``; e.g. the Φ a side
+    of ``d`` rows (or columns) needs at ``k`` to pass the gate :data:`MATCH_THRESHOLD`."""
+    return k / d + rho * (1 - k / d)
+
+
 def score(phi_u: float, phi_v: float, k: int, shape: tuple[int, ...]) -> float:
     """``min(ρ_U, ρ_V)`` of a pair of weights of ``shape`` (conv flattened), over the sides that carry information."""
     m, n = shape[0], int(torch.Size(shape[1:]).numel())
@@ -263,6 +269,7 @@ def correspond(layers: list[LoraLayer], weights: dict[str, BaseModelWeights], ru
 
     Raises :class:`NoMatchingLayersError` when no layer has a related module in the target, and
     :class:`~diffusers_lorax.errors.SourceModelError` when a base weight holds NaN or Inf."""
+    report.match_threshold, report.match_rank = MATCH_THRESHOLD, MATCH_RANK
     found = Correspondence(layers, weights)
     src, tgt = found.fingerprints()
     key = correspondence_key(found, src, tgt, rule)

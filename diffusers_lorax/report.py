@@ -63,6 +63,11 @@ class TransferReport:
     #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
     lora_format: str | None = None
     adapter_name: str | None = None
+    #: Where layers were matched by subspace similarity (``correspondence.py``): the gate they passed, the least
+    #: relatedness min(ρ_U, ρ_V) (Φ over its chance level; not the projections' ``threshold``), and the rank of the
+    #: bases compared. ``None`` where layers were matched by name.
+    match_threshold: float | None = None
+    match_rank: int | float | None = None
     layers: list[LayerReport] = field(default_factory=list)
     bases_cached: int = 0
     bases_computed: int = 0
@@ -85,6 +90,24 @@ class TransferReport:
         return [layer for layer in self.layers if not layer.applied]
 
     @property
+    def projected(self) -> bool:
+        """Whether the method projects onto SVD bases, so that ``rank`` and ``threshold`` were used (``copy`` uses
+        neither, whatever they were set to)."""
+        from .methods import METHODS  # lazy: the method table imports torch
+
+        method = METHODS.get(self.method)
+        return method is not None and method.needs_bases
+
+    @property
+    def gate(self) -> str:
+        """The tests a layer passed to be applied, in words: the projections' rank and Φ threshold, and the
+        relatedness gate of matching by similarity; ``""`` for a copy matched by name."""
+        parts = [f"rank={self.rank}, threshold={self.threshold}"] if self.projected else []
+        if self.match_threshold is not None:
+            parts.append(f"matched by similarity: relatedness ≥ {self.match_threshold} at rank {self.match_rank}")
+        return "; ".join(parts)
+
+    @property
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
 
@@ -97,8 +120,8 @@ class TransferReport:
         family, similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
         are :meth:`table`; :meth:`to_dict` keeps everything."""
         lines = [
-            f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if any(
-                r.k is not None for r in self.layers) else "") + f"): {len(self.applied)} of {len(self.layers)} "
+            f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if self.projected
+                                               else "") + f"): {len(self.applied)} of {len(self.layers)} "
             f"layers applied" + (f" as adapter {self.adapter_name!r}" if self.adapter_name else "")
             + f", {len(self.skipped)} skipped",
             f"  source: {self.source}",
@@ -106,8 +129,8 @@ class TransferReport:
             f"  lora:   {self.lora} [{self.lora_format + '; ' if self.lora_format else ''}"
             f"fits {self.lora_family or 'no known family'}]",
         ]
-        lines += _refactorised(self.layers) + _skipped(self.skipped) + _matched(self.layers)
-        lines += _ranges(self.applied) + _calibration(self)
+        lines += _refactorised(self.layers) + _skipped(self.skipped) + _matched(self)
+        lines += _ranges(self.applied, "similarity" if self.projected else "match similarity") + _calibration(self)
         lines.append(
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; similarities: "
             f"{self.similarities_cached} from cache, {self.similarities_computed} computed"
@@ -185,24 +208,26 @@ def _skipped(skipped: list[LayerReport], most: int = 3) -> list[str]:
     return lines
 
 
-def _matched(layers: list[LayerReport]) -> list[str]:
+def _matched(report: TransferReport) -> list[str]:
     ways: dict[str, int] = {}
-    for row in layers:
+    for row in report.layers:
         if row.matched_by:
             ways[row.matched_by] = ways.get(row.matched_by, 0) + 1
     if not ways or set(ways) == {"name"}:
         return []
-    renamed = sum(row.renamed for row in layers)
-    return ["  matched: " + ", ".join(f"{n} by {way}" if way != "folded" else f"{n} folded"
-                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))
+    renamed = sum(row.renamed for row in report.layers)
+    gate = (f" (gate: relatedness ≥ {report.match_threshold} at rank {report.match_rank})"
+            if report.match_threshold is not None else "")
+    return ["  matched: " + ", ".join(f"{n} by {way}{gate if way == 'similarity' else ''}" if way != "folded"
+                                      else f"{n} folded" for way, n in sorted(ways.items(), key=lambda item: -item[1]))
             + (f"; {renamed} sent to a target module of another name (table(): target module)" if renamed else "")]
 
 
-def _ranges(applied: list[LayerReport]) -> list[str]:
+def _ranges(applied: list[LayerReport], similarity: str) -> list[str]:
     parts = []
     phi = [r for r in applied if r.phi_u is not None and r.phi_v is not None]
     if phi:
-        parts.append(f"similarity Φ_U {_span([r.phi_u for r in phi])}, Φ_V {_span([r.phi_v for r in phi])}")
+        parts.append(f"{similarity} Φ_U {_span([r.phi_u for r in phi])}, Φ_V {_span([r.phi_v for r in phi])}")
     kept = [r.kept for r in applied if r.kept is not None]
     if kept:
         parts.append(f"kept ‖ΔW_t‖/‖ΔW_s‖ {_span(kept)}")
