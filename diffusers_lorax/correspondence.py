@@ -35,6 +35,7 @@ from .matching import Matches
 from .options import DEFAULT_RANK
 from .projection import Bases
 from .report import TransferReport
+from .subspace import relatedness
 from .weights import BaseModelWeights, fingerprints
 
 #: Truncation of the bases compared: k = this fraction of ``min(m, n)`` (the projections' default rank).
@@ -81,18 +82,6 @@ def slot(module: str, n_up: int) -> Slot:
         else:
             kind.append(part)
     return Slot(stage, ".".join(kind), tuple(position))
-
-
-def relatedness(phi: float, k: int, d: int) -> float | None:
-    """``(Φ − k/d) / (1 − k/d)``: 0 for subspaces as alike as random ones, 1 for the same subspace; ``None`` when
-    ``k = d`` (Φ is then 1 for any pair and says nothing)."""
-    return None if k >= d else (phi - k / d) / (1 - k / d)
-
-
-def phi_at(rho: float, k: int, d: int) -> float:
-    """The Φ of relatedness ``rho`` (the inverse of :func:`relatedness`): ``k/d + rho (1 − k/d)``; e.g. the Φ a side
-    of ``d`` rows (or columns) needs at ``k`` to pass the gate :data:`MATCH_THRESHOLD`."""
-    return k / d + rho * (1 - k / d)
 
 
 def score(phi_u: float, phi_v: float, k: int, shape: tuple[int, ...]) -> float:

@@ -113,9 +113,9 @@ def _similarity_panel(ax: Any, report: TransferReport, layers: list[LayerReport]
 
 
 def _gate_marks(ax: Any, rho: float, layers: list[LayerReport]) -> None:
-    """Per layer and side, the Φ at which its relatedness reaches ``rho`` (``correspondence.phi_at``: it depends on
-    k and the side's dimension), as a dash in the side's colour."""
-    from .correspondence import phi_at  # lazy: the correspondence imports torch
+    """Per layer and side, the Φ at which its relatedness reaches ``rho`` (:func:`~diffusers_lorax.subspace.phi_at`:
+    it depends on k and the side's dimension), as a dash in the side's colour."""
+    from .subspace import phi_at  # lazy: the math imports torch
 
     for attr, side, dim in (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:]))):
         marks = [(i, phi_at(rho, r.k, dim(r))) for i, r in enumerate(layers)

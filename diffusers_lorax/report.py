@@ -58,6 +58,9 @@ class TransferReport:
     method: str
     rank: int | float
     threshold: float
+    #: Whether the method projects onto SVD bases, so that ``rank`` and ``threshold`` were used (``copy`` uses
+    #: neither, whatever they were set to; the header and the plot then name neither).
+    projected: bool = False
     lora_family: str | None = None
     target_family: str | None = None
     #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
@@ -88,15 +91,6 @@ class TransferReport:
     @property
     def skipped(self) -> list[LayerReport]:
         return [layer for layer in self.layers if not layer.applied]
-
-    @property
-    def projected(self) -> bool:
-        """Whether the method projects onto SVD bases, so that ``rank`` and ``threshold`` were used (``copy`` uses
-        neither, whatever they were set to)."""
-        from .methods import METHODS  # lazy: the method table imports torch
-
-        method = METHODS.get(self.method)
-        return method is not None and method.needs_bases
 
     @property
     def gate(self) -> str:

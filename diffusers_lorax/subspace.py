@@ -134,6 +134,18 @@ def subspace_similarity(Q_s: torch.Tensor, Q_t: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(Q_s.T @ Q_t) ** 2 / k)
 
 
+def relatedness(phi: float, k: int, d: int) -> float | None:
+    """``(Φ − k/d) / (1 − k/d)``: 0 for subspaces as alike as random ones, 1 for the same subspace; ``None`` when
+    ``k = d`` (Φ is then 1 for any pair and says nothing)."""
+    return None if k >= d else (phi - k / d) / (1 - k / d)
+
+
+def phi_at(rho: float, k: int, d: int) -> float:
+    """The Φ of relatedness ``rho`` (the inverse of :func:`relatedness`): ``k/d + rho (1 − k/d)``; e.g. the Φ a side
+    of ``d`` rows (or columns) needs at ``k`` to pass the layer-matching gate (``correspondence.MATCH_THRESHOLD``)."""
+    return k / d + rho * (1 - k / d)
+
+
 def project_lorax(B: torch.Tensor, A: torch.Tensor, target: Basis) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-X transfer ``ΔW_t = U_t U_tᵀ ΔW_s V_t V_tᵀ`` (LoRA-X, ICLR 2025: the transfer by projection) on factors.
 

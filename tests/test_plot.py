@@ -137,7 +137,8 @@ def test_copy_matched_by_similarity_shows_the_gate_it_passed(tmp_path):
     assert "(copy; matched by similarity: relatedness ≥ 0.35 at rank 0.5)" in sim.get_title()
     marks = {c.get_label(): c.get_offsets() for c in sim.collections if c.get_gid() == "gate"}
     assert set(marks) == {"gate of Φ_U: relatedness 0.35", "gate of Φ_V: relatedness 0.35"}
-    from diffusers_lorax.correspondence import MATCH_THRESHOLD, phi_at
+    from diffusers_lorax.correspondence import MATCH_THRESHOLD
+    from diffusers_lorax.subspace import phi_at
 
     layers = sorted(report.layers, key=depth_key)
     for attr, label, dim in (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:]))):

@@ -23,7 +23,7 @@ def big_report(n=300):
             row.origin, row.energy = "LyCORIS LoKr", 1 - i / 1e9
         layers.append(row)
     return TransferReport(source="src", target="tgt", lora="lora.safetensors", method="prolora", rank=0.5,
-                          threshold=0.9, lora_family="Stable Diffusion 1.x (300/300 layer shapes match)",
+                          threshold=0.9, projected=True, lora_family="Stable Diffusion 1.x (300/300 layer shapes match)",
                           lora_format="LyCORIS LoKr, kohya", layers=layers, bases_cached=3, bases_computed=5,
                           calibration={"rule": "global", "cached": False}, seconds={"read": 0.1, "bases": 1.0})
 
