@@ -1,6 +1,7 @@
 """The lorax command line: transfer files to a standard LoRA file; clear errors; the demo."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,12 +98,12 @@ def test_demo_runs_offline(tmp_path, capsys):
 
 def test_only_user_errors_are_caught(files, tmp_path, monkeypatch, capsys):
     """A LoraxError is a one-line exit 2; anything else is a bug and keeps its traceback."""
-    from diffusers_lorax import cli
+    from diffusers_lorax import transfer
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(cli, "transfer_lora", broken)
+    monkeypatch.setattr(transfer, "transfer_lora", broken)  # the command imports it when it runs
     args = ["transfer", str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o",
             str(tmp_path / "o.safetensors")]
     with pytest.raises(ValueError, match="an internal bug"):
@@ -110,3 +111,59 @@ def test_only_user_errors_are_caught(files, tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert main(["transfer", str(tmp_path / "missing"), *args[2:]]) == 2
     assert "lorax: error: " in capsys.readouterr().err
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(files, tmp_path, monkeypatch, capsys):
+    """``-o DIR`` (and a path under a file, for --json and --plot too) is one line and exit 2 before the transfer
+    runs, not a traceback after it."""
+    from diffusers_lorax import transfer
+
+    calls = []
+    monkeypatch.setattr(transfer, "transfer_lora", lambda *a, **k: calls.append(a) or pytest.fail("transfer ran"))
+    (tmp_path / "afile").write_text("x")
+    args = [str(files / "source"), str(files / "target"), str(files / "lora.safetensors")]
+    cases = {("-o", str(tmp_path)): f"-o {tmp_path} is a folder: give the file to write, e.g. -o "
+                                    f"{tmp_path / 'transferred.safetensors'}",
+             ("-o", str(tmp_path / "afile" / "x.safetensors")): f"{tmp_path / 'afile'} is a file, not a folder"}
+    ok = ["-o", str(tmp_path / "new" / "out.safetensors")]
+    cases[(*ok, "--json", str(tmp_path))] = f"--json {tmp_path} is a folder"
+    cases[(*ok, "--plot", str(tmp_path / "afile" / "r.png"))] = "is a file, not a folder"
+    for options, said in cases.items():
+        assert main(["transfer", *args, *options]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lorax: error: ") and said in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert calls == [] and not (tmp_path / "new").exists()
+
+
+def test_commands_that_need_no_model_import_neither_torch_nor_diffusers(tmp_path):
+    """``lorax registry path``, ``--help`` and an argument error answer without importing torch or diffusers (seconds
+    each, minutes on busy cores), and ``import diffusers_lorax`` still adds ``load_lora_weights_cross`` to diffusers'
+    pipelines when diffusers is imported after it."""
+    import subprocess
+    import sys
+
+    script = """
+import contextlib, io, sys
+from diffusers_lorax.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    assert main(["registry", "path", "--registry", sys.argv[1]]) == 0
+assert out.getvalue().strip() == sys.argv[1], out.getvalue()
+for argv in (["--help"], ["transfer", "a", "b"]):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "diffusers", "transformers", "sqlalchemy") if m in sys.modules))
+import diffusers_lorax
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+assert StableDiffusionPipeline.load_lora_weights_cross is diffusers_lorax.load_lora_weights_cross
+assert StableDiffusionXLPipeline.load_lora_weights_cross is diffusers_lorax.load_lora_weights_cross
+print("installed")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "reg")], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["[]", "installed"], done.stdout
+    assert not (tmp_path / "reg").exists()  # path only says where it is

@@ -9,8 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
-    0: ["_version", "errors", "subspace", "report", "plot", "weights", "formats.safetensors_check"],
-    1: ["methods", "options", "lora", "registry", "registry.database", "registry.blobs", "registry.families",
+    0: ["_version", "_lazy", "errors", "subspace", "report", "plot", "weights", "formats.safetensors_check"],
+    1: ["methods", "options", "lora", "registry", "registry.location", "registry.database", "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
         "formats.lycoris", "formats.lora_diffusion"],
@@ -18,7 +18,7 @@ LAYERS = {
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection"],
-    4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "quality", "quality.data", "quality.classifiers",
+    4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "quality", "quality.data", "quality.classifiers",
         "quality.evaluate"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
