@@ -33,6 +33,7 @@ from .errors import NoMatchingLayersError
 from .lora import LoraLayer
 from .matching import Matches
 from .options import DEFAULT_RANK
+from .progress import progress
 from .projection import Bases
 from .report import TransferReport
 from .subspace import relatedness
@@ -156,12 +157,10 @@ class Correspondence:
     def _compute(self, todo, src, tgt, registry, txn, report) -> None:
         """Φ of the pairs in ``todo`` (group -> [(layer, candidate)]) from the bases, each weight's basis read or
         computed once (:class:`~diffusers_lorax.projection.Bases`) and staged in ``txn`` with the similarities."""
-        from diffusers.utils.logging import tqdm
-
         bases = Bases(registry, txn, self.layers, {}, {}, {}, self.weights, report)
         bases.prefetch({(fp, self.ks[i]) for group in todo.values() for i, key in group for fp in (src[i], tgt[key])})
         bases.on_device_of(next(iter(todo.values()))[0][1])
-        for group in tqdm(list(todo.values()), desc="layer correspondence", disable=len(todo) < 8):
+        for group in progress(list(todo.values()), desc="layer correspondence", worth_it=len(todo) >= 8):
             k = self.ks[group[0][0]]
             targets = {key: bases.basis("target", key, tgt[key], k) for _, key in group}
             by_layer: dict[int, list[Key]] = {}

@@ -19,6 +19,7 @@ from .errors import SourceModelError
 from .lora import LoraLayer
 from .matching import Matches
 from .options import TransferConfig
+from .progress import progress
 from .registry import Registry, Transaction
 from .registry.store import StoredBasis
 from .report import PhaseClock, TransferReport
@@ -78,12 +79,10 @@ def transfer_layers(
 
 
 def _project(layers, matched, bases: Bases, config, report, registry, txn) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from diffusers.utils.logging import tqdm
-
     sims = registry.get_similarities({(*bases.fps[i], bases.ks[i]) for i in matched})
     report.similarities_cached += len(sims)
     factors = {}
-    for i in tqdm(matched, desc="bases and projection", disable=bases.missing < 8):
+    for i in progress(matched, desc="bases and projection", worth_it=bases.missing >= 8):
         row, pair, layer_bases = report.layers[i], (*bases.fps[i], bases.ks[i]), LayerBases(bases, i)
         if pair not in sims:
             sims[pair] = txn.similarities[pair] = (

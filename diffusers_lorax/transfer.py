@@ -34,6 +34,7 @@ from .projection import transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
 from .report import LayerReport, PhaseClock, TransferReport
+from .umask import as_user_file
 
 logger = logging.get_logger(__name__)
 
@@ -181,7 +182,8 @@ def save_transferred(
     state_dict: dict[str, torch.Tensor], target: Any, path: str | os.PathLike, report: TransferReport | None = None
 ) -> Path:
     """Write a transferred state dict as a standard diffusers LoRA file with the target pipeline class's own
-    ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors). Returns the file's path.
+    ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors), with the mode the user's umask
+    gives (:func:`~diffusers_lorax.umask.as_user_file`). Returns the file's path.
     Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +198,7 @@ def save_transferred(
         safe_serialization=True,
         **{f"{component}_lora_layers": sd for component, sd in layers.items()},
     )
+    as_user_file(path)
     if report is not None:
         logger.info(f"wrote {path}: {len(report.applied)} layers transferred with {report.method}")
     return path

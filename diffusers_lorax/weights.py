@@ -22,6 +22,7 @@ import xxhash
 from safetensors import safe_open
 
 from .errors import SourceModelError
+from .progress import progress
 
 _WEIGHT_FILES = ("diffusion_pytorch_model", "model")
 
@@ -84,8 +85,6 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
     """:meth:`BaseModelWeights.fingerprint` of every ``(component, module)`` of ``keys``: those known without
     reading (a warm call) in this thread, the others hashed on every core (XXH3 at memory speed; each thread holds
     one weight at a time), with a progress bar from 64 weights. Raises ``SourceModelError`` for an absent one."""
-    from diffusers.utils.logging import tqdm
-
     out = {key: weights.known_fingerprint(*key) for key in dict.fromkeys(keys)}
     todo = [key for key, value in out.items() if value is None]
     if len(todo) == 1:
@@ -93,8 +92,8 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
     elif todo:  # a thread pool costs more than a memo lookup: only for weights that must be read
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
             jobs = pool.map(lambda key: weights.fingerprint(*key), todo)
-            out.update(zip(todo, tqdm(jobs, total=len(todo), desc=f"fingerprints ({weights.label})",
-                                      disable=len(todo) < 64)))
+            out.update(zip(todo, progress(jobs, total=len(todo), desc=f"fingerprints ({weights.label})",
+                                          worth_it=len(todo) >= 64)))
     return out
 
 

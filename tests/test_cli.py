@@ -167,3 +167,75 @@ print("installed")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["[]", "installed"], done.stdout
     assert not (tmp_path / "reg").exists()  # path only says where it is
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_follow_the_terminal_and_both_switches(tmp_path, monkeypatch, capfd):
+    """The layer-correspondence bar (36 groups of the testbed's distilled target) shows on a terminal only: not in a
+    script's log, not after ``diffusers.utils.logging.disable_progress_bar()``, not after huggingface_hub's
+    ``disable_progress_bars()``."""
+    import sys
+
+    from diffusers.utils import logging as dlogging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.quality import ASSETS
+
+    if are_progress_bars_disabled():
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set: no bar can be switched on")
+
+    def bars(registry, terminal):
+        if terminal:
+            monkeypatch.setattr(sys, "stderr", _Terminal())
+        capfd.readouterr()
+        transfer_lora(ASSETS / "source", ASSETS / "target-distilled", ASSETS / "loras" / "slant-source.safetensors",
+                      registry=tmp_path / registry)  # a new registry: the correspondence is computed
+        written = "".join(sys.stderr.text) if terminal else capfd.readouterr().err
+        monkeypatch.undo()
+        return "layer correspondence" in written
+
+    assert not bars("log", terminal=False)  # a script's stderr (not a terminal): no bar
+    assert bars("tty", terminal=True)
+    dlogging.disable_progress_bar()
+    try:
+        assert not bars("off-diffusers", terminal=True)
+    finally:
+        dlogging.enable_progress_bar()
+    disable_progress_bars()
+    try:
+        assert not bars("off-hub", terminal=True)
+    finally:
+        enable_progress_bars()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_written_lora_gets_the_mode_the_umask_gives(tmp_path, umask):
+    """safetensors writes 0600 files; the transferred LoRA gets what any file the user creates gets (0644, 0640)."""
+    import os
+
+    from diffusers_lorax.quality import ASSETS
+
+    out = tmp_path / "out.safetensors"
+    before = os.umask(umask)
+    try:
+        assert main(["transfer", str(ASSETS / "source"), str(ASSETS / "target-finetune"),
+                     str(ASSETS / "loras" / "slant-source.safetensors"), "-o", str(out)]) == 0
+    finally:
+        os.umask(before)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask

@@ -31,6 +31,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import LoraxFileError
+from ..umask import as_user_file
 from ..weights import file_identity
 from .config import LoraXConfig
 from .layers import LoraXCore
@@ -156,6 +157,7 @@ def save_lorax_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "lorax": text,
                                             "digest": digest(tensors)})
+    as_user_file(path)  # safetensors leaves 0600
     return path
 
 
