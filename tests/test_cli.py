@@ -239,3 +239,34 @@ def test_the_written_lora_gets_the_mode_the_umask_gives(tmp_path, umask):
     finally:
         os.umask(before)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_demo_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """Without ``--workdir`` the demo's temporary directory (its registry, about 30 MB) is removed at the end, and on
+    an error; the evaluation itself is stubbed here (``test_demo_runs_offline`` runs it)."""
+    import tempfile
+
+    from diffusers_lorax.quality import classifiers, evaluate
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(classifiers, "Scorers", lambda: None)
+    seen = []
+
+    def evaluate_target(target, methods, digits, seeds, scorers, registry):
+        seen.append(registry.directory)
+        (registry.directory / "bases.bin").write_bytes(b"x" * 1000)
+        return [], []
+
+    monkeypatch.setattr(evaluate, "evaluate_target", evaluate_target)
+    monkeypatch.setattr(evaluate, "grid", lambda sections, seeds, path: path.write_bytes(b"png"))
+    assert main(["demo"]) == 0
+    assert "images and registry not kept: lorax demo --workdir DIR" in capsys.readouterr().out
+    assert len(seen) == 2 and seen[0].parent.name.startswith("lorax-demo-") and list(tmp_path.iterdir()) == []
+
+    def broken(*args):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(evaluate, "evaluate_target", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(["demo"])
+    assert list(tmp_path.iterdir()) == []
