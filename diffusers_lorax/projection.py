@@ -193,6 +193,22 @@ class LayerBases:
         return self.bases.get("target", self.i)
 
 
+def record_dtypes(layers: list[LoraLayer], matched: Matches, weights: dict[str, BaseModelWeights],
+                  state_dict: dict[str, torch.Tensor], report: TransferReport) -> None:
+    """Fill the report's dtypes: the LoRA's factors, both models' weights of the matched layers (as stored: from the
+    file header or the parameter, no weight is read) and the transferred factors. Raises :class:`SourceModelError`
+    if a matched module is absent."""
+
+    def names(dtypes) -> str | None:
+        found = sorted({str(d).removeprefix("torch.") for d in dtypes})
+        return ", ".join(found) or None
+
+    report.lora_dtype = names(layer.A.dtype for layer in layers)
+    report.source_dtype = names(weights["source"].dtype(*layers[i].key) for i in matched)
+    report.target_dtype = names(weights["target"].dtype(*key) for key in matched.values())
+    report.factors_dtype = names(t.dtype for t in state_dict.values())
+
+
 def peft_state_dict(
     layers: list[LoraLayer], matched: Matches, factors: dict[int, tuple[torch.Tensor, torch.Tensor]],
     report: TransferReport, unchanged: bool = False,

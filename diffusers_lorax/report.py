@@ -66,6 +66,13 @@ class TransferReport:
     #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
     lora_format: str | None = None
     adapter_name: str | None = None
+    #: dtypes (torch's names; several joined by ", "): the LoRA's factors as read, the base weights of the LoRA's
+    #: layers in the source and the target as stored, and the transferred factors (in the LoRA's dtype; the
+    #: projections compute in float32).
+    lora_dtype: str | None = None
+    source_dtype: str | None = None
+    target_dtype: str | None = None
+    factors_dtype: str | None = None
     #: Where layers were matched by subspace similarity (``correspondence.py``): the gate they passed, the least
     #: relatedness min(ρ_U, ρ_V) (Φ over its chance level; not the projections' ``threshold``), and the rank of the
     #: bases compared. ``None`` where layers were matched by name.
@@ -111,17 +118,17 @@ class TransferReport:
 
     def summary(self) -> str:
         """What a user needs, in at most 15 lines: layers applied and skipped (by reason), the LoRA's format and
-        family, similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
+        family, the dtypes (of both models, the LoRA and the factors written), similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
         are :meth:`table`; :meth:`to_dict` keeps everything."""
         lines = [
             f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if self.projected
                                                else "") + f"): {len(self.applied)} of {len(self.layers)} "
             f"layers applied" + (f" as adapter {self.adapter_name!r}" if self.adapter_name else "")
             + f", {len(self.skipped)} skipped",
-            f"  source: {self.source}",
-            f"  target: {self.target} [{self.target_family or 'family not identified'}]",
+            f"  source: {self.source}{_dtype(self.source_dtype)}",
+            f"  target: {self.target} [{self.target_family or 'family not identified'}]{_dtype(self.target_dtype)}",
             f"  lora:   {self.lora} [{self.lora_format + '; ' if self.lora_format else ''}"
-            f"fits {self.lora_family or 'no known family'}]",
+            f"fits {self.lora_family or 'no known family'}]{_dtype(self.lora_dtype, self.factors_dtype, self.projected)}",
         ]
         lines += _refactorised(self.layers) + _skipped(self.skipped) + _matched(self)
         lines += _ranges(self.applied, "similarity" if self.projected else "match similarity") + _calibration(self)
@@ -177,6 +184,15 @@ class TransferReport:
 def _span(values: list[float], digits: int = 3) -> str:
     low, high = min(values), max(values)
     return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def _dtype(dtype: str | None, written: str | None = None, projected: bool = False) -> str:
+    """``"; float16"`` after a model or the LoRA (``"; float16, written as float16 (projected in float32)"`` for the
+    LoRA and its transferred factors); ``""`` where the transfer did not tell."""
+    text = f"; {dtype}" if dtype else ""
+    if written:
+        text += f", written as {written}" + (" (projected in float32)" if projected else "")
+    return text
 
 
 def _refactorised(layers: list[LayerReport]) -> list[str]:

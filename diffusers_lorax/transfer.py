@@ -30,7 +30,7 @@ from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
 from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
                       TransferRequest)
-from .projection import transfer_layers
+from .projection import record_dtypes, transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
 from .report import LayerReport, PhaseClock, TransferReport
@@ -164,6 +164,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
             matched = correspond(layers, weights, plan.rule, report, registry, txn)
             clock.lap(report, "match")
         state_dict = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
+        record_dtypes(layers, matched, weights, state_dict, report)
         clock.lap(report, "project")
         if not state_dict:
             best = max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0)

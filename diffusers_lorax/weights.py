@@ -51,6 +51,10 @@ class BaseModelWeights(Protocol):
         """The ``module``'s fingerprint when it is known without reading the weight (memoised in this process and
         still valid), else ``None``. Raises ``SourceModelError`` if it is absent."""
 
+    def dtype(self, component: str, module: str) -> str:
+        """The ``module``'s weight dtype as stored (torch's name: ``"float16"``), without reading the weight. Raises
+        ``SourceModelError`` if it is absent."""
+
 
 def fingerprint(weight: torch.Tensor) -> str:
     """Content fingerprint of a weight: XXH3-128 (hex, 32 chars) over dtype, shape and the raw bytes.
@@ -69,8 +73,12 @@ def fingerprint(weight: torch.Tensor) -> str:
 #: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
 #: within a process, a file that has not changed is not read or hashed again.
 _FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
-#: Tensor names and shapes of safetensors files, by (resolved path, size, mtime in ns).
+#: Tensor names and shapes of safetensors files, by (resolved path, size, mtime in ns), and their dtype codes.
 _FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
+_FILE_DTYPES: dict[tuple[str, int, int], dict[str, str]] = {}
+#: safetensors' dtype codes of the float weights a base model holds, by torch's names.
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2"}
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
@@ -157,6 +165,9 @@ class PipelineWeights:
     def known_fingerprint(self, component: str, module: str) -> str | None:
         return known_fingerprint(*self._parameter(component, module))
 
+    def dtype(self, component: str, module: str) -> str:
+        return str(self._parameter(component, module)[0].dtype).removeprefix("torch.")
+
 
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = ()) -> str:
     """:func:`fingerprint` of ``param``, memoised on the tensor itself while :func:`_tensor_state` (with the PEFT
@@ -213,7 +224,9 @@ class SafetensorsWeights:
                 raise SourceModelError(truncated)
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    _FILE_INDEXES[memo] = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+                    slices = {key: f.get_slice(key) for key in f.keys()}
+                    _FILE_INDEXES[memo] = {key: tuple(s.get_shape()) for key, s in slices.items()}
+                    _FILE_DTYPES[memo] = {key: s.get_dtype() for key, s in slices.items()}
             except Exception as err:  # safetensors raises its own error types for corrupt headers
                 raise SourceModelError(f"{self.label}: cannot read {path}: {err}") from err
         index = _FILE_INDEXES[memo]
@@ -260,6 +273,14 @@ class SafetensorsWeights:
     def known_fingerprint(self, component: str, module: str) -> str | None:
         path, key = self._locate(component, module)
         return _FILE_FINGERPRINTS.get((*file_identity(path), key))
+
+    def dtype(self, component: str, module: str) -> str:
+        path, key = self._locate(component, module)
+        memo = file_identity(path)
+        if memo not in _FILE_DTYPES:  # (a file rewritten since it was indexed)
+            self._index(path)
+        code = _FILE_DTYPES[memo][key]
+        return _DTYPE_NAMES.get(code, code)
 
 
 def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str) -> list[Path]:
