@@ -190,15 +190,13 @@ def test_progress_bars_follow_the_terminal_and_both_switches(tmp_path, monkeypat
     script's log, not after ``diffusers.utils.logging.disable_progress_bar()``, not after huggingface_hub's
     ``disable_progress_bars()``."""
     import sys
+    import warnings
 
     from diffusers.utils import logging as dlogging
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     from diffusers_lorax import transfer_lora
     from diffusers_lorax.quality import ASSETS
-
-    if are_progress_bars_disabled():
-        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set: no bar can be switched on")
 
     def bars(registry, terminal):
         if terminal:
@@ -210,18 +208,24 @@ def test_progress_bars_follow_the_terminal_and_both_switches(tmp_path, monkeypat
         monkeypatch.undo()
         return "layer correspondence" in written
 
-    assert not bars("log", terminal=False)  # a script's stderr (not a terminal): no bar
-    assert bars("tty", terminal=True)
-    dlogging.disable_progress_bar()
+    before = dlogging.is_progress_bar_enabled(), are_progress_bars_disabled()  # (the demo's quiet_logging: both off)
+    dlogging.enable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (it warns where HF_HUB_DISABLE_PROGRESS_BARS=1 overrides it)
+        enable_progress_bars()
+    if are_progress_bars_disabled():
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS=1 is set: no bar can be switched on")
     try:
+        assert not bars("log", terminal=False)  # a script's stderr (not a terminal): no bar
+        assert bars("tty", terminal=True)
+        dlogging.disable_progress_bar()
         assert not bars("off-diffusers", terminal=True)
-    finally:
         dlogging.enable_progress_bar()
-    disable_progress_bars()
-    try:
+        disable_progress_bars()
         assert not bars("off-hub", terminal=True)
     finally:
-        enable_progress_bars()
+        (dlogging.enable_progress_bar if before[0] else dlogging.disable_progress_bar)()
+        (disable_progress_bars if before[1] else enable_progress_bars)()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
