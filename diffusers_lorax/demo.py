@@ -17,6 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from .threads import intra_op_threads
+
+#: Intra-op threads of the whole demo: its models are tiny (UNets of 32–64 channels, 64 × 64 weights), whose
+#: operations are too short to share between threads; on cores shared with other jobs one thread ran it several times
+#: faster than torch's default of one per core (benchmarks/threads.py --demo; docs/performance.md#threads).
+DEMO_THREADS = 1
 DIGITS = list(range(10))
 SEEDS = [0, 1]
 TARGETS = ("target-finetune", "target-distilled")
@@ -27,10 +33,11 @@ def run_demo(workdir: Path | None = None) -> list:
     (:class:`diffusers_lorax.quality.evaluate.Row`). With ``workdir``, write ``<workdir>/lorax_demo_grid.png`` and
     keep the registry there (``lorax demo --workdir DIR``); without it, work in a temporary directory (about 30 MB of
     bases and adapters) that is removed when the demo ends, also on an error."""
-    if workdir is not None:
-        return _run(Path(workdir), keep=True)
-    with tempfile.TemporaryDirectory(prefix="lorax-demo-") as root:
-        return _run(Path(root), keep=False)
+    with intra_op_threads(DEMO_THREADS):
+        if workdir is not None:
+            return _run(Path(workdir), keep=True)
+        with tempfile.TemporaryDirectory(prefix="lorax-demo-") as root:
+            return _run(Path(root), keep=False)
 
 
 def _run(root: Path, keep: bool) -> list:

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
-    0: ["_version", "_lazy", "progress", "umask", "errors", "subspace", "report", "plot", "weights", "formats.safetensors_check"],
+    0: ["_version", "_lazy", "progress", "umask", "threads", "errors", "subspace", "report", "plot", "weights", "formats.safetensors_check"],
     1: ["methods", "options", "lora", "registry", "registry.location", "registry.database", "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
