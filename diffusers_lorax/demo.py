@@ -1,4 +1,5 @@
-"""``lorax demo``: the digits testbed's style LoRA moved onto two other base models, offline, in well under a minute.
+"""``lorax demo``: the digits testbed's style LoRA moved onto two other base models, offline, in under a minute on
+two cores, also beside another job (docs/performance.md#threads).
 
 The package ships three small Stable Diffusion pipelines trained on scikit-learn's handwritten digits
 (``quality/assets``, built by ``benchmarks/quality/build.py``): the ``source``, ``target-finetune`` (fine-tuned on

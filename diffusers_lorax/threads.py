@@ -3,9 +3,9 @@
 torch runs each operation on all its intra-op threads (one per core by default). For a small matrix the work per
 thread is too short to pay for the threads' synchronisation, and on cores that other processes share, every
 operation waits for its slowest thread: benchmarks/threads.py measured the bases of the testbed's 160 small
-matrices up to tens of times slower on torch's default two threads than on one when another job kept a core busy,
-while large matrices (SD 1.5's 1280 × 1280) still gain from every thread on idle cores. So a small matrix gets one
-thread, a large one torch's setting (``torch.set_num_threads``, ``OMP_NUM_THREADS``), untouched.
+matrices 7.6× slower on torch's default two threads than on one on cores other users kept busy, 27× beside one more
+CPU-bound job. A small matrix gets one thread; a large one keeps torch's setting (``torch.set_num_threads``,
+``OMP_NUM_THREADS``), untouched, so that nothing gets slower where cores are free (docs/performance.md#threads).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 
 #: Below this much work, ``m · n · min(m, n)`` for an ``(m, n)`` weight (the order of its SVD's or Gram
-#: eigendecomposition's flops), one intra-op thread; from it on, torch's setting. 320 × 768 (5.9e7) and the
-#: testbed's 64 × 576 convs are below; SD 1.5's 640 × 640 (2.6e8) and above are not (benchmarks/threads.py:
-#: docs/performance.md#threads).
+#: eigendecomposition's flops), one intra-op thread; from it on, torch's setting. SD 1.5's 320 × 768 (7.9e7; 2.1×
+#: faster on one thread, 6.6× beside a busy core) and the testbed's 64 × 576 convs are below; 320 × 1280 (1.3e8),
+#: 640 × 640 (2.6e8) and above are not (benchmarks/threads.py; docs/performance.md#threads).
 SMALL_WORK: float = 1.0e8
 
 
