@@ -120,13 +120,13 @@ def check_adapter_name(adapter_name: Any) -> None:
     if adapter_name is None:
         return
     if not isinstance(adapter_name, str):
-        raise InvalidOptionsError(f"adapter_name must be a string, got {type(adapter_name).__name__} {adapter_name!r:.80}")
-    if not adapter_name or "." in adapter_name:
-        fix = f"e.g. {adapter_name.replace('.', '_')!r}" if adapter_name else "e.g. 'style'"
         raise InvalidOptionsError(
-            f"adapter_name {adapter_name!r} cannot name a PEFT adapter: {'it is empty' if not adapter_name else 'it contains a dot'}"
-            f" (PEFT keys each adapter's layers by its name in torch modules, whose names cannot be empty or hold a "
-            f"'.'); pass another name, {fix}")
+            f"adapter_name must be a string, got {type(adapter_name).__name__} {adapter_name!r:.80}")
+    if not adapter_name or "." in adapter_name:
+        why, fix = ("it contains a dot", repr(adapter_name.replace(".", "_"))) if adapter_name else ("it is empty", "'style'")
+        raise InvalidOptionsError(
+            f"adapter_name {adapter_name!r} cannot name a PEFT adapter: {why} (PEFT keys each adapter's layers by its "
+            f"name in torch modules, whose names cannot be empty or hold a '.'); pass another name, e.g. {fix}")
     import torch  # lazy: the names of a ModuleDict's own attributes
 
     if hasattr(torch.nn.ModuleDict(), adapter_name):

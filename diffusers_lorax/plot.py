@@ -117,7 +117,8 @@ def _gate_marks(ax: Any, rho: float, layers: list[LayerReport]) -> None:
     it depends on k and the side's dimension), as a dash in the side's colour."""
     from .subspace import phi_at  # lazy: the math imports torch
 
-    for attr, side, dim in (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:]))):
+    sides = (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:])))
+    for attr, side, dim in sides:
         marks = [(i, phi_at(rho, r.k, dim(r))) for i, r in enumerate(layers)
                  if getattr(r, attr) is not None and r.k is not None and r.k < dim(r)]
         if marks:

@@ -118,7 +118,8 @@ class TransferReport:
 
     def summary(self) -> str:
         """What a user needs, in at most 15 lines: layers applied and skipped (by reason), the LoRA's format and
-        family, the dtypes (of both models, the LoRA and the factors written), similarity and kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows
+        family, the dtypes (of both models, the LoRA and the factors written), similarity and kept ranges,
+        re-factorisation, calibration, cache use and seconds. The per-layer rows
         are :meth:`table`; :meth:`to_dict` keeps everything."""
         lines = [
             f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if self.projected

@@ -6,8 +6,8 @@
 - **Local entries**, computed once and cached: SVD bases, subspace similarities and transferred adapters, in SQLite
   or a database URL with blobs in a directory (:class:`Registry`).
 
-Modules, one job each: ``location`` (where a registry is), ``families`` (the shipped families), ``database`` (tables, schema, URLs), ``blobs`` (blob
-files), ``store`` (:class:`Registry`: what a transfer reads), ``transaction`` (what a transfer writes: staged, then
+Modules, one job each: ``location`` (where a registry is), ``families`` (the shipped families), ``database``
+(tables, schema, URLs), ``blobs`` (blob files), ``store`` (:class:`Registry`: what a transfer reads), ``transaction`` (what a transfer writes: staged, then
 committed or discarded), ``maintenance`` (list, stats, verify, prune, clear: the ``lorax registry`` command).
 """
 
