@@ -14,23 +14,26 @@ alphas, the family its shapes fit, the base model its metadata names) and, with 
 apply there and why not, before anything is loaded (``--json``: the same as JSON).
 ``registry`` inspects and maintains the registry (docs/registry.md): ``verify`` exits 1 when a row's blob is missing
 or damaged, ``prune`` removes those rows, garbage of interrupted writes and least recently used entries past the cap.
-Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line).
+Exit status: 0 on success, 2 on a user error (a :class:`LoraxError`, printed as one line), checked before any work
+where it can be (output paths, options).
+
+The modules that import torch and diffusers (seconds) are imported by the subcommand that needs them: ``--help``,
+``registry path`` and a refused option answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidOptionsError, LoraxError
 from .methods import METHODS
 from .options import (CALIBRATION_RULES, DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD,
                       MATCH_RULES)
-from .plot import require_matplotlib
-from .report import LayerReport, TransferReport
-from .transfer import save_transferred, transfer_lora
 
 
 def _rank(text: str) -> int | float:
@@ -106,27 +109,58 @@ def main(argv: list[str] | None = None) -> int:
             return registry_command(args)
         if args.command == "inspect":
             return inspect_command(args)
-        if args.plot:
-            require_matplotlib()  # before any work: a missing extra is said at once
-        state_dict, report = transfer_lora(
-            args.source,
-            args.target,
-            args.lora,
-            method=args.method,
-            rank=args.rank,
-            threshold=args.threshold,
-            calibrate=args.calibrate,
-            calibration_prompts=args.calibration_prompts,
-            match=args.match,
-            registry=args.registry,
-            weight_name=args.weight_name,
-            source_revision=args.source_revision,
-            target_revision=args.target_revision,
-        )
-        save_transferred(state_dict, args.target, args.output, report)
+        return transfer_command(args)
     except LoraxError as err:
         print(f"lorax: error: {err}", file=sys.stderr)
         return 2
+
+
+#: The file an output option names where a folder was given, in the error's example.
+_EXAMPLE = {"-o": "transferred.safetensors", "--json": "report.json", "--plot": "report.png"}
+
+
+def check_output(path: Path, option: str) -> None:
+    """Refuse, before any work, an output ``path`` (of ``option``) that cannot be written as a file: a folder, or a
+    path under a file or under a folder this user cannot write in (missing folders are created). Raises
+    :class:`InvalidOptionsError`."""
+    if path.is_dir():
+        raise InvalidOptionsError(f"{option} {path} is a folder: give the file to write, e.g. {option} "
+                                  f"{path / _EXAMPLE[option]}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidOptionsError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidOptionsError(f"{option} {path}: this user cannot write in {parent}")
+
+
+def transfer_command(args: argparse.Namespace) -> int:
+    for path, option in ((args.output, "-o"), (args.json, "--json"), (args.plot, "--plot")):
+        if path is not None:
+            check_output(path, option)
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()  # before any work: a missing extra is said at once
+    from .transfer import save_transferred, transfer_lora
+
+    state_dict, report = transfer_lora(
+        args.source,
+        args.target,
+        args.lora,
+        method=args.method,
+        rank=args.rank,
+        threshold=args.threshold,
+        calibrate=args.calibrate,
+        calibration_prompts=args.calibration_prompts,
+        match=args.match,
+        registry=args.registry,
+        weight_name=args.weight_name,
+        source_revision=args.source_revision,
+        target_revision=args.target_revision,
+    )
+    save_transferred(state_dict, args.target, args.output, report)
     print(report.summary() + ("\n" + report.table() if args.verbose else ""))
     print(f"wrote {args.output} ({len(report.applied)} layers)")
     if args.json:
@@ -143,6 +177,9 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.plot:
         if not args.target:
             raise InvalidOptionsError("lorax inspect --plot draws which layers would apply to a target: give --target")
+        check_output(args.plot, "--plot")
+        from .plot import require_matplotlib
+
         require_matplotlib()
     found = inspect_lora(args.lora, args.target, source=args.source, weight_name=args.weight_name,
                          target_revision=args.target_revision, source_revision=args.source_revision)
@@ -153,9 +190,11 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspection_report(found) -> TransferReport:
-    """What ``inspect`` found against its target, as a report with one row per layer (applied or skipped by reason;
-    no similarity or kept ratio: inspect computes none), for :meth:`TransferReport.plot`."""
+def _inspection_report(found) -> Any:
+    """What ``inspect`` found against its target, as a :class:`~diffusers_lorax.report.TransferReport` with one row per
+    layer (applied or skipped by reason; no similarity or kept ratio: inspect computes none), for its ``plot``."""
+    from .report import LayerReport, TransferReport
+
     rows = [(name, True, "") for name in found.applies]
     rows += [(name, False, reason) for reason, names in found.skipped.items() for name in names]
     layers = [LayerReport(*name.split(".", 1), shape=(), r=0, applied=applied, reason=reason)
@@ -167,12 +206,17 @@ def _inspection_report(found) -> TransferReport:
 def registry_command(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
+    if args.action == "path":  # where it is, without opening (or creating) it
+        from .registry.location import describe, resolve
+
+        print(describe(*resolve(args.registry, args.url)))
+        return 0
     from .registry import Registry
 
     registry = Registry(args.registry, url=args.url)
-    if args.action == "path":
-        print(registry.location)
-    elif args.action == "list":
+    if args.action == "list":
+        print("# keys: a basis by its weight's content fingerprint (shared by every model with that weight), an "
+              "adapter by its request; the registry stores no model names")
         for e in registry.entries():
             used = datetime.fromtimestamp(e["last_used"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
             shape = "x".join(map(str, e["shape"])) + f" k={e['k']}" if e["shape"] else ""

@@ -33,8 +33,10 @@ from .errors import NoMatchingLayersError
 from .lora import LoraLayer
 from .matching import Matches
 from .options import DEFAULT_RANK
+from .progress import progress
 from .projection import Bases
 from .report import TransferReport
+from .subspace import relatedness
 from .weights import BaseModelWeights, fingerprints
 
 #: Truncation of the bases compared: k = this fraction of ``min(m, n)`` (the projections' default rank).
@@ -81,12 +83,6 @@ def slot(module: str, n_up: int) -> Slot:
         else:
             kind.append(part)
     return Slot(stage, ".".join(kind), tuple(position))
-
-
-def relatedness(phi: float, k: int, d: int) -> float | None:
-    """``(Φ − k/d) / (1 − k/d)``: 0 for subspaces as alike as random ones, 1 for the same subspace; ``None`` when
-    ``k = d`` (Φ is then 1 for any pair and says nothing)."""
-    return None if k >= d else (phi - k / d) / (1 - k / d)
 
 
 def score(phi_u: float, phi_v: float, k: int, shape: tuple[int, ...]) -> float:
@@ -164,11 +160,9 @@ class Correspondence:
     def _compute(self, todo, src, tgt, registry, txn, report) -> None:
         """Φ of the pairs in ``todo`` (group -> [(layer, candidate)]) from the bases, each weight's basis read or
         computed once (:class:`~diffusers_lorax.projection.Bases`) and staged in ``txn`` with the similarities."""
-        from diffusers.utils.logging import tqdm
-
         bases = Bases(registry, txn, self.layers, {}, {}, {}, self.weights, report)
         bases.prefetch({(fp, self.ks[i]) for group in todo.values() for i, key in group for fp in (src[i], tgt[key])})
-        for group in tqdm(list(todo.values()), desc="layer correspondence", disable=len(todo) < 8):
+        for group in progress(list(todo.values()), desc="layer correspondence", worth_it=len(todo) >= 8):
             k = self.ks[group[0][0]]
             targets = {key: bases.basis("target", key, tgt[key], k) for _, key in group}
             by_layer: dict[int, list[Key]] = {}
@@ -267,6 +261,7 @@ def correspond(layers: list[LoraLayer], weights: dict[str, BaseModelWeights], ru
 
     Raises :class:`NoMatchingLayersError` when no layer has a related module in the target, and
     :class:`~diffusers_lorax.errors.SourceModelError` when a base weight holds NaN or Inf."""
+    report.match_threshold, report.match_rank = MATCH_THRESHOLD, MATCH_RANK
     by_name = dict(matched or {}) if only is not None else {}
     found = Correspondence(layers, weights, only, set(by_name.values()))
     src, tgt = found.fingerprints()

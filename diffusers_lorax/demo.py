@@ -1,4 +1,5 @@
-"""``lorax demo``: the digits testbed's style LoRA moved onto two other base models, offline, in well under a minute.
+"""``lorax demo``: the digits testbed's style LoRA moved onto two other base models, offline, in under a minute on
+two cores, also beside another job (docs/performance.md#threads).
 
 The package ships three small Stable Diffusion pipelines trained on scikit-learn's handwritten digits
 (``quality/assets``, built by ``benchmarks/quality/build.py``): the ``source``, ``target-finetune`` (fine-tuned on
@@ -17,14 +18,30 @@ import tempfile
 import time
 from pathlib import Path
 
+from .threads import intra_op_threads
+
+#: Intra-op threads of the whole demo: its models are tiny (UNets of 32–64 channels, 64 × 64 weights), whose
+#: operations are too short to share between threads; on cores shared with other jobs one thread ran it several times
+#: faster than torch's default of one per core (benchmarks/threads.py --demo; docs/performance.md#threads).
+DEMO_THREADS = 1
 DIGITS = list(range(10))
 SEEDS = [0, 1]
 TARGETS = ("target-finetune", "target-distilled")
 
 
 def run_demo(workdir: Path | None = None) -> list:
-    """Run the demo, print its reports and table, write ``<workdir>/lorax_demo_grid.png``, and return the table's
-    rows (:class:`diffusers_lorax.quality.evaluate.Row`)."""
+    """Run the demo, print its reports and table, and return the table's rows
+    (:class:`diffusers_lorax.quality.evaluate.Row`). With ``workdir``, write ``<workdir>/lorax_demo_grid.png`` and
+    keep the registry there (``lorax demo --workdir DIR``); without it, work in a temporary directory (about 30 MB of
+    bases and adapters) that is removed when the demo ends, also on an error."""
+    with intra_op_threads(DEMO_THREADS):
+        if workdir is not None:
+            return _run(Path(workdir), keep=True)
+        with tempfile.TemporaryDirectory(prefix="lorax-demo-") as root:
+            return _run(Path(root), keep=False)
+
+
+def _run(root: Path, keep: bool) -> list:
     from .quality import ASSETS
     from .quality.classifiers import Scorers
     from .quality.evaluate import evaluate_target, grid, quiet_logging, table
@@ -33,7 +50,6 @@ def run_demo(workdir: Path | None = None) -> list:
 
     quiet_logging()
     started = time.perf_counter()
-    root = Path(workdir or tempfile.mkdtemp(prefix="lorax-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     registry = Registry(root / "registry")
     scorers = Scorers()
@@ -53,12 +69,15 @@ def run_demo(workdir: Path | None = None) -> list:
                 print(f"### source → {target}: {row.method}\n{row.report.summary()}\n")
         rows += target_rows
         sections.append((target, images))
-    path = root / "lorax_demo_grid.png"
-    grid(sections, len(SEEDS), path)
     print(table(rows))
     for note in content_notes(rows):
         print(f"note: {note}")
-    print(f"\nimages: {path} (rows: methods; columns: prompts 'a handwritten digit zero … nine in lrx style')")
+    if keep:
+        path = root / "lorax_demo_grid.png"
+        grid(sections, len(SEEDS), path)
+        print(f"\nimages: {path} (rows: methods; columns: prompts 'a handwritten digit zero … nine in lrx style')")
+    else:
+        print("\nimages and registry not kept: lorax demo --workdir DIR writes the image grid there")
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return rows
 

@@ -21,7 +21,7 @@ from diffusers.utils import logging
 from .errors import InvalidOptionsError, LoraxError
 from .held import unwrap_compiled
 from .injection import load_adapter
-from .options import TransferRequest
+from .options import TransferRequest, check_adapter_name
 from .report import PhaseClock, TransferReport
 from .snapshot import AdapterSnapshot
 from .transfer import transfer_lora, transferring
@@ -73,6 +73,7 @@ class CrossLoraLoaderMixin:
         On any error the pipeline is as before (no new adapter; a hotswapped adapter's weights restored), and the
         registry is as before.
         """
+        check_adapter_name(adapter_name)  # a name PEFT cannot store its layers under: before any work
         load = {k: kwargs.pop(k) for k in (*_LOAD_ONLY, *_named_load_options(self)) if k in kwargs}
         request = _request(source, self, pretrained_model_name_or_path_or_dict, kwargs)
         request = replace(request, target_components=_target_components(self, load))

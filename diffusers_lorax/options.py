@@ -11,7 +11,6 @@ from typing import Any
 
 from .errors import InvalidOptionsError
 from .methods import METHODS, Method
-from .subspace import resolve_k
 
 #: Default method, chosen from the quality table (docs/quality.md): on the digits testbed the unprojected adapter
 #: closes 64 % (fine-tune) and 11 % (distilled) of the style gap to a LoRA trained on the target; LoRA-X and ProLoRA
@@ -66,6 +65,8 @@ class TransferConfig:
     match: str = DEFAULT_MATCH
 
     def __post_init__(self) -> None:
+        from .subspace import resolve_k  # lazy: the math imports torch; the command line reads the defaults first
+
         if self.method is not None and self.method not in METHODS:
             raise InvalidOptionsError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         try:
@@ -102,7 +103,36 @@ class TransferConfig:
 
     def k(self, shape: tuple[int, ...]) -> int:
         """Singular vectors kept for a base weight of ``shape``."""
+        from .subspace import resolve_k
+
         return resolve_k(self.rank, shape)
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    """Refuse, before any work, an ``adapter_name`` that PEFT cannot load under: PEFT keeps each adapter's layers in
+    ``torch.nn.ModuleDict`` s keyed by the name (``lora_A[adapter_name]``), and ``torch.nn.Module.add_module`` refuses
+    a key that is not a string, is empty, contains a ``.`` (it would be read as a submodule path in the state dict's
+    keys) or is an attribute of the ``ModuleDict`` (``"keys"``, ``"training"``). ``None`` (a name is chosen) passes.
+
+    Raises:
+        InvalidOptionsError: the name is not a string, is empty, contains ``.``, or is a ``ModuleDict`` attribute.
+    """
+    if adapter_name is None:
+        return
+    if not isinstance(adapter_name, str):
+        raise InvalidOptionsError(
+            f"adapter_name must be a string, got {type(adapter_name).__name__} {adapter_name!r:.80}")
+    if not adapter_name or "." in adapter_name:
+        why, fix = ("it contains a dot", repr(adapter_name.replace(".", "_"))) if adapter_name else ("it is empty", "'style'")
+        raise InvalidOptionsError(
+            f"adapter_name {adapter_name!r} cannot name a PEFT adapter: {why} (PEFT keys each adapter's layers by its "
+            f"name in torch modules, whose names cannot be empty or hold a '.'); pass another name, e.g. {fix}")
+    import torch  # lazy: the names of a ModuleDict's own attributes
+
+    if hasattr(torch.nn.ModuleDict(), adapter_name):
+        raise InvalidOptionsError(
+            f"adapter_name {adapter_name!r} cannot name a PEFT adapter: it is an attribute of torch.nn.ModuleDict, in "
+            "which PEFT keeps each adapter's layers; pass another name")
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ figure is a plain :class:`matplotlib.figure.Figure` (no pyplot, no global state,
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import LoraxError
+from .weights import canonical_module
 
 if TYPE_CHECKING:
     from .report import LayerReport, TransferReport
@@ -24,7 +27,21 @@ STAGES = {"conv_in": 0, "time_embedding": 0, "add_embedding": 0, "down_blocks": 
 COMPONENTS = {"text_encoder": 0, "text_encoder_2": 1, "unet": 2, "transformer": 2}
 APPLIED = "applied"
 APPLIED_COLOUR = "#2ca02c"
-SKIPPED_COLOURS = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#1f77b4"]
+#: Kinds of skip reason: (what the reason starts with, legend label, colour). A kind has its colour in every plot,
+#: whatever the other kinds and counts; a reason of no listed kind gets one of :data:`OTHER_COLOURS` by a checksum
+#: of its text (as stable).
+SKIP_KINDS = (
+    ("no module of this name", "no module of this name in the target", "#d62728"),
+    ("shape differs", "shape differs in the target", "#ff7f0e"),
+    ("subspace similarity below threshold", "Φ below the threshold", "#9467bd"),
+    ("no related module", "no related module in the target", "#8c564b"),
+    ("its best match", "its best match went to a better match", "#e377c2"),
+    ("no module of this kind and shape", "no module of this kind and shape in the target", "#7f7f7f"),
+    ("another architecture family", "another architecture family", "#bcbd22"),
+)
+OTHER_COLOURS = ("#17becf", "#1f77b4", "#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94")
+#: Colours of the two similarities, and of their gates.
+PHI_COLOURS = {"phi_u": "C0", "phi_v": "C1"}
 
 
 class PlotDependencyError(LoraxError, ImportError):
@@ -44,21 +61,23 @@ def require_matplotlib() -> Any:
 def depth_key(layer: LayerReport) -> tuple:
     """Sort key of a layer along the network's depth: component (text encoders first), stage (down, mid, up), then
     the module path with its block indices compared as numbers."""
-    module = layer.module.removeprefix("text_model.")
+    module = canonical_module(layer.module)
     head = module.split(".")[0]
     parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", module))
     return COMPONENTS.get(layer.component, 3), STAGES.get(head, 5 if layer.component.startswith("unet") else 0), parts
 
 
-def status(layer: LayerReport) -> str:
-    """``"applied"`` or the skip reason without its details (the text before the first ``:`` or ``(``), as the
-    summary groups them."""
-    return APPLIED if layer.applied else (re.sub(r"\s*\(.*$", "", layer.reason.split(":")[0]) or "not matched")
-
-
-def remapped(layer: LayerReport) -> bool:
-    """Whether the layer went to (or was matched with) another target module than its own name."""
-    return bool(layer.target_module) and layer.target_module != layer.module.removeprefix("text_model.")
+def status(layer: LayerReport) -> tuple[str, str]:
+    """``(label, colour)`` of a layer's fate: ``"applied"``, or the kind of reason it was skipped for
+    (:data:`SKIP_KINDS`; a reason of another kind by its text before the first ``:`` or ``(``)."""
+    if layer.applied:
+        return APPLIED, APPLIED_COLOUR
+    reason = layer.reason or "not matched"
+    for start, label, colour in SKIP_KINDS:
+        if reason.startswith(start):
+            return label, colour
+    label = re.sub(r"\s*\(.*$", "", reason.split(":")[0])
+    return label, OTHER_COLOURS[zlib.crc32(label.encode()) % len(OTHER_COLOURS)]
 
 
 def _short(model: str) -> str:
@@ -83,39 +102,47 @@ def _similarity_panel(ax: Any, report: TransferReport, layers: list[LayerReport]
     for attr, name, marker in (("phi_u", "Φ_U", "o"), ("phi_v", "Φ_V", "s")):
         points = [(i, getattr(r, attr)) for i, r in enumerate(layers) if getattr(r, attr) is not None]
         if points:
-            ax.scatter(*zip(*points), s=14, marker=marker, label=name, alpha=0.8)
-    if any(r.phi_u is not None for r in layers) and any(r.k is not None for r in layers):
-        ax.axhline(report.threshold, color="k", lw=0.8, ls="--", label=f"threshold {report.threshold}")
-    if not any(r.phi_u is not None or r.phi_v is not None for r in layers):
-        ax.text(0.5, 0.5, "no similarity computed (copy by name)", transform=ax.transAxes, ha="center", va="center")
+            ax.scatter(*zip(*points), s=14, marker=marker, label=name, alpha=0.8, color=PHI_COLOURS[attr])
+    if report.projected:  # the Φ drawn are the projections': their threshold is the gate
+        ax.axhline(report.threshold, color="k", lw=0.8, ls="--", label=f"threshold {report.threshold}", gid="threshold")
+    elif report.match_threshold is not None:  # the Φ drawn are the matching's: its gate is a relatedness
+        _gate_marks(ax, report.match_threshold, layers)
     ax.set_ylabel("subspace\nsimilarity Φ")
     ax.set_ylim(-0.02, 1.05)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=8, ncol=3)
+    ax.legend(loc="lower left", fontsize=8, ncol=4)
+
+
+def _gate_marks(ax: Any, rho: float, layers: list[LayerReport]) -> None:
+    """Per layer and side, the Φ at which its relatedness reaches ``rho`` (:func:`~diffusers_lorax.subspace.phi_at`:
+    it depends on k and the side's dimension), as a dash in the side's colour."""
+    from .subspace import phi_at  # lazy: the math imports torch
+
+    sides = (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:])))
+    for attr, side, dim in sides:
+        marks = [(i, phi_at(rho, r.k, dim(r))) for i, r in enumerate(layers)
+                 if getattr(r, attr) is not None and r.k is not None and r.k < dim(r)]
+        if marks:
+            ax.scatter(*zip(*marks), s=90, marker="_", color=PHI_COLOURS[attr], gid="gate",
+                       label=f"gate of {side}: relatedness {rho}")
 
 
 def _kept_panel(ax: Any, layers: list[LayerReport]) -> None:
     points = [(i, r.kept) for i, r in enumerate(layers) if r.kept is not None]
-    if points:
-        ax.scatter(*zip(*points), s=14, color="#1f77b4")
-        ax.axhline(1.0, color="k", lw=0.5, ls=":")
-    else:
-        ax.text(0.5, 0.5, "nothing transferred", transform=ax.transAxes, ha="center", va="center")
+    ax.scatter(*zip(*points), s=14, color="#1f77b4")
+    ax.axhline(1.0, color="k", lw=0.5, ls=":")
     ax.set_ylabel("kept\n‖ΔW_t‖/‖ΔW_s‖")
     ax.set_ylim(bottom=0)
 
 
 def _status_panel(ax: Any, layers: list[LayerReport]) -> None:
     kinds = [status(r) for r in layers]
-    order = [APPLIED] + sorted({k for k in kinds if k != APPLIED}, key=lambda k: -kinds.count(k))
-    colours = iter(SKIPPED_COLOURS * (len(order) // len(SKIPPED_COLOURS) + 1))
-    for kind in order:
-        xs = [i for i, k in enumerate(kinds) if k == kind]
-        if xs:
-            colour = APPLIED_COLOUR if kind == APPLIED else next(colours)
-            ax.scatter(xs, [0] * len(xs), s=40, marker="|" if len(layers) > 150 else "s", color=colour,
-                       label=f"{kind} ({len(xs)})", gid="status")
-    moved = [i for i, r in enumerate(layers) if remapped(r)]
+    labels = [label for label, _ in kinds]
+    order = sorted(set(kinds), key=lambda kind: (kind[0] != APPLIED, -labels.count(kind[0]), kind[0]))
+    for label, colour in order:
+        xs = [i for i, kind in enumerate(labels) if kind == label]
+        ax.scatter(xs, [0] * len(xs), s=40, marker="|" if len(layers) > 150 else "s", color=colour,
+                   label=f"{label} ({len(xs)})", gid="status")
+    moved = [i for i, r in enumerate(layers) if r.renamed]
     if moved:
         ax.scatter(moved, [0.6] * len(moved), s=22, marker="v", color="k",
                    label=f"→ another target module ({len(moved)})", gid="remapped")
@@ -125,35 +152,50 @@ def _status_panel(ax: Any, layers: list[LayerReport]) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), fontsize=8, ncol=3, frameon=False)
 
 
+#: Height (inches) of each panel, and of the title and the axis labels around them.
+PANEL_HEIGHTS = {"similarity": 3.0, "kept": 2.0, "status": 1.4}
+FRAME_HEIGHT = 1.2
+
+
 def plot_report(report: TransferReport, path: str | os.PathLike | None = None, *, dpi: int = 100) -> Any:
     """Draw ``report`` per layer along the network's depth and, when ``path`` is given, save it (PNG, or any format
     matplotlib infers from the suffix).
 
-    Panels, sharing the x axis (one position per LoRA layer, ordered by :func:`depth_key`): Φ_U and Φ_V where they
-    were computed (projections and similarity matching; with the threshold line), the kept ratio
-    ‖ΔW_t‖_F / ‖ΔW_s‖_F of applied layers, and one status point per layer, coloured ``applied`` or by the reason it
-    was skipped, with a marker above the layers that went to another target module (``LayerReport.target_module``).
+    Panels, sharing the x axis (one position per LoRA layer, ordered by :func:`depth_key`), each drawn only where the
+    report has its values: Φ_U and Φ_V where they were computed, with the gate the layers were held to (the
+    projections' threshold line; for a copy matched by subspace similarity, per layer the Φ at which its relatedness
+    reaches the matching's gate, ``report.match_threshold``); the kept ratio ‖ΔW_t‖_F / ‖ΔW_s‖_F of applied layers;
+    and always one status point per layer, ``applied`` or coloured by the kind of reason it was skipped
+    (:data:`SKIP_KINDS`: one colour per kind in every plot), with a marker above the layers that went to another
+    target module (``LayerReport.renamed``). The title names the method and :attr:`TransferReport.gate`.
 
-    Returns the :class:`matplotlib.figure.Figure` (1200 × 760 px at the default ``dpi``).
+    Returns the :class:`matplotlib.figure.Figure`: 1200 px wide at the default ``dpi``, 760 px high with all three
+    panels (460 without Φ, 260 with the status alone).
 
     Raises:
         PlotDependencyError: matplotlib is not installed (a :class:`LoraxError` and an :class:`ImportError`).
     """
     Figure = require_matplotlib()
     layers = sorted(report.layers, key=depth_key)
-    fig = Figure(figsize=(12, 7.6), dpi=dpi, layout="constrained")
-    sim, kept, state = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 1.4])
-    _similarity_panel(sim, report, layers)
-    _kept_panel(kept, layers)
-    _status_panel(state, layers)
+    panels = [name for name, shown in (("similarity", any(r.phi_u is not None or r.phi_v is not None for r in layers)),
+                                       ("kept", any(r.kept is not None for r in layers)), ("status", True)) if shown]
+    heights = [PANEL_HEIGHTS[name] for name in panels]
+    fig = Figure(figsize=(12, FRAME_HEIGHT + sum(heights)), dpi=dpi, layout="constrained")
+    axes = dict(zip(panels, fig.subplots(len(panels), 1, sharex=True, height_ratios=heights, squeeze=False)[:, 0]))
+    if "similarity" in axes:
+        _similarity_panel(axes["similarity"], report, layers)
+    if "kept" in axes:
+        _kept_panel(axes["kept"], layers)
+    _status_panel(axes["status"], layers)
     groups = _groups(layers)
-    for ax in (sim, kept, state):
+    for ax in axes.values():
         for start, _ in groups[1:]:
             ax.axvline(start - 0.5, color="0.7", lw=0.6)
         ax.set_xlim(-1, max(len(layers), 1))
-    state.set_xticks([start for start, _ in groups], [label for _, label in groups], fontsize=8, ha="left")
-    sim.set_title(f"{_short(report.source)} → {_short(report.target)} ({report.method}): {len(report.applied)} of "
-                  f"{len(report.layers)} layers applied", fontsize=10)
+    axes["status"].set_xticks([start for start, _ in groups], [label for _, label in groups], fontsize=8, ha="left")
+    gate = f"; {report.gate}" if report.gate else ""
+    axes[panels[0]].set_title(f"{_short(report.source)} → {_short(report.target)} ({report.method}{gate}): "
+                              f"{len(report.applied)} of {len(report.layers)} layers applied", fontsize=10)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=dpi)
     return fig

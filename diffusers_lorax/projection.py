@@ -22,6 +22,7 @@ from .errors import SourceModelError
 from .lora import LoraLayer
 from .matching import Matches
 from .options import TransferConfig
+from .progress import progress
 from .registry import Registry, Transaction
 from .registry.store import StoredBasis
 from .report import PhaseClock, TransferReport
@@ -85,12 +86,10 @@ def transfer_layers(
 
 
 def _project(layers, matched, bases: Bases, config, report, registry, txn) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from diffusers.utils.logging import tqdm
-
     sims = registry.get_similarities({(*bases.fps[i], bases.ks[i]) for i in matched})
     report.similarities_cached += len(sims)
     factors = {}
-    for i in tqdm(matched, desc="bases and projection", disable=bases.missing < 8):
+    for i in progress(matched, desc="bases and projection", worth_it=bases.missing >= 8):
         row, pair, layer_bases = report.layers[i], (*bases.fps[i], bases.ks[i]), LayerBases(bases, i)
         if pair not in sims:
             sims[pair] = txn.similarities[pair] = (
@@ -212,6 +211,22 @@ class LayerBases:
     @cached_property
     def target(self) -> Basis:
         return self.bases.get("target", self.i)
+
+
+def record_dtypes(layers: list[LoraLayer], matched: Matches, weights: dict[str, BaseModelWeights],
+                  adapter: TransferredAdapter, report: TransferReport) -> None:
+    """Fill the report's dtypes: the LoRA's factors, both models' weights of the matched layers (as stored: from the
+    file header or the parameter, no weight is read; a weight of a Hub model whose files were not needed stays
+    unsaid) and the transferred factors. Raises :class:`SourceModelError` if a matched module is absent."""
+
+    def names(dtypes) -> str | None:
+        found = sorted({str(d).removeprefix("torch.") for d in dtypes if d is not None})
+        return ", ".join(found) or None
+
+    report.lora_dtype = names(layer.A.dtype for layer in layers)
+    report.source_dtype = names(weights["source"].dtype(*layers[i].key) for i in matched)
+    report.target_dtype = names(weights["target"].dtype(*key) for key in matched.values())
+    report.factors_dtype = names(t.dtype for t in adapter.state_dict.values())
 
 
 def build_adapter(

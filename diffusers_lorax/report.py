@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .weights import canonical_module
+
 
 @dataclass
 class LayerReport:
@@ -39,6 +41,12 @@ class LayerReport:
     origin: str | None = None
     energy: float | None = None
 
+    @property
+    def renamed(self) -> bool:
+        """Whether the layer went to a target module of another name than its own (canonical names compared: a
+        text encoder's ``text_model.`` level is not a rename)."""
+        return bool(self.target_module) and self.target_module != canonical_module(self.module)
+
 
 @dataclass
 class TransferReport:
@@ -50,11 +58,26 @@ class TransferReport:
     method: str
     rank: int | float
     threshold: float
+    #: Whether the method projects onto SVD bases, so that ``rank`` and ``threshold`` were used (``copy`` uses
+    #: neither, whatever they were set to; the header and the plot then name neither).
+    projected: bool = False
     lora_family: str | None = None
     target_family: str | None = None
     #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
     lora_format: str | None = None
     adapter_name: str | None = None
+    #: dtypes (torch's names; several joined by ", "): the LoRA's factors as read, the base weights of the LoRA's
+    #: layers in the source and the target as stored, and the transferred factors (in the LoRA's dtype; the
+    #: projections compute in float32).
+    lora_dtype: str | None = None
+    source_dtype: str | None = None
+    target_dtype: str | None = None
+    factors_dtype: str | None = None
+    #: Where layers were matched by subspace similarity (``correspondence.py``): the gate they passed, the least
+    #: relatedness min(ρ_U, ρ_V) (Φ over its chance level; not the projections' ``threshold``), and the rank of the
+    #: bases compared. ``None`` where layers were matched by name.
+    match_threshold: float | None = None
+    match_rank: int | float | None = None
     layers: list[LayerReport] = field(default_factory=list)
     bases_cached: int = 0
     bases_computed: int = 0
@@ -79,6 +102,15 @@ class TransferReport:
         return [layer for layer in self.layers if not layer.applied]
 
     @property
+    def gate(self) -> str:
+        """The tests a layer passed to be applied, in words: the projections' rank and Φ threshold, and the
+        relatedness gate of matching by similarity; ``""`` for a copy matched by name."""
+        parts = [f"rank={self.rank}, threshold={self.threshold}"] if self.projected else []
+        if self.match_threshold is not None:
+            parts.append(f"matched by similarity: relatedness ≥ {self.match_threshold} at rank {self.match_rank}")
+        return "; ".join(parts)
+
+    @property
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
 
@@ -88,22 +120,23 @@ class TransferReport:
 
     def summary(self) -> str:
         """What a user needs, in at most 15 lines: layers applied and skipped (by reason), the LoRA's format and
-        family, notes on the inputs, similarity and kept ranges, re-factorisation, calibration, cache use and
-        seconds. The per-layer rows are :meth:`table`; :meth:`to_dict` keeps everything."""
+        family, notes on the inputs, the dtypes (of both models, the LoRA and the factors written), similarity and
+        kept ranges, re-factorisation, calibration, cache use and seconds. The per-layer rows are :meth:`table`;
+        :meth:`to_dict` keeps everything."""
         lines = [
-            f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if any(
-                r.k is not None for r in self.layers) else "") + f"): {len(self.applied)} of {len(self.layers)} "
+            f"LoRA transfer ({self.method}" + (f", rank={self.rank}, threshold={self.threshold}" if self.projected
+                                               else "") + f"): {len(self.applied)} of {len(self.layers)} "
             f"layers applied" + (f" as adapter {self.adapter_name!r}" if self.adapter_name else "")
             + f", {len(self.skipped)} skipped",
-            f"  source: {self.source}",
-            f"  target: {self.target} [{self.target_family or 'family not identified'}]",
+            f"  source: {self.source}{_dtype(self.source_dtype)}",
+            f"  target: {self.target} [{self.target_family or 'family not identified'}]{_dtype(self.target_dtype)}",
             f"  lora:   {self.lora} [{self.lora_format + '; ' if self.lora_format else ''}"
-            f"fits {self.lora_family or 'no known family'}]",
+            f"fits {self.lora_family or 'no known family'}]{_dtype(self.lora_dtype, self.factors_dtype, self.projected)}",
         ]
         lines += [f"  note: {'; '.join(self.notes)}"] if self.notes else []
         # the notes' line takes one of the skip reasons' (the table lists them all): 15 lines at most
-        lines += _refactorised(self.layers) + _skipped(self.skipped, 3 - bool(self.notes)) + _matched(self.layers)
-        lines += _ranges(self.applied) + _calibration(self)
+        lines += _refactorised(self.layers) + _skipped(self.skipped, 3 - bool(self.notes)) + _matched(self)
+        lines += _ranges(self.applied, "similarity" if self.projected else "match similarity") + _calibration(self)
         lines.append(
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; similarities: "
             f"{self.similarities_cached} from cache, {self.similarities_computed} computed"
@@ -128,7 +161,7 @@ class TransferReport:
         rows = [head + (f" {'energy':>8}" if energy else "") + (f" {'scale':>6}" if scale else "") + "  status"]
         for r in self.layers:
             name = r.component + " " + r.module
-            if r.target_module and r.target_module != r.module.removeprefix("text_model."):
+            if r.renamed:
                 name += f" → {r.target_module}"
             shape = "x".join(str(d) for d in r.shape)
             ranks = f"{r.r}→{r.r_out}" if r.r_out is not None else str(r.r)
@@ -158,6 +191,15 @@ def _span(values: list[float], digits: int = 3) -> str:
     return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
 
 
+def _dtype(dtype: str | None, written: str | None = None, projected: bool = False) -> str:
+    """``"; float16"`` after a model or the LoRA (``"; float16, written as float16 (projected in float32)"`` for the
+    LoRA and its transferred factors); ``""`` where the transfer did not tell."""
+    text = f"; {dtype}" if dtype else ""
+    if written:
+        text += f", written as {written}" + (" (projected in float32)" if projected else "")
+    return text
+
+
 def _refactorised(layers: list[LayerReport]) -> list[str]:
     rows = [r for r in layers if r.energy is not None]
     if not rows:
@@ -181,24 +223,26 @@ def _skipped(skipped: list[LayerReport], most: int = 3) -> list[str]:
     return lines
 
 
-def _matched(layers: list[LayerReport]) -> list[str]:
+def _matched(report: TransferReport) -> list[str]:
     ways: dict[str, int] = {}
-    for row in layers:
+    for row in report.layers:
         if row.matched_by:
             ways[row.matched_by] = ways.get(row.matched_by, 0) + 1
     if not ways or set(ways) == {"name"}:
         return []
-    renamed = sum(1 for row in layers if row.target_module and row.target_module != row.module)
-    return ["  matched: " + ", ".join(f"{n} by {way}" if way != "folded" else f"{n} folded"
-                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))
+    renamed = sum(row.renamed for row in report.layers)
+    gate = (f" (gate: relatedness ≥ {report.match_threshold} at rank {report.match_rank})"
+            if report.match_threshold is not None else "")
+    return ["  matched: " + ", ".join(f"{n} by {way}{gate if way == 'similarity' else ''}" if way != "folded"
+                                      else f"{n} folded" for way, n in sorted(ways.items(), key=lambda item: -item[1]))
             + (f"; {renamed} sent to a target module of another name (table(): target module)" if renamed else "")]
 
 
-def _ranges(applied: list[LayerReport]) -> list[str]:
+def _ranges(applied: list[LayerReport], similarity: str) -> list[str]:
     parts = []
     phi = [r for r in applied if r.phi_u is not None and r.phi_v is not None]
     if phi:
-        parts.append(f"similarity Φ_U {_span([r.phi_u for r in phi])}, Φ_V {_span([r.phi_v for r in phi])}")
+        parts.append(f"{similarity} Φ_U {_span([r.phi_u for r in phi])}, Φ_V {_span([r.phi_v for r in phi])}")
     kept = [r.kept for r in applied if r.kept is not None]
     if kept:
         parts.append(f"kept ‖ΔW_t‖/‖ΔW_s‖ {_span(kept)}")

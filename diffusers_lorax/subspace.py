@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .threads import intra_op_threads, threads_for
+
+
 @dataclass(frozen=True)
 class Basis:
     """Top-``k`` singular triplets of one base weight: ``U`` ``(m, k)``, ``S`` ``(k,)``, ``V`` ``(n, k)``, float32."""
@@ -78,16 +81,20 @@ def compute_basis(weight: torch.Tensor, k: int, *, device: torch.device | str | 
     :data:`GRAM_TOLERANCE` (slowly decaying spectra, near-degenerate values at ``k``), or ``k = min(m, n)`` (the
     whole spectrum), the exact thin SVD (``torch.linalg.svd``) of ``W`` is used instead.
 
-    ``device``: where to compute (e.g. the pipeline's GPU); default the weight's device.
+    ``device``: where to compute (e.g. the pipeline's GPU); default the weight's device. On the CPU a small weight is
+    decomposed on one intra-op thread (:func:`~diffusers_lorax.threads.threads_for`; torch's setting is restored
+    after), a large one on torch's setting.
     Raises ``ValueError`` if ``weight`` holds NaN or Inf.
     """
     w = flatten_weight(weight.to(device) if device is not None else weight)
-    if not torch.isfinite(w).all():
-        raise ValueError("base weight contains NaN or Inf")
-    basis = _gram_basis(w, k)
-    if basis is None:
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        basis = Basis(U[:, :k], S[:k], Vh[:k].T)
+    threads = threads_for(tuple(w.shape)) if w.device.type == "cpu" else torch.get_num_threads()
+    with intra_op_threads(threads):
+        if not torch.isfinite(w).all():
+            raise ValueError("base weight contains NaN or Inf")
+        basis = _gram_basis(w, k)
+        if basis is None:
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            basis = Basis(U[:, :k], S[:k], Vh[:k].T)
     return Basis(*(t.to("cpu", torch.float32).contiguous() for t in (basis.U, basis.S, basis.V)))
 
 
@@ -132,6 +139,18 @@ def subspace_similarity(Q_s: torch.Tensor, Q_t: torch.Tensor) -> float:
         raise ValueError(f"bases differ in shape: {tuple(Q_s.shape)} vs {tuple(Q_t.shape)}")
     k = Q_s.shape[1]
     return float(torch.linalg.matrix_norm(Q_s.T @ Q_t) ** 2 / k)
+
+
+def relatedness(phi: float, k: int, d: int) -> float | None:
+    """``(Φ − k/d) / (1 − k/d)``: 0 for subspaces as alike as random ones, 1 for the same subspace; ``None`` when
+    ``k = d`` (Φ is then 1 for any pair and says nothing)."""
+    return None if k >= d else (phi - k / d) / (1 - k / d)
+
+
+def phi_at(rho: float, k: int, d: int) -> float:
+    """The Φ of relatedness ``rho`` (the inverse of :func:`relatedness`): ``k/d + rho (1 − k/d)``; e.g. the Φ a side
+    of ``d`` rows (or columns) needs at ``k`` to pass the layer-matching gate (``correspondence.MATCH_THRESHOLD``)."""
+    return k / d + rho * (1 - k / d)
 
 
 def project_lorax(B: torch.Tensor, A: torch.Tensor, target: Basis) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,12 @@ from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
 from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
                       TransferRequest)
-from .projection import transfer_layers
+from .projection import record_dtypes, transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
 from .report import LayerReport, PhaseClock, TransferReport
 from .transferred import TransferredAdapter
+from .umask import as_user_file
 
 logger = logging.get_logger(__name__)
 
@@ -154,7 +155,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     config = request.config
     report = TransferReport(
         source=source.label, target=target.label, lora="(state dict)" if isinstance(request.lora, dict) else str(request.lora),
-        method=config.method, rank=config.rank, threshold=config.threshold,
+        method=config.method, rank=config.rank, threshold=config.threshold, projected=config.strategy.needs_bases,
         layers=[LayerReport(layer.component, layer.module, layer.weight_shape, layer.r) for layer in layers],
     )
     describe_origin(report, layers)  # the LoRA's format; re-factorised layers' origin and kept energy
@@ -174,6 +175,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
             matched = correspond(layers, weights, plan.rule, report, registry, txn, matched, plan.only)
             clock.lap(report, "match")
         adapter = transfer_layers(layers, matched, weights, config, report, registry, txn, clock, expand)
+        record_dtypes(layers, matched, weights, adapter, report)
         clock.lap(report, "project")
         if not adapter:
             best = max((min(r.phi_u or 0, r.phi_v or 0) for r in report.layers), default=0)
@@ -194,8 +196,9 @@ def save_transferred(
 ) -> Path:
     """Write a transferred adapter (or a PEFT state dict, scale 1) as a standard diffusers LoRA file with the target
     pipeline class's own ``save_lora_weights`` (keys ``<component>.<module>.lora_A/B.weight``, safetensors, and each
-    component's ``LoraConfig`` as its adapter metadata where the class saves one, so every module keeps its alpha).
-    Returns the file's path. Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
+    component's ``LoraConfig`` as its adapter metadata where the class saves one, so every module keeps its alpha),
+    with the mode the user's umask gives (:func:`~diffusers_lorax.umask.as_user_file`). Returns the file's path.
+    Raises :class:`SourceModelError` if the target's pipeline class cannot be told."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cls = BaseModel(target, HubOptions(), "target").pipeline_class
@@ -215,6 +218,7 @@ def save_transferred(
         **{f"{component}_lora_layers": sd for component, sd in layers.items()},
         **(configs if keep else {}),
     )
+    as_user_file(path)
     if report is not None:
         logger.info(f"wrote {path}: {len(report.applied)} layers transferred with {report.method}")
     return path

@@ -17,11 +17,16 @@ from .errors import SourceModelError
 from .weights import canonical_module, file_identity, fingerprint
 
 _WEIGHT_FILES = ("diffusion_pytorch_model", "model")
+#: safetensors' dtype codes of the float weights a base model holds, by torch's names.
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2"}
 #: Fingerprints of weights read from safetensors files, by (resolved file path, size, mtime in ns, tensor name):
 #: within a process, a file that has not changed is not read or hashed again.
 _FILE_FINGERPRINTS: dict[tuple[str, int, int, str], str] = {}
 #: Tensor names and shapes of safetensors files, by (resolved path, size, mtime in ns).
 _FILE_INDEXES: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {}
+#: Their dtype codes, by the same key.
+_FILE_DTYPES: dict[tuple[str, int, int], dict[str, str]] = {}
 
 
 def header_shapes(path: Path, label: str) -> dict[str, tuple[int, ...]]:
@@ -38,7 +43,9 @@ def header_shapes(path: Path, label: str) -> dict[str, tuple[int, ...]]:
             raise SourceModelError(truncated)
         try:
             with safe_open(str(path), framework="pt") as f:
-                _FILE_INDEXES[memo] = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                _FILE_INDEXES[memo] = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
+                _FILE_DTYPES[memo] = {key: piece.get_dtype() for key, piece in slices.items()}
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise SourceModelError(f"{label}: cannot read {path}: {err}") from err
     index = _FILE_INDEXES[memo]
@@ -112,6 +119,12 @@ class SafetensorsWeights:
         path, key = self._locate(component, module)
         return _FILE_FINGERPRINTS.get((*file_identity(path), key))
 
+    def dtype(self, component: str, module: str) -> str:
+        path, key = self._locate(component, module)
+        header_shapes(path, self.label)  # (re)indexes a file rewritten since: its dtypes with its shapes
+        code = _FILE_DTYPES[file_identity(path)][key]
+        return _DTYPE_NAMES.get(code, code)
+
 
 class LazyWeights:
     """A base model's weights read as late as possible: ``shapes`` from ``shapes_of(component)`` (no weight file), a
@@ -154,6 +167,12 @@ class LazyWeights:
 
     def known_fingerprint(self, component: str, module: str) -> str | None:
         return self._reader(component).known_fingerprint(component, module)
+
+    def dtype(self, component: str, module: str) -> str | None:
+        """As stored, where the component's files were read for values; ``None`` (not read) otherwise: no file is
+        fetched for it."""
+        reader = self._values.get(component)
+        return reader.dtype(component, module) if reader is not None else None
 
 
 def component_files(component: str, variant: str | None, resolve: Callable[[str], Path | None], where: str,

@@ -20,6 +20,7 @@ import xxhash
 from . import quantized
 from .errors import SourceModelError
 from .held import base_layers, execution_device, stored_tensor, unwrap_compiled
+from .progress import progress
 
 
 def canonical_module(name: str) -> str:
@@ -50,6 +51,10 @@ class BaseModelWeights(Protocol):
     def known_fingerprint(self, component: str, module: str) -> str | None:
         """The ``module``'s fingerprint when it is known without reading the weight (memoised in this process and
         still valid), else ``None``. Raises ``SourceModelError`` if it is absent."""
+
+    def dtype(self, component: str, module: str) -> str:
+        """The ``module``'s weight dtype as stored (torch's name: ``"float16"``), without reading the weight. Raises
+        ``SourceModelError`` if it is absent."""
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -87,8 +92,6 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
     """:meth:`BaseModelWeights.fingerprint` of every ``(component, module)`` of ``keys``: those known without
     reading (a warm call) in this thread, the others hashed on every core (XXH3 at memory speed; each thread holds
     one weight at a time), with a progress bar from 64 weights. Raises ``SourceModelError`` for an absent one."""
-    from diffusers.utils.logging import tqdm
-
     out = {key: weights.known_fingerprint(*key) for key in dict.fromkeys(keys)}
     todo = [key for key, value in out.items() if value is None]
     if len(todo) == 1:
@@ -96,8 +99,8 @@ def fingerprints(weights: BaseModelWeights, keys: list[tuple[str, str]]) -> dict
     elif todo:  # a thread pool costs more than a memo lookup: only for weights that must be read
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
             jobs = pool.map(lambda key: weights.fingerprint(*key), todo)
-            out.update(zip(todo, tqdm(jobs, total=len(todo), desc=f"fingerprints ({weights.label})",
-                                      disable=len(todo) < 64)))
+            out.update(zip(todo, progress(jobs, total=len(todo), desc=f"fingerprints ({weights.label})",
+                                          worth_it=len(todo) >= 64)))
     return out
 
 
@@ -172,6 +175,9 @@ class PipelineWeights:
 
     def known_fingerprint(self, component: str, module: str) -> str | None:
         return known_fingerprint(*self._parameter(component, module)[:2])
+
+    def dtype(self, component: str, module: str) -> str:
+        return str(self._parameter(component, module)[0].dtype).removeprefix("torch.")
 
 
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = (), module: torch.nn.Module | None = None) -> str:

@@ -53,10 +53,18 @@ def test_every_public_name_is_in_the_api_reference():
 
 
 def test_the_quickstart_testbed_example_runs(tmp_path, monkeypatch):
-    """The first quickstart block runs offline on the shipped testbed (a copy to the fine-tune, one image)."""
+    """The first quickstart block runs offline on the shipped testbed (a copy to the fine-tune, one image), and
+    without a deprecation warning of the installed diffusers (0.42: ``dtype=``, not ``torch_dtype=``)."""
+    import warnings
+
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(_blocks("quickstart.md", "python")[0], "quickstart.md[0]", "exec"), scope)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(_blocks("quickstart.md", "python")[0], "quickstart.md[0]", "exec"), scope)
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                  and "dtype" in str(w.message)]
+    assert deprecated == []
     report, image = scope["report"], scope["image"]
     assert len(report.layers) == 80 and len(report.applied) == 80 and report.adapter_name == "slant"
     assert image.size == (16, 16) and scope["pipe"].get_active_adapters() == ["slant"]

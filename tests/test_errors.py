@@ -312,3 +312,27 @@ def test_source_none_with_a_standard_lora_says_what_source_none_is_for(files, ta
     assert "Pass the source base model the LoRA was trained on: a pipeline, a local diffusers folder" in message
     assert_unchanged(pipe, before)
     assert empty(registry)
+
+
+@pytest.mark.parametrize("name", ["my.style", "", "keys", "training", 3, "style", "my-style", "ü b", None])
+def test_adapter_names_peft_cannot_load_under_are_refused_by_the_option_check(name):
+    """``options.check_adapter_name`` refuses exactly the names under which PEFT's layers cannot be stored (torch's
+    ``ModuleDict`` keys: a string, not empty, no ``.``, not one of its attributes), with a typed error that says why,
+    so that a transfer can refuse them before any work instead of after it. ``None`` (a name is chosen) passes."""
+    import torch
+
+    from diffusers_lorax import InvalidOptionsError
+    from diffusers_lorax.options import check_adapter_name
+
+    try:
+        torch.nn.ModuleDict()[name] = torch.nn.Identity()  # what PEFT does with the name (lora_A[adapter_name] = …)
+        torch_refuses = False
+    except (KeyError, TypeError):
+        torch_refuses = name is not None
+    if not torch_refuses:
+        check_adapter_name(name)
+        return
+    with pytest.raises(InvalidOptionsError, match="adapter_name") as err:
+        check_adapter_name(name)
+    if isinstance(name, str) and "." in name:
+        assert "contains a dot" in str(err.value) and "'my_style'" in str(err.value)

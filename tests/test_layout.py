@@ -9,10 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
-    0: ["_version", "errors", "subspace", "report", "plot", "held", "quantized", "weights", "weight_files", "formats.safetensors_check",
-        "hub_access"],
-    1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.database", "registry.blobs",
-        "registry.families",
+    0: ["_version", "_lazy", "progress", "umask", "threads", "errors", "subspace", "report", "plot", "held", "quantized",
+        "weights", "weight_files", "formats.safetensors_check", "hub_access"],
+    1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.location", "registry.database",
+        "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
         "formats", "formats.common", "formats.fetch", "formats.skeleton",
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya"],
@@ -20,8 +20,8 @@ LAYERS = {
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.saving", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection", "injection", "snapshot"],
-    4: ["mixin", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality", "quality.data",
-        "quality.classifiers", "quality.evaluate"],
+    4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality",
+        "quality.data", "quality.classifiers", "quality.evaluate"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 

@@ -445,3 +445,13 @@ def test_default_method_is_lorax_for_lorax_files_and_copy_for_others(saved, regi
                 for (c, m) in list(saved["deltas"])[:1] for p in "AB"}
     _, report = transfer_lora(saved["root"] / "source", saved["root"] / "target", standard, registry=registry)
     assert report.method == "copy"
+
+
+def test_files_get_the_mode_the_umask_gives(saved):
+    """Not safetensors' private 0600: a LoRA-X file is readable by whoever the user's umask lets read it."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (saved["compact"], saved["standalone"]):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

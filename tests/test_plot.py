@@ -2,6 +2,7 @@
 for the testbed's transfers, with one status point per layer, Φ points where Φ was computed and a marker on every
 layer that went to another target module; a missing matplotlib is a clear, typed error before any work."""
 
+import math
 import struct
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from diffusers_lorax import transfer_lora
 from diffusers_lorax.cli import main
-from diffusers_lorax.plot import PlotDependencyError, depth_key, remapped
+from diffusers_lorax.plot import PlotDependencyError, depth_key
 from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.report import LayerReport
 
@@ -26,19 +27,33 @@ def points(fig, gid):
     return sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == gid)
 
 
+def panels(fig):
+    """The figure's panels by their y label's first word: ``subspace``, ``kept``, ``status``."""
+    return {ax.get_ylabel().split()[0]: ax for ax in fig.axes}
+
+
 def phi_points(fig):
-    sim = fig.axes[0]
-    return {c.get_label(): len(c.get_offsets()) for c in sim.collections}
+    sim = panels(fig)["subspace"]
+    return {c.get_label(): len(c.get_offsets()) for c in sim.collections if c.get_gid() != "gate"}
+
+
+def status_colours(fig):
+    """Legend label without its count → the colour of its points, in the status panel."""
+    from matplotlib.colors import to_hex
+
+    return {c.get_label().rsplit(" (", 1)[0]: to_hex(c.get_facecolor()[0]) for c in panels(fig)["status"].collections
+            if c.get_gid() == "status"}
 
 
 def test_report_plot_of_a_copy_to_the_finetune(tmp_path):
     _, report = transfer_lora(ASSETS / "source", ASSETS / "target-finetune", LORA, registry=tmp_path / "reg")
     fig = report.plot(tmp_path / "copy.png")
     width, height = png_size(tmp_path / "copy.png")
-    assert width > 300 and height > 300 and (width, height) == (1200, 760)
+    assert (width, height) == (1200, 460)  # no similarity panel: copied by name, no Φ computed
+    assert list(panels(fig)) == ["kept", "status"]
     assert len(report.layers) == 80 and points(fig, "status") == 80  # one point per layer
-    assert points(fig, "remapped") == 0 and phi_points(fig) == {}  # copied by name: no Φ, nothing moved
-    kept = fig.axes[1].collections[0].get_offsets()
+    assert points(fig, "remapped") == 0  # nothing moved
+    kept = panels(fig)["kept"].collections[0].get_offsets()
     assert len(kept) == 80 and abs(kept[:, 1] - 1).max() < 1e-6  # a copy keeps the whole update
 
 
@@ -55,9 +70,13 @@ def test_cli_plot_of_a_projection_to_the_renamed_student(tmp_path, capsys):
     fig = report.plot()
     n = len(report.layers)
     assert points(fig, "status") == n == 80
-    moved = sum(remapped(r) for r in report.layers)
+    moved = sum(r.renamed for r in report.layers)
     assert moved > 0 and points(fig, "remapped") == moved  # the student's renamed layers are marked
     assert phi_points(fig)["Φ_U"] == sum(r.phi_u is not None for r in report.layers) > 0
+    # a projection: its Φ threshold is drawn; the title names it and the matching's gate
+    lines = [line for line in panels(fig)["subspace"].lines if line.get_gid() == "threshold"]
+    assert len(lines) == 1 and lines[0].get_ydata()[0] == 0.9 and points(fig, "gate") == 0
+    assert "rank=0.5, threshold=0.9; matched by similarity: relatedness ≥ 0.35" in fig.axes[0].get_title()
 
 
 def test_missing_matplotlib_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
@@ -91,15 +110,67 @@ def test_inspect_plot_draws_what_would_apply_to_the_target(tmp_path, capsys):
     png = tmp_path / "inspect.png"
     assert main(["inspect", str(LORA), "--target", str(ASSETS / "target-renamed"), "--plot", str(png)]) == 0
     assert f"drew {png}" in capsys.readouterr().out
-    width, height = png_size(png)
-    assert width > 300 and height > 300
+    assert png_size(png) == (1200, 260)  # the status alone: inspect computes no Φ and transfers nothing
     found = inspect_lora(str(LORA), str(ASSETS / "target-renamed"))
     report = _inspection_report(found)
     assert len(report.layers) == found.layers == 80 and len(report.applied) == len(found.applies)
     assert {r.reason for r in report.skipped} == set(found.skipped)
-    assert points(report.plot(), "status") == 80
+    fig = report.plot()
+    assert points(fig, "status") == 80 and list(panels(fig)) == ["status"]  # no empty panels
     assert main(["inspect", str(LORA), "--plot", str(png)]) == 2  # nothing to draw without a target
     assert "give --target" in capsys.readouterr().err
+
+
+def test_copy_matched_by_similarity_shows_the_gate_it_passed(tmp_path):
+    """A copy to the renamed student matches layers by subspace similarity: the gate is a relatedness (Φ over its
+    chance level k/d) of 0.35, not the projections' Φ threshold 0.9 it did not use. The header, the summary and the
+    plot say so, and the plot's gate marks sit at or below the Φ of every layer that passed them."""
+    _, report = transfer_lora(ASSETS / "source", ASSETS / "target-renamed", LORA, registry=tmp_path / "reg")
+    summary = report.summary()
+    assert summary.splitlines()[0] == "LoRA transfer (copy): 56 of 80 layers applied, 24 skipped"
+    assert "threshold=0.9" not in summary and "rank=0.5" not in summary
+    assert "matched: 56 by similarity (gate: relatedness ≥ 0.35 at rank 0.5)" in summary
+    assert min(r.phi_v for r in report.applied) < 0.9  # applied below 0.9: the reason the gate must be shown
+    fig = report.plot(tmp_path / "copy.png")
+    sim = panels(fig)["subspace"]
+    assert not [line for line in sim.lines if line.get_gid() == "threshold"]  # no 0.9 line
+    assert "(copy; matched by similarity: relatedness ≥ 0.35 at rank 0.5)" in sim.get_title()
+    marks = {c.get_label(): c.get_offsets() for c in sim.collections if c.get_gid() == "gate"}
+    assert set(marks) == {"gate of Φ_U: relatedness 0.35", "gate of Φ_V: relatedness 0.35"}
+    from diffusers_lorax.correspondence import MATCH_THRESHOLD
+    from diffusers_lorax.subspace import phi_at
+
+    layers = sorted(report.layers, key=depth_key)
+    for attr, label, dim in (("phi_u", "Φ_U", lambda r: r.shape[0]), ("phi_v", "Φ_V", lambda r: math.prod(r.shape[1:]))):
+        drawn = {int(x): y for x, y in marks[f"gate of {label}: relatedness 0.35"]}
+        expected = {i: phi_at(MATCH_THRESHOLD, r.k, dim(r)) for i, r in enumerate(layers) if getattr(r, attr) is not None}
+        assert drawn.keys() == expected.keys() and len(drawn) == 56
+        assert all(abs(drawn[i] - expected[i]) < 1e-6 for i in drawn)
+        assert all(getattr(layers[i], attr) >= drawn[i] - 1e-6 for i in drawn if layers[i].applied)
+
+
+def test_each_skip_reason_has_its_colour_in_every_plot():
+    """The colour of a reason does not depend on which other reasons a plot has, or how many layers each has."""
+    from diffusers_lorax.report import TransferReport
+
+    def report(counts):
+        layers = [LayerReport("unet", f"down_blocks.0.attentions.0.m{j}_{i}", (4, 4), 2, reason=reason)
+                  for j, (reason, n) in enumerate(counts.items()) for i in range(n)]
+        return TransferReport("s", "t", "l", "copy", 0.5, 0.9, layers=layers)
+
+    shape, name, other = ("shape differs in the target: (8, 4)", "no module of this name in the target",
+                          "a reason of no listed kind: details")
+    first = status_colours(report({shape: 3, name: 1}).plot())
+    second = status_colours(report({name: 5, shape: 1, other: 2}).plot())
+    third = status_colours(report({other: 1}).plot())
+    for label in ("shape differs in the target", "no module of this name in the target"):
+        assert first[label] == second[label]
+    assert second["a reason of no listed kind"] == third["a reason of no listed kind"]
+    from diffusers_lorax.plot import SKIP_KINDS
+
+    kinds = {label: colour for _, label, colour in SKIP_KINDS}
+    assert all(first[label] == kinds[label] for label in first)
+    assert len(set(kinds.values())) == len(kinds)  # one colour per kind
 
 
 def test_gap_bars_have_one_bar_per_method_target_and_defined_gap(tmp_path):

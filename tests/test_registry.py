@@ -14,7 +14,7 @@ import torch
 
 from diffusers_lorax import Registry, RegistryError, cli, toy, transfer_lora
 from diffusers_lorax.registry import default_registry_dir, open_registry
-from diffusers_lorax.registry.database import redact
+from diffusers_lorax.registry.location import redact
 from diffusers_lorax.subspace import compute_basis
 from diffusers_lorax.weights import fingerprint
 

@@ -23,8 +23,9 @@ def big_report(n=300):
             row.origin, row.energy = "LyCORIS LoKr", 1 - i / 1e9
         layers.append(row)
     return TransferReport(source="src", target="tgt", lora="lora.safetensors", method="prolora", rank=0.5,
-                          threshold=0.9, lora_family="Stable Diffusion 1.x (300/300 layer shapes match)",
-                          lora_format="LyCORIS LoKr, kohya", layers=layers, bases_cached=3, bases_computed=5,
+                          threshold=0.9, projected=True, lora_family="Stable Diffusion 1.x (300/300 layer shapes match)",
+                          lora_format="LyCORIS LoKr, kohya", lora_dtype="float16", source_dtype="float16",
+                          target_dtype="bfloat16", factors_dtype="float16", layers=layers, bases_cached=3, bases_computed=5,
                           calibration={"rule": "global", "cached": False}, seconds={"read": 0.1, "bases": 1.0})
 
 
@@ -34,7 +35,8 @@ def test_summary_is_at_most_15_lines_and_says_what_matters():
     assert str(report) == report.summary() and len(lines) <= 15, "\n".join(lines)
     text = report.summary()
     assert lines[0] == ("LoRA transfer (prolora, rank=0.5, threshold=0.9): 225 of 300 layers applied, 75 skipped")
-    assert "[LyCORIS LoKr, kohya; fits Stable Diffusion 1.x (300/300 layer shapes match)]" in text
+    assert "[LyCORIS LoKr, kohya; fits Stable Diffusion 1.x (300/300 layer shapes match)]; float16, written as float16 " \
+           "(projected in float32)" in text and "  target: tgt [family not identified]; bfloat16" in text
     assert "  skipped 15: no module of this name in the target" in text  # grouped by reason, counted
     assert "other reasons (table())" in text
     assert "matched: 180 by name, 45 by similarity; 45 sent to a target module of another name (table(): " in text
@@ -68,3 +70,53 @@ def test_copy_summary_has_no_projection_options():
     report = TransferReport(source="s", target="t", lora="l", method="copy", rank=0.5, threshold=0.9,
                             layers=[LayerReport("unet", "a", (4, 4), 2, applied=True, kept=1.0)])
     assert report.summary().splitlines()[0] == "LoRA transfer (copy): 1 of 1 layers applied, 0 skipped"
+
+
+def test_text_encoder_layers_are_not_counted_as_renamed(tmp_path):
+    """The testbed's text-encoder LoRA layers are named ``text_model.encoder…`` and their target modules
+    ``encoder…`` (transformers 5 dropped the level): the same module, not one of another name. Only the renamed
+    student's 12 renamed UNet layers count, in the summary as in the table."""
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.quality import ASSETS
+
+    lora = ASSETS / "loras" / "slant-source.safetensors"
+    counts = {}
+    for target in ("target-distilled", "target-renamed"):
+        _, report = transfer_lora(ASSETS / "source", ASSETS / target, lora, registry=tmp_path / "reg")
+        text = [r for r in report.layers if r.component == "text_encoder"]
+        assert len(text) == 8 and all(r.applied and r.module == "text_model." + r.target_module for r in text)
+        counts[target] = sum(" → " in line for line in report.table().splitlines())  # where a layer went
+        said = f"; {counts[target]} sent to a target module of another name"
+        assert (said in report.summary()) == (counts[target] > 0)
+        assert ("sent to a target module" in report.summary()) == (counts[target] > 0)
+        assert not any(r.renamed for r in text) and sum(r.renamed for r in report.layers) == counts[target]
+    assert counts == {"target-distilled": 0, "target-renamed": 12}
+
+
+def test_the_report_states_the_dtypes(tmp_path):
+    """The LoRA's, both models' and the written factors' dtypes, as the files and the pipeline hold them: a float16
+    testbed source folder, the fine-tune loaded in float32, the float16 style LoRA moved by ProLoRA."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.quality import ASSETS
+
+    def file_dtypes(path, keep=lambda key: True):
+        with safe_open(str(path), "pt") as f:
+            return ", ".join(sorted({str(f.get_tensor(k).dtype).removeprefix("torch.") for k in f.keys() if keep(k)}))
+
+    lora = ASSETS / "loras" / "slant-source.safetensors"
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "target-finetune", dtype=torch.float32)
+    state_dict, report = transfer_lora(ASSETS / "source", pipe, lora, method="prolora", registry=tmp_path / "reg")
+    expected = {"lora": file_dtypes(lora, lambda k: k.endswith(("lora_up.weight", "lora_down.weight"))),
+                "source": file_dtypes(ASSETS / "source" / "unet" / "diffusion_pytorch_model.safetensors",
+                                      lambda k: k.endswith(".weight")),
+                "target": str(pipe.unet.dtype).removeprefix("torch."),
+                "factors": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))}
+    assert expected == {"lora": "float16", "source": "float16", "target": "float32", "factors": "float16"}
+    lines = report.summary().splitlines()
+    assert lines[1].endswith(f"; {expected['source']}") and lines[2].endswith(f"]; {expected['target']}")
+    assert lines[3].endswith(f"]; {expected['lora']}, written as {expected['factors']} (projected in float32)")
+    assert (report.lora_dtype, report.source_dtype, report.target_dtype, report.factors_dtype) == tuple(expected.values())

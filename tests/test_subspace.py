@@ -227,3 +227,47 @@ def test_random_pairs_score_about_half_at_the_default_rank():
         values.append(subspace.subspace_similarity(subspace.compute_basis(Ws, k).U, subspace.compute_basis(Wt, k).U))
     mean = sum(values) / len(values)
     assert 0.45 < mean < 0.55 and max(values) < DEFAULT_THRESHOLD - 0.2
+
+
+def test_thread_count_is_set_for_the_block_and_restored_after_it_also_on_error():
+    from diffusers_lorax.threads import intra_op_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with intra_op_threads(1):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_small_weights_are_decomposed_on_one_thread_large_ones_on_torch_setting(monkeypatch):
+    """compute_basis runs a small weight's decomposition on one intra-op thread and a large one's on torch's setting,
+    leaves the setting as it found it, and gives the same basis as on the default threads (the float64 reference)."""
+    from diffusers_lorax import threads
+
+    seen = []
+    svd, eigh = torch.linalg.svd, torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: seen.append(torch.get_num_threads()) or svd(*a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: seen.append(torch.get_num_threads()) or eigh(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        small = torch.randn(64, 96, generator=g, dtype=torch.float64)
+        basis = subspace.compute_basis(small, 16)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        U, _, V = dense_basis(small, 16)
+        bound = subspace.GRAM_TOLERANCE / math.sqrt(16) + 1e-5  # the Gram route's guard on ‖P̂ − P‖_F, over ‖P‖_F
+        assert rel(proj(basis.U.double()), proj(U)) < bound and rel(proj(basis.V.double()), proj(V)) < bound
+        seen.clear()
+        monkeypatch.setattr(threads, "SMALL_WORK", 64 * 96 * 64)  # the same weight counts as large now
+        subspace.compute_basis(small, 16)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import LoraxFileError
+from ..umask import as_user_file
 from .config import LoraXConfig
 from .files import (COMPACT_WEIGHT_NAME, CORE_SUFFIX, FORMAT, FORMAT_VERSION, STANDALONE_WEIGHT_NAME, digest,
                     dtype_name, looks_like_hub_id)
@@ -128,6 +129,7 @@ def save_lorax_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "lorax": text,
                                             "digest": digest(tensors)})
+    as_user_file(path)  # safetensors leaves 0600
     return path
 
 

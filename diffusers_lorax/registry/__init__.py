@@ -6,12 +6,18 @@
 - **Local entries**, computed once and cached: SVD bases, subspace similarities and transferred adapters, in SQLite
   or a database URL with blobs in a directory (:class:`Registry`).
 
-Modules, one job each: ``families`` (the shipped families), ``database`` (tables, schema, URLs), ``blobs`` (blob
-files), ``store`` (:class:`Registry`: what a transfer reads), ``transaction`` (what a transfer writes: staged, then
+Modules, one job each: ``location`` (where a registry is), ``families`` (the shipped families), ``database``
+(tables, schema, URLs), ``blobs`` (blob files), ``store`` (:class:`Registry`: what a transfer reads), ``transaction`` (what a transfer writes: staged, then
 committed or discarded), ``maintenance`` (list, stats, verify, prune, clear: the ``lorax registry`` command).
 """
 
-from .store import Registry, default_registry_dir, open_registry
-from .transaction import NullTransaction, Transaction
+from .._lazy import lazy_getattr
+from .location import default_registry_dir
+
+#: Imported on first use: the store and its transactions import torch and diffusers; ``lorax registry path`` needs
+#: only :mod:`~diffusers_lorax.registry.location`.
+_LAZY = {"Registry": "store", "open_registry": "store", "NullTransaction": "transaction", "Transaction": "transaction"}
 
 __all__ = ["NullTransaction", "Registry", "Transaction", "default_registry_dir", "open_registry"]
+
+__getattr__ = lazy_getattr(__name__, _LAZY)

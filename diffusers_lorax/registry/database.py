@@ -181,14 +181,6 @@ def ensure_schema(engine: Engine, location: str, clear_blobs) -> None:
         session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
 
 
-def redact(url: str) -> str:
-    """A database URL with its password masked (``postgresql://user:***@host/db``), for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparseable database URL)"
-
-
 def error_message(err: BaseException, url: str) -> str:
     """An error's text with the database password masked, should the driver have echoed the URL."""
     text = str(err).split("\n(Background on this error")[0]
@@ -197,7 +189,3 @@ def error_message(err: BaseException, url: str) -> str:
     except ArgumentError:
         password = None
     return text.replace(password, "***") if password else text
-
-
-def sqlite_url(directory: Path) -> str:
-    return f"sqlite:///{directory / 'registry.sqlite'}"

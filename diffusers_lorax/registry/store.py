@@ -30,27 +30,16 @@ from ..errors import RegistryError
 from ..subspace import Basis
 from .blobs import checked_file, metadata, store_id, truncated
 from .database import (AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, connect, ensure_schema,
-                       error_message, key_column, redact, sqlite_url)
+                       error_message, key_column)
+from .location import describe, resolve
 from .maintenance import RegistryMaintenance
 from .transaction import Similarities, Transaction
 
 logger = logging.get_logger(__name__)
 
-ENV_CACHE_DIR = "LORAX_CACHE_DIR"
-ENV_REGISTRY_URL = "LORAX_REGISTRY_URL"
 ENV_MAX_BYTES = "LORAX_REGISTRY_MAX_BYTES"
 #: Default size cap of the blobs: 20 GiB (the bases of an SDXL pair for a full LoRA take about 1.4 GB).
 DEFAULT_MAX_BYTES = 20 * 2**30
-
-
-def default_registry_dir() -> Path:
-    """``$LORAX_CACHE_DIR`` if set, else ``platformdirs.user_cache_dir("diffusers-lorax")``."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("diffusers-lorax"))
 
 
 @dataclass(frozen=True)
@@ -82,8 +71,7 @@ class Registry(RegistryMaintenance):
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, *, url: str | None = None, max_bytes: int | None = None):
-        self.directory = Path(directory) if directory is not None else default_registry_dir()
-        self.url = url or os.environ.get(ENV_REGISTRY_URL) or sqlite_url(self.directory)
+        self.directory, self.url = resolve(directory, url)
         env_cap = os.environ.get(ENV_MAX_BYTES)
         self.max_bytes = int(max_bytes if max_bytes is not None else env_cap or DEFAULT_MAX_BYTES)
         try:
@@ -99,7 +87,7 @@ class Registry(RegistryMaintenance):
     @property
     def location(self) -> str:
         """The blob directory, and the database URL (password masked) when it is not the directory's SQLite."""
-        return str(self.directory) if self.url.startswith("sqlite") else f"{redact(self.url)} (blobs in {self.directory})"
+        return describe(self.directory, self.url)
 
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
