@@ -422,10 +422,10 @@ def test_failed_registry_write_does_not_undo_a_loaded_adapter(source, lora, regi
 
 
 def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry, monkeypatch):
-    from diffusers_lorax import weights
+    from diffusers_lorax import weight_files
     from diffusers_lorax.weight_files import SafetensorsWeights
 
-    monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # no fingerprints from earlier tests
+    monkeypatch.setattr(weight_files, "_FILE_FINGERPRINTS", {})  # no fingerprints from earlier tests
     read = []
     original = SafetensorsWeights.weight
 
@@ -450,12 +450,13 @@ def test_source_folder_reads_only_the_weights_the_lora_touches(folders, registry
 
 
 def test_batch_fingerprints_hash_only_the_weights_not_known(folders, monkeypatch):
-    from diffusers_lorax import weights
+    from diffusers_lorax import weight_files, weights
 
     hashed = []
     original = weights.fingerprint
-    monkeypatch.setattr(weights, "fingerprint", lambda t: hashed.append(tuple(t.shape)) or original(t))
-    monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # as in a new process
+    for module in (weights, weight_files):  # the pipeline reader's and the file reader's
+        monkeypatch.setattr(module, "fingerprint", lambda t: hashed.append(tuple(t.shape)) or original(t))
+    monkeypatch.setattr(weight_files, "_FILE_FINGERPRINTS", {})  # as in a new process
     target = make_target()
     names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
              "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", "up_blocks.0.attentions.0.proj_in"]
