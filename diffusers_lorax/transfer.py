@@ -129,6 +129,15 @@ def transfer_lora(
         return result.adapter.folded(), result.report
 
 
+def transfer_request(source: Any, target: Any, lora: Any, **kwargs: Any) -> TransferRequest:
+    """The :class:`TransferRequest` of :func:`transfer_lora`'s arguments, checked (for :func:`transferring`, where a
+    caller needs the adapter with its config rather than a folded state dict). Raises :class:`TypeError` for a
+    keyword :func:`transfer_lora` does not take, :class:`InvalidOptionsError` for a value it refuses."""
+    bound = inspect.signature(transfer_lora).bind(source, target, lora, **kwargs)
+    bound.apply_defaults()
+    return TransferRequest.from_arguments(bound.arguments)
+
+
 @dataclass
 class TransferResult:
     adapter: TransferredAdapter

@@ -183,3 +183,21 @@ def test_a_float32_source_and_a_bfloat16_target(base, method):
         _assert_same_adapter(plain, target, "style")
     else:
         assert {v[3:] for v in _configs(target, "style").values()} == {v[3:] for v in _configs(plain, "style").values()}
+
+
+def test_lorax_transfer_writes_each_alpha_into_the_file(base, tmp_path):
+    """``lorax transfer``'s file keeps each copied module's alpha in its adapter config (not folded into lora_B):
+    a plain load of it is the cross load's adapter bit for bit, in bfloat16 too."""
+    from diffusers_lorax.cli import main
+
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    target.save_pretrained(tmp_path / "target")
+    lora = {k: v.to(torch.bfloat16) for k, v in _kohya(base, seed=1, alphas=(3.0,)).items()}  # scale 3/4
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    assert main(["transfer", str(tmp_path / "target"), str(tmp_path / "target"), str(tmp_path / "lora.safetensors"),
+                 "-o", str(tmp_path / "out.safetensors")]) == 0
+    from_file, cross = copy.deepcopy(target), copy.deepcopy(target)
+    from_file.load_lora_weights(str(tmp_path / "out.safetensors"), adapter_name="style")
+    cross.load_lora_weights_cross(tmp_path / "target", str(tmp_path / "lora.safetensors"), adapter_name="style")
+    _assert_same_adapter(cross, from_file, "style")
+    assert {v[1] for v in _configs(from_file, "style").values()} == {3.0}  # the file's alpha, not folded
