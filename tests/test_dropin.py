@@ -201,3 +201,27 @@ def test_lorax_transfer_writes_each_alpha_into_the_file(base, tmp_path):
     cross.load_lora_weights_cross(tmp_path / "target", str(tmp_path / "lora.safetensors"), adapter_name="style")
     _assert_same_adapter(cross, from_file, "style")
     assert {v[1] for v in _configs(from_file, "style").values()} == {3.0}  # the file's alpha, not folded
+
+
+def test_the_functional_form_folds_a_flux_loras_alphas_into_lora_b(tmp_path):
+    """``transfer_lora`` returns a plain state dict (no config): each module's ``alpha / r`` folded into ``lora_B``
+    (before this release Flux's ``.alpha`` keys were lost: every layer 4/3 as strong here, 3× at alpha 1). Loaded
+    plainly it gives the effect of the LoRA itself, to float32 rounding of one product per factor element."""
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.tiny import FAMILIES
+    from diffusers_lorax.tiny.loras import save_random_lora
+
+    source, plain, folded = (FAMILIES["flux"].build() for _ in range(3))
+    lora = str(save_random_lora(tmp_path, "flux", "peft_alpha"))
+    plain.load_lora_weights(lora, adapter_name="a")
+    state_dict, report = transfer_lora(source, source, lora)
+    folded.load_lora_weights(state_dict, adapter_name="a")
+    want, got = _transformer_deltas(plain), _transformer_deltas(folded)
+    assert want.keys() == got.keys() and want and {s for s, _ in got.values()} == {1.0}
+    for key, (s, d) in want.items():
+        assert s == 0.75 and float((got[key][1] - d).norm() / d.norm()) < 4 * 2.0 ** -24, key
+
+
+def _transformer_deltas(pipe):
+    return {name: (m.scaling["a"], m.scaling["a"] * m.lora_B["a"].weight.double() @ m.lora_A["a"].weight.double())
+            for name, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "a" in m.lora_A}
