@@ -310,8 +310,9 @@ def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family:
         if model.catalogue is not None:
             found.notes.append(f"{model.label}: compared with {model.catalogue.label}'s shapes in the registry's "
                                "catalogue (no file of it read)")
+        # "auto": a student with a published layer map by the map, as a transfer; any other target by name
         match_layers(layers, lora_family, _OwnShapes(layers), model.weights(sorted(found.components)), report,
-                     match="name")
+                     match="auto")
     except ArchitectureMismatchError as err:
         known = model.catalogue
         found.target_family = report.target_family or (known.label if known else None)
