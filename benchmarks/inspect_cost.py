@@ -80,7 +80,8 @@ def meta_pipeline(name: str):
     encoders as meta modules of the catalogued shapes; and the UNet's config."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
+    from diffusers_lorax.architectures.unet import KNOWN_UNETS
+    from diffusers_lorax.formats.skeleton import meta_unet
 
     cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
     fam = next(f for f in families() if f.name == name)

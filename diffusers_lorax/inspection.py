@@ -22,7 +22,8 @@ import torch
 from . import formats
 from .errors import (ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError,
                      UnsupportedFormatError)
-from .formats.skeleton import KNOWN_UNETS
+from .architectures import unet as unet_architecture
+from .architectures.unet import KNOWN_UNETS
 from .lora import LoraLayer, layers_of
 from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
@@ -205,10 +206,8 @@ def _layers_of_another_model(file: formats.LoraFile, found: LoraInspection, fail
 
 
 def _read(file: formats.LoraFile, found: LoraInspection | None, config: Any) -> list[LoraLayer]:
-    from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
-
     normalised = _stub(file, found, config)
-    return layers_of(StableDiffusionXLPipeline, normalised, file.adapter_metadata, file.label, config)
+    return layers_of(unet_architecture.reader(), normalised, file.adapter_metadata, file.label, config)
 
 
 def _target_layers(file: formats.LoraFile, model: BaseModel, unet_config: Any) -> list[LoraLayer] | None:
@@ -311,8 +310,9 @@ def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family:
         if model.catalogue is not None:
             found.notes.append(f"{model.label}: compared with {model.catalogue.label}'s shapes in the registry's "
                                "catalogue (no file of it read)")
+        # "auto": a student with a published layer map by the map, as a transfer; any other target by name
         match_layers(layers, lora_family, _OwnShapes(layers), model.weights(sorted(found.components)), report,
-                     match="name")
+                     match="auto")
     except ArchitectureMismatchError as err:
         known = model.catalogue
         found.target_family = report.target_family or (known.label if known else None)

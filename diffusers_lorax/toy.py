@@ -165,15 +165,17 @@ def _clip_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
 
-def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, noise: float = 0.01) -> Any:
-    """Perturb every Linear/Conv2d weight of the UNet and text encoders in place, like a fine-tune would.
+def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, noise: float = 0.01,
+             components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> Any:
+    """Perturb every Linear/Conv2d weight of ``components`` (the UNet and text encoders; a DiT's ``transformer``) in
+    place, like a fine-tune would.
 
     ``W ← W + ‖W‖_F (strength · P Qᵀ / ‖P Qᵀ‖_F + noise · G / ‖G‖_F)`` with ``P`` ``(m, rank)``, ``Q`` ``(n, rank)``
     and ``G`` ``(m, n)`` standard normal from ``seed``: a low-rank drift plus small full-rank noise, relative to each
     weight's norm. Returns ``pipe``.
     """
     gen = torch.Generator().manual_seed(seed)
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in components:
         model = getattr(pipe, component, None)
         if model is None:
             continue

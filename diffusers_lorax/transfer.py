@@ -165,6 +165,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     report = TransferReport(
         source=source.label, target=target.label, lora="(state dict)" if isinstance(request.lora, dict) else str(request.lora),
         method=config.method, rank=config.rank, threshold=config.threshold, projected=config.strategy.needs_bases,
+        target_components=dict(target.components),
         layers=[LayerReport(layer.component, layer.module, layer.weight_shape, layer.r) for layer in layers],
     )
     describe_origin(report, layers)  # the LoRA's format; re-factorised layers' origin and kept energy

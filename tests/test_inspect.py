@@ -11,8 +11,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from diffusers_lorax import UnsupportedFormatError, inspect_lora, toy
+from diffusers_lorax.architectures.unet import KNOWN_UNETS
 from diffusers_lorax.cli import main
-from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
+from diffusers_lorax.formats.skeleton import meta_unet
 from diffusers_lorax.registry.families import families
 
 from helpers import find_modules_v2, save_toy_pair

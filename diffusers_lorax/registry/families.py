@@ -31,7 +31,12 @@ class Family:
     teacher: str | None = None  # a student's teacher family
     related: str | None = None  # a refiner's base family
     layer_map: dict[str, str] = field(default_factory=dict)  # student module prefix -> teacher module prefix
-    layer_map_source: str = ""
+    layer_map_source: str = ""  # where the map comes from; "published: <where>" is used to match layers (no SVD)
+    denoiser: str = "unet"  # the denoiser component: "unet" or "transformer"
+    transformer_class: str | None = None
+    architecture: str = "unet"  # "unet", "mmdit" or "dit" (diffusers_lorax.architectures)
+    absent: tuple[str, ...] = ()  # fnmatch patterns of canonical "<component>.<module>" names it is known to lack
+    ignored: tuple[str, ...] = ()  # patterns of teacher modules its published layer map ignores
 
     @property
     def is_student(self) -> bool:
