@@ -30,7 +30,6 @@ import xxhash
 
 from . import _version, architectures, subspace
 from .architectures.layout import Slot
-from .architectures.unet import slot  # noqa: F401 (the UNet's slot, kept importable from here)
 from .errors import NoMatchingLayersError
 from .lora import LoraLayer
 from .matching import Matches
