@@ -6,8 +6,9 @@ as a fine-tune such as Realistic Vision is of SD 1.5.
 Cost: one source/target pair, built once for the module and shared by every test (two float32 SD 1.5 UNets and
 CLIP-L text encoders, 4.2 GB each); the first transfer computes the 128 layers' bases, the later ones read them from
 the registry. Peak resident memory about 9 GB (the pair, the float64 rounding reference of the source taken before
-the target exists, one adapter); 3–6 minutes on two loaded cores with OMP_NUM_THREADS=1. pytest's summary prints the
-figures of the run. Marked slow; skipped, with the reason, where ../shared/realcases is absent.
+the target exists, one adapter; 8.5–9.2 GB measured), about 4 minutes on two busy cores (242–283 s measured);
+pytest's summary prints the figures of the run. Marked slow; skipped, with the reason, where ../shared/realcases is
+absent.
 """
 
 import copy
@@ -31,7 +32,7 @@ VALID = [
     "diffusers_pr8283_sd_pokemon_lora.safetensors",
     "catundchat_sd15_attnprocs.bin",
 ]
-COST = "about 9 GB of memory and 3–6 minutes"
+COST = "about 9 GB of memory and 4 minutes"
 
 
 def _config(realcases, name):
@@ -46,12 +47,12 @@ def _run(pipe):
 
 @pytest.fixture(scope="module")
 def sd15(request):
-    """``(source, target, base, e, files)``: the pair; the target's output before any LoRA; ``e``, the float32 rounding of
-    one run (helpers.float32_error), measured on the source before the target exists so that a float64 copy and the
-    pair are never held at once. The target, the source plus a 5 % drift, with or without a LoRA that moves its
-    output by a few percent, rounds alike: outputs equal in exact arithmetic are compared within
-    ``rounding_tolerance(e, e)``; ``files``, ../shared/realcases (the tests take it from here: the session-scoped
-    ``realcases`` fixture, requested by a test, would skip before this one adds the cost to the reason)."""
+    """``(source, target, base, e, realcases)``: the pair; the target's output before any LoRA; ``e``, the float32
+    rounding of one run (helpers.float32_error), measured on the source before the target exists so that a float64
+    copy and the pair are never held at once; ../shared/realcases. The target, the source plus a 5 % drift, with or
+    without a LoRA that moves its output by a few percent, rounds alike: outputs equal in exact arithmetic are
+    compared within ``rounding_tolerance(e, e)``. The tests take the folder from here: the session-scoped
+    ``realcases`` fixture, requested by a test, would skip before this one adds the cost to the reason."""
     try:
         realcases = request.getfixturevalue("realcases")
     except pytest.skip.Exception as skipped:
@@ -93,7 +94,8 @@ def _assert_unchanged_by(pipe, call):
 def test_real_lora_transfers_and_loads(sd15, registry, name):
     source, target, base, e, realcases = sd15
     t = time.perf_counter()
-    report = target.load_lora_weights_cross(source, str(realcases / name), adapter_name="real", registry=registry, method="prolora")
+    report = target.load_lora_weights_cross(source, str(realcases / name), adapter_name="real", registry=registry,
+                                            method="prolora")
     seconds = time.perf_counter() - t
     print(f"\n{name}: {seconds:.1f} s, bases {report.bases_computed} computed / {report.bases_cached} cached")
     print(report.summary())
@@ -110,7 +112,8 @@ def test_real_lora_transfers_and_loads(sd15, registry, name):
 def test_real_lora_fuses_and_unfuses_back(sd15, registry):
     """fuse_lora / unfuse_lora on one real file (the mechanics are diffusers' own, the same for the three)."""
     source, target, base, e, realcases = sd15
-    target.load_lora_weights_cross(source, str(realcases / VALID[0]), adapter_name="real", registry=registry, method="prolora")
+    target.load_lora_weights_cross(source, str(realcases / VALID[0]), adapter_name="real", registry=registry,
+                                   method="prolora")
     styled = _run(target)
     # unfuse_lora restores the weights only up to rounding, which changes their fingerprints: keep the exact bytes of
     # the layers it touches (the adapted ones) so that the next test finds the target's bases in the registry
