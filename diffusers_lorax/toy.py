@@ -95,12 +95,15 @@ def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length:
 
 def byte_tokenizer(directory: str | Path | None = None) -> Any:
     """A ``CLIPTokenizer`` of the 514 byte-level ids of :func:`write_tokenizer` (no merges), written to ``directory``
-    (a new temp dir by default)."""
+    (kept), or by default to a temporary directory that is removed once the tokenizer is read (it keeps its
+    vocabulary in memory and saves it with ``save_pretrained``): nothing is left behind."""
     from transformers import CLIPTokenizer
 
-    folder = Path(directory or tempfile.mkdtemp(prefix="lorax-tok-"))
-    write_tokenizer(folder)
-    return CLIPTokenizer.from_pretrained(str(folder))
+    if directory is not None:
+        write_tokenizer(directory)
+        return CLIPTokenizer.from_pretrained(str(directory))
+    with tempfile.TemporaryDirectory(prefix="lorax-tok-") as folder:
+        return byte_tokenizer(folder)
 
 
 def sd_pipeline(
