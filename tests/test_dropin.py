@@ -36,8 +36,13 @@ def _configs(pipe, name):
 
 
 def _assert_same_adapter(plain, cross, name):
-    """Same modules, same config, bit-identical effective updates."""
+    """Same modules, the same PEFT config (key for key), bit-identical effective updates."""
     assert _configs(cross, name) == _configs(plain, name)
+    for component in ("unet", "text_encoder"):
+        configs = [getattr(getattr(pipe, component), "peft_config", {}).get(name) for pipe in (plain, cross)]
+        assert (configs[0] is None) == (configs[1] is None), component
+        if configs[0] is not None:
+            assert configs[0].to_dict() == configs[1].to_dict(), component
     want, got = delta_weights(plain, name), delta_weights(cross, name)
     assert want.keys() == got.keys() and want
     for key in want:
@@ -76,11 +81,18 @@ def test_file_keywords_of_load_lora_weights_are_accepted(base, tmp_path):
     _assert_same_adapter(plain, cross, "style")
 
 
-def test_hotswap_replaces_the_weights_in_place_as_load_lora_weights_does(base):
-    first, second = _kohya(base, seed=1, alphas=(2.0,)), _kohya(base, seed=3, alphas=(2.0,))
+@pytest.mark.parametrize("loaded_by", ["plain", "cross"])
+@pytest.mark.parametrize("alphas", [(2.0,), (1.0, 2.0, 3.0)], ids=["one alpha", "per-module alphas"])
+def test_hotswap_replaces_the_weights_in_place_as_load_lora_weights_does(base, loaded_by, alphas):
+    """Also over an adapter plain load_lora_weights loaded, whose config PEFT compares with the new one: the cross
+    load's config is the plain load's, key for key (per-module kohya alphas give diffusers odd alpha patterns)."""
+    first, second = _kohya(base, seed=1, alphas=alphas), _kohya(base, seed=3, alphas=alphas)
     plain, cross = copy.deepcopy(base), copy.deepcopy(base)
     plain.load_lora_weights(dict(first), adapter_name="style")
-    cross.load_lora_weights_cross(base, dict(first), adapter_name="style")
+    if loaded_by == "plain":
+        cross.load_lora_weights(dict(first), adapter_name="style")
+    else:
+        cross.load_lora_weights_cross(base, dict(first), adapter_name="style")
     params = {k: p for k, p in cross.unet.named_parameters() if ".style." in k}
     plain.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
     cross.load_lora_weights_cross(base, dict(second), adapter_name="style", hotswap=True)
