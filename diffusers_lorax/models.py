@@ -155,6 +155,8 @@ class BaseModel:
         if self.kind == "pipeline":
             unet = getattr(self.model, "unet", None)
             return getattr(unet, "config", None)
+        if self.catalogue is not None and self.catalogue.denoiser != "unet":
+            return None  # a catalogued transformer model: nothing to ask the Hub
         from diffusers.configuration_utils import FrozenDict
 
         try:
@@ -182,8 +184,11 @@ class BaseModel:
         """Canonical module name -> weight shape of every Linear and Conv2d of ``component`` (``{}`` where the model
         has no such component), read without any weight file where it can be: the catalogue, the configs, the
         safetensors headers (module docstring). Raises :class:`SourceModelError` when none can be read."""
-        if self.catalogue is not None and component in self.catalogue.shapes:
-            return dict(self.catalogue.shapes[component])
+        known = self.catalogue
+        if known is not None and component in known.shapes:
+            return dict(known.shapes[component])
+        if known is not None and f"{component}.*" in known.absent:  # Chroma's text encoder is no CLIP: no LoRA target
+            return {}
         if self.kind == "hub":
             found = self._config_shapes(component)
             if found is not None:
