@@ -11,12 +11,12 @@ fine-tune (the source's module set and shapes) is matched by name alone: no SVD,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .errors import ArchitectureMismatchError, NoMatchingLayersError, SourceModelError
-from .lora import LoraLayer
+from .errors import ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError, SourceModelError
+from .lora import LoraLayer, read_lora
 from .models import BaseModel
-from .registry.families import Family, FamilyMatch, families, family, family_of_hub_id, identify_model
+from .registry.families import Family, FamilyMatch, families, family, family_of_hub_id, identify_layers, identify_model
 from .report import TransferReport
 from .weights import BaseModelWeights
 
@@ -130,21 +130,64 @@ def _check_target_family(lora_family: FamilyMatch | None, target_family: FamilyM
     report.target_family = str(target_family) if target_family else None
     if target_family and target_family.family.role == "refiner":
         raise ArchitectureMismatchError(_refiner_message(target_family.family, str(report.target)))
-    if lora_family and target_family and not any(lora_family.accepted_by(f) for f in target_family.families):
-        found = target_family.family
-        what = found.label if not found.is_student else f"{found.label}, a student of {family(found.teacher).label}"
-        raise ArchitectureMismatchError(
-            f"this LoRA was trained for {lora_family.label} ({lora_family.matched} of {lora_family.total} "
-            f"layer shapes match) but the target {report.target} is {what}. Transfer needs a target of the LoRA's "
-            f"architecture family or derived from it; {_alternatives(lora_family)}, or use a LoRA trained "
-            f"for {family(found.teacher).label if found.is_student else found.label}."
-        )
+    refusal = _mismatch(lora_family, target_family, str(report.target))
+    if refusal:
+        raise ArchitectureMismatchError(refusal)
     return target_family
+
+
+def _mismatch(lora_family: FamilyMatch | None, target_family: FamilyMatch | None, where: str) -> str | None:
+    """Why a LoRA of ``lora_family`` cannot go to the target ``where`` of ``target_family``, or ``None`` where it
+    can (or either family is unknown)."""
+    if not lora_family or not target_family or any(lora_family.accepted_by(f) for f in target_family.families):
+        return None
+    found = target_family.family
+    what = found.label if not found.is_student else f"{found.label}, a student of {family(found.teacher).label}"
+    return (f"this LoRA was trained for {lora_family.label} ({lora_family.matched} of {lora_family.total} layer shapes "
+            f"match) but the target {where} is {what}. Transfer needs a target of the LoRA's architecture family or "
+            f"derived from it; {_alternatives(lora_family)}, or use a LoRA trained for "
+            f"{family(found.teacher).label if found.is_student else found.label}.")
+
+
+def read_for_target(target: BaseModel, source: BaseModel, lora: Any, **load_kwargs: Any) -> list[LoraLayer]:
+    """The LoRA's layers as the target's pipeline class reads them (``lora.read_lora``; ``load_kwargs``: its
+    ``unet_config`` and loading options). Where that class cannot read the file, it is read through the source's (the
+    model it was trained on): if its layers fit a family the target's does not accept (a FLUX.1 kohya file for a Wan
+    pipeline, whose loader fails on its keys), :class:`ArchitectureMismatchError` says so; else the target class's
+    :class:`InvalidLoraError` is raised."""
+    try:
+        return read_lora(target.pipeline_class, lora, **load_kwargs)
+    except InvalidLoraError as err:
+        refusal = _unreadable(target, source, lora, load_kwargs)
+        if refusal:
+            raise ArchitectureMismatchError(refusal) from err
+        raise
+
+
+def _unreadable(target: BaseModel, source: BaseModel, lora: Any, load_kwargs: dict) -> str | None:
+    """:func:`_mismatch` of the LoRA read through the source's pipeline class and the target, or ``None`` where the
+    source's class reads it no better, its layers fit no family or the target's family is not known."""
+    try:
+        cls = source.pipeline_class
+        if cls.lora_state_dict.__func__ is target.pipeline_class.lora_state_dict.__func__:
+            return None
+        layers = read_lora(cls, lora, **{**load_kwargs, "unet_config": source.unet_config})
+        components = sorted({layer.component for layer in layers})
+        if target.catalogue is not None:
+            target_family = FamilyMatch(target.catalogue, 0, 0)
+        else:
+            weights = target.weights(components)
+            target_family = _identity(weights, {c: weights.shapes(c) for c in components})
+    except LoraxError:
+        return None
+    refusal = _mismatch(identify_layers({layer.key: layer.weight_shape for layer in layers}), target_family,
+                        target.label)
+    return refusal and f"{refusal} ({target.pipeline_class.__name__}'s LoRA loader cannot read its keys either.)"
 
 
 def _alternatives(lora_family: FamilyMatch) -> str:
     """Where the LoRA can go: its family's targets and those of its lineage (``families.accepts``)."""
-    own = {f.name for f in lora_family.families}
+    own = {f.name for f in lora_family.named}
     others = [f for f in families() if f.name not in own and lora_family.accepted_by(f)]
     kind = "students" if all(f.is_student for f in others) else "fine-tunes, variants and students"
     return f"use a {lora_family.label} target" + (

@@ -24,6 +24,7 @@ shapes are stored per block type with block counts (``blocks``) and expanded her
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -94,10 +95,19 @@ class FamilyMatch:
         return (self.family, *self.alternatives)
 
     @property
+    def named(self) -> tuple[Family, ...]:
+        """The family and the first alternative of each other lineage (:func:`root`)."""
+        seen, out = set(), []
+        for fam in self.families:
+            if root(fam).name not in seen:
+                seen.add(root(fam).name)
+                out.append(fam)
+        return tuple(out)
+
+    @property
     def label(self) -> str:
-        """The family's label, and those of alternatives of another lineage (``"A or B"``)."""
-        own = root(self.family).name
-        return " or ".join([self.family.label, *(f.label for f in self.alternatives if root(f).name != own)])
+        """The labels of :attr:`named` (``"A or B"``)."""
+        return " or ".join(f.label for f in self.named)
 
     def accepted_by(self, target: Family) -> bool:
         """Whether a LoRA of this match can go to a target of family ``target`` (:func:`accepts`, any of
@@ -206,9 +216,11 @@ def identify_layers(layers: dict[tuple[str, str], tuple[int, ...]]) -> FamilyMat
     """The family whose shapes fit the most of ``(component, module) -> shape``, if at least
     :data:`MATCH_FRACTION` of them; ``None`` when none fits.
 
-    Families that fit exactly as well are tied: the one nearest the root of its lineage is named (a LoRA whose
-    layers all exist in BK-SDM is still an SD 1.x LoRA; a FLUX.1 LoRA fits dev, Krea and Kontext alike: dev), the
-    others are its ``alternatives``, except students whose teacher is tied.
+    Among transformer families that fit as many layers, those whose runs of blocks the layers span to their last
+    block come first (a FLUX.1 LoRA on all 19 double and 38 single blocks fits HunyuanVideo's first 19 and 38 blocks
+    too, but spans FLUX.1's; one on 8 double blocks spans Flex.1's and Lite's, not FLUX.1 dev's); families that remain tied with it are the match's ``alternatives`` (FLUX.1 dev, Krea and Kontext;
+    SD 1.x and 2.x on self-attention), except students whose teacher is tied, and the one nearest the root of its
+    lineage is named (a LoRA whose layers all exist in BK-SDM is still an SD 1.x LoRA).
     """
     if not layers:
         return None
@@ -217,11 +229,36 @@ def identify_layers(layers: dict[tuple[str, str], tuple[int, ...]]) -> FamilyMat
     best = max(matched for matched, _ in scored)
     if best < MATCH_FRACTION * len(layers):
         return None
+    last = _last_blocks(layers)
     tied = [fam for matched, fam in scored if matched == best]
+    spanning = [fam for fam in tied if fam.denoiser != "unet" and _spans(fam, last)]
+    tied = spanning or tied
     names = {fam.name for fam in tied}
     tied = [fam for fam in tied if not (fam.is_student and fam.teacher in names)]
     tied.sort(key=lambda fam: (_depth(fam), fam.is_student))  # stable: catalogue order among equals
     return FamilyMatch(tied[0], best, len(layers), tuple(tied[1:]))
+
+
+#: A module in a run of blocks: ``<container>.<index>.<rest>`` (the first index of the name).
+_BLOCK = re.compile(r"^(.+?)\.(\d+)\.")
+
+
+def _last_blocks(layers) -> dict[tuple[str, str], int]:
+    """``(component, container) -> the highest block index`` the layers name."""
+    last: dict[tuple[str, str], int] = {}
+    for component, module in layers:
+        found = _BLOCK.match(module)
+        if found:
+            key = (component, found[1])
+            last[key] = max(last.get(key, -1), int(found[2]))
+    return last
+
+
+def _spans(fam: Family, last: dict[tuple[str, str], int]) -> bool:
+    """Whether the layers reach the last block of each of ``fam``'s runs of blocks they name."""
+    have = {(c, found[0]) for c, modules in fam.shapes.items() for m in modules if (found := _BLOCK.match(m))}
+    return bool(last) and all((c, f"{container}.{i}.") in have and (c, f"{container}.{i + 1}.") not in have
+                              for (c, container), i in last.items())
 
 
 def identify_model(shapes: dict[str, dict[str, tuple[int, ...]]], pipeline: str | None = None,
