@@ -40,7 +40,9 @@ def layers_and_family(file: formats.LoraFile, found: Any, source: BaseModel | No
     SD 2.x and SDXL keys), then through each transformer family's pipeline class (:func:`dit_readers`), then against
     each known UNet config in turn, the first whose layers fit a family (read again through that family's own
     pipeline class where another read it); then, for FLUX.1's original module names under ``diffusion_model.``
-    (which diffusers does not read), as kohya names (:func:`bfl_as_kohya`); last against the ``target``'s. ``found``
+    (which diffusers does not read), as kohya names (:func:`bfl_as_kohya`). A file that fits no family is read as
+    the ``target``'s class reads it (else as the first class that could); a ``lora_diffusion`` file that no class
+    reads, against the ``target``'s UNet. ``found``
     (a ``LoraInspection``) gets the notes of the first read. Values are checked for NaN/Inf once, in the read kept.
     Raises :class:`InvalidLoraError` where none can read the file or a value is not finite."""
     from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
@@ -72,6 +74,8 @@ def layers_and_family(file: formats.LoraFile, found: Any, source: BaseModel | No
         bfl = _bfl_read(file, found)
         if bfl is not None:
             return bfl
+        if first is not None and target is not None:  # of no known family: as a transfer to the target reads it
+            first = (target.pipeline_class, target.unet_config)
     if first is not None:
         return read(file, None, first[1], first[0], check=True), fits
     return _layers_of_another_model(file, found, failure, target)

@@ -8,9 +8,6 @@ Reduced width: the catalogue holds real shapes only (a model of Flux's module tr
 so the reduced-width tests use a catalogue whose transformer families are rebuilt from the reduced models' shapes
 (``reduced_catalogue``): the same entries, roles and relations, checked by the same identification code."""
 
-import dataclasses
-import inspect
-import json
 import re
 import sys
 from pathlib import Path
@@ -20,12 +17,11 @@ import torch
 
 from diffusers_lorax import ArchitectureMismatchError, Registry, SourceModelError, inspect_lora, transfer_lora
 from diffusers_lorax.models import BaseModel
-from diffusers_lorax.registry import families as catalogue
+from diffusers_lorax.tiny import FAMILIES as TINY_FAMILIES
 from diffusers_lorax.registry.families import (accepts, families, family, family_of_hub_id, identify_layers,
                                                identify_model, root)
-from diffusers_lorax.weights import PipelineWeights
 
-from helpers import family_lora, family_pipeline
+from helpers import family_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT = [f.name for f in families() if f.denoiser == "transformer"]
@@ -312,3 +308,21 @@ def test_inspect_names_flux_for_a_fal_kontext_file():
     found = inspect_lora(_fal_kontext())
     assert found.family.startswith("FLUX.1 dev (") and "FLUX.1 Kontext dev" in found.family
     assert found.layers == 19 * 14 + 38 * 6 + 1 and set(found.components) == {"transformer"}
+
+
+TINY_DIT = [pytest.param(name, fmt, id=f"{name}-{fmt}") for name, spec in TINY_FAMILIES.items()
+            if not spec.skip and "unet" not in spec.components for fmt in spec.formats]
+
+
+@pytest.mark.parametrize("name, fmt", TINY_DIT)
+def test_inspect_against_a_transformer_pipeline_reads_the_file_as_its_class_does(tmp_path, name, fmt):
+    """Every format diffusers reads for every transformer pipeline of ``diffusers_lorax.tiny`` (tiny widths: no
+    catalogued family), against a pipeline of that kind: every layer applies. (It read such files as SDXL's, and
+    told Wan, Qwen-Image and other pipelines to "pass a pipeline", or failed on the keys.)"""
+    from diffusers_lorax.tiny.loras import adapted_modules, save_random_lora
+
+    path = save_random_lora(tmp_path, name, fmt)
+    found = inspect_lora(path, TINY_FAMILIES[name].build())
+    assert found.verdict == f"all {found.layers} layers apply to {found.target}"
+    canonical = {f"{c}.{m}".replace(".text_model.", ".") for c, m in adapted_modules(name, fmt)}
+    assert {module.replace(".text_model.", ".") for module in found.applies} == canonical

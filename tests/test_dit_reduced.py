@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffusers_lorax import ArchitectureMismatchError, inspect_lora
 from diffusers_lorax.cli import main
