@@ -90,13 +90,14 @@ def _own_reader(file: formats.LoraFile, reader: tuple[type, Any],
 
     cls, config = reader
     own = getattr(diffusers, match.family.pipeline, None)
-    if match.family.denoiser != "unet" and own is not None and own.lora_state_dict.__func__ is not cls.lora_state_dict.__func__:
+    other = own is not None and own.lora_state_dict.__func__ is not cls.lora_state_dict.__func__
+    if match.family.denoiser != "unet" and other:
         try:
             again = read(file, None, None, own)
         except LoraxError:
             again = None
         rematch = identify_layers(shapes(again)) if again else None
-        if rematch is not None and rematch.family == match.family:
+        if rematch is not None and rematch.family.name == match.family.name:
             cls, config, match = own, None, rematch
     return read(file, None, config, cls, check=True), match
 
@@ -191,7 +192,8 @@ NAMED = [
     (("kontext",), ("flux1-kontext-dev",)), (("krea",), ("flux1-krea-dev",)), (("schnell",), ("flux1-schnell",)),
     (("chroma",), ("chroma",)), (("flex",), ("flex1-alpha",)), (("lite",), ("flux1-lite-8b",)),
     (("flux",), ("flux1", "chroma", "flex1")), (("wan",), ("wan",)), (("qwen",), ("qwen-image",)),
-    (("hunyuan",), ("hunyuanvideo",)), (("sd3", "sd_3", "v3", "stable-diffusion-3", "stable_diffusion_3"), ("sd3", "sd35")),
+    (("hunyuan",), ("hunyuanvideo",)),
+    (("sd3", "sd_3", "v3", "stable-diffusion-3", "stable_diffusion_3"), ("sd3", "sd35")),
     (("xl",), ("sdxl", "ssd-1b", "vega")), (("v2", "sd_2", "sd2"), ("sd2", "bk-sdm-v2")),
     (("v1", "sd_1", "sd1"), ("sd1", "bk-sdm-v1")),
 ]

@@ -1,12 +1,7 @@
-"""The transformer (DiT) families of the catalogue: identification at real width (meta-device models from the real
-configs, the catalogue's own shapes, real LoRA key lists), relations (fine-tune, pruned, student, published map,
-absent modules), refusals, Hub ids known without a file; and at reduced width, for each family, a model built from
-its real config loads a LoRA in each format diffusers reads for it through ``load_lora_weights_cross`` with the
-family in the report, and ``lorax inspect`` names the family.
-
-Reduced width: the catalogue holds real shapes only (a model of Flux's module tree at another width is not FLUX.1),
-so the reduced-width tests use a catalogue whose transformer families are rebuilt from the reduced models' shapes
-(``reduced_catalogue``): the same entries, roles and relations, checked by the same identification code."""
+"""The transformer (DiT) families of the catalogue at their real widths: identification (meta-device models from the
+real configs, the catalogue's own shapes, real LoRA key lists, a fal Kontext file), relations (fine-tune, pruned,
+student, published map, absent modules), refusals, Hub ids known without a file; and inspect against every tiny
+transformer pipeline. The reduced-width models of each family are ``test_dit_reduced.py``'s."""
 
 import re
 import sys
@@ -17,37 +12,14 @@ import torch
 
 from diffusers_lorax import ArchitectureMismatchError, Registry, SourceModelError, inspect_lora, transfer_lora
 from diffusers_lorax.models import BaseModel
-from diffusers_lorax.tiny import FAMILIES as TINY_FAMILIES
 from diffusers_lorax.registry.families import (accepts, families, family, family_of_hub_id, identify_layers,
                                                identify_model, root)
+from diffusers_lorax.tiny import FAMILIES as TINY_FAMILIES
 
 from helpers import family_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT = [f.name for f in families() if f.denoiser == "transformer"]
-#: The tiny family (diffusers_lorax.tiny) whose text encoders and LoRA formats each catalogued family takes.
-TINY = {"flux1-dev": "flux", "flux1-schnell": "flux", "flux1-krea-dev": "flux", "flex1-alpha": "flux",
-        "flux1-lite-8b": "flux", "flux1-kontext-dev": "flux_kontext", "chroma": "chroma", "sd3-medium": "sd3",
-        "sd35-large": "sd35", "sd35-medium": "sd35", "wan21-t2v-1.3b": "wan", "wan21-t2v-14b": "wan",
-        "wan21-i2v-14b": "wan", "wan22-ti2v-5b": "wan", "wan22-t2v-a14b": "wan22", "wan22-i2v-a14b": "wan22",
-        "qwen-image": "qwen_image", "qwen-image-edit": "qwen_image", "hunyuanvideo": "hunyuan_video"}
-#: Reduced widths per transformer class (head count and width, text widths); depths, block types and flags stay the
-#: real config's. Wan's ffn_dim is divided by 256 (below): its only difference between 1.3B and TI2V-5B.
-WIDTHS = {
-    "FluxTransformer2DModel": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=16, in_channels=4, axes_dims_rope=(4, 4, 8)),
-    "ChromaTransformer2DModel": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                     in_channels=4, axes_dims_rope=(4, 4, 8), approximator_hidden_dim=16,
-                                     approximator_num_channels=16),
-    "SD3Transformer2DModel": dict(attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                  joint_attention_dim=32, pooled_projection_dim=32, in_channels=4, out_channels=4,
-                                  sample_size=32),
-    "WanTransformer3DModel": dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, rope_max_seq_len=32),
-    "QwenImageTransformer2DModel": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                        axes_dims_rope=(8, 4, 4)),
-    "HunyuanVideoTransformer3DModel": dict(num_attention_heads=2, attention_head_dim=10, rope_axes_dim=(2, 4, 4),
-                                           text_embed_dim=16, pooled_projection_dim=8),
-}
 
 
 def _build_dit():

@@ -218,7 +218,8 @@ def identify_layers(layers: dict[tuple[str, str], tuple[int, ...]]) -> FamilyMat
 
     Among transformer families that fit as many layers, those whose runs of blocks the layers span to their last
     block come first (a FLUX.1 LoRA on all 19 double and 38 single blocks fits HunyuanVideo's first 19 and 38 blocks
-    too, but spans FLUX.1's; one on 8 double blocks spans Flex.1's and Lite's, not FLUX.1 dev's); families that remain tied with it are the match's ``alternatives`` (FLUX.1 dev, Krea and Kontext;
+    too, but spans FLUX.1's; one on 8 double blocks spans Flex.1's and Lite's, not FLUX.1 dev's); families that
+    remain tied with it are the match's ``alternatives`` (FLUX.1 dev, Krea and Kontext;
     SD 1.x and 2.x on self-attention), except students whose teacher is tied, and the one nearest the root of its
     lineage is named (a LoRA whose layers all exist in BK-SDM is still an SD 1.x LoRA).
     """
