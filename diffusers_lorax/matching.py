@@ -1,7 +1,7 @@
 """Pre-flight, before any SVD: check that the LoRA, the source and the target are of related architecture families
-(the same family, or a student distilled from the LoRA's: BK-SDM from SD 1.x, SSD-1B from SDXL, Flex.1 from FLUX.1),
-that every LoRA layer fits the source, and find the target module each LoRA layer goes to by name and shape, or by a
-student's published layer map.
+(the same family, or one of its lineage: BK-SDM from SD 1.x, SSD-1B from SDXL; FLUX.1 Krea, Kontext, schnell, Chroma
+and Flex.1 from FLUX.1 dev; Wan 2.2 A14B from Wan 2.1 14B; ``families.accepts``), that every LoRA layer fits the
+source, and find the target module each LoRA layer goes to by name and shape, or by a student's published layer map.
 
 The result is a :class:`LayerPlan`: a :data:`Matches` map, LoRA layer index → target ``(component, canonical
 module)``, which the rest of the transfer follows (the target weight read, the key the transferred layer is saved
@@ -14,13 +14,13 @@ target's family is known to lack (``Family.absent``) are skipped with that reaso
 from __future__ import annotations
 
 import fnmatch
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import architectures
-from .errors import ArchitectureMismatchError, NoMatchingLayersError, SourceModelError
-from .lora import LoraLayer
+from .errors import ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError, SourceModelError
+from .lora import LoraLayer, read_lora
 from .models import BaseModel
-from .registry.families import Family, FamilyMatch, accepts, families, family, family_of_hub_id, identify_model
+from .registry.families import Family, FamilyMatch, families, family, family_of_hub_id, identify_layers, identify_model
 from .report import TransferReport
 from .weights import BaseModelWeights
 
@@ -42,16 +42,16 @@ class LayerPlan(NamedTuple):
 def check_known_hub_ids(lora_family: FamilyMatch | None, *models: BaseModel) -> None:
     """Refuse, before anything is downloaded, a target Hub id that the registry lists as the SDXL refiner, and a
     source or target Hub id that it lists under a family unrelated to the one the LoRA's shapes fit (related: the
-    same family, or a student distilled from it). Raises :class:`ArchitectureMismatchError`."""
+    same family, or one of its lineage: ``families.accepts``). Raises :class:`ArchitectureMismatchError`."""
     for model in models:
         known = family_of_hub_id(model.hub_id) if model.hub_id else None
         if known is not None and known.role == "refiner" and model.role == "target":
             raise ArchitectureMismatchError(_refiner_message(known, repr(model.hub_id)))
-        if lora_family and known and not accepts(known, lora_family.family):
+        if lora_family and known and not lora_family.accepted_by(known):
             raise ArchitectureMismatchError(
-                f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
+                f"this LoRA was trained for {lora_family.label} ({lora_family.matched} of {lora_family.total} "
                 f"layer shapes match) but the {model.role} {model.hub_id!r} is {known.label}. Transfer needs a source "
-                f"and a target of the LoRA's architecture family or distilled from it; {_alternatives(lora_family.family)}."
+                f"and a target of the LoRA's architecture family or derived from it; {_alternatives(lora_family)}."
             )
 
 
@@ -78,7 +78,7 @@ def match_layers(
     components = sorted({layer.component for layer in layers})
     target_shapes = {c: target_w.shapes(c) for c in components}
     source_shapes = {c: source_w.shapes(c) for c in components}
-    target_family = _check_target_family(lora_family, target_shapes, report)
+    target_family = _check_target_family(lora_family, _identity(target_w, target_shapes), report)
     _check_source_fit(layers, lora_family, source_shapes, report)
     known = target_family.family if target_family else None
     if match == "auto" and known is not None and has_published_map(known):
@@ -208,27 +208,89 @@ RENAMED = 0.25
 AUTO_RULE = "similarity"
 
 
-def _check_target_family(lora_family: FamilyMatch | None, target_shapes: dict, report: TransferReport) -> FamilyMatch | None:
-    target_family = identify_model(target_shapes)
+def _identity(weights: BaseModelWeights, shapes: dict) -> FamilyMatch | None:
+    """The family of the model ``weights`` reads, from the ``shapes`` of the LoRA's components, a second expert's
+    (Wan 2.2 A14B's ``transformer_2``: it tells Wan 2.2 from Wan 2.1, whose blocks have the same shapes), and the
+    model's pipeline class and name (a pipeline's ``_name_or_path``; a Hub id): they tell apart families of the same
+    shapes (FLUX.1 dev and its fine-tunes)."""
+    if "transformer" in shapes and "transformer_2" not in shapes:
+        shapes = {**shapes, "transformer_2": weights.shapes("transformer_2")}
+    pipe = getattr(weights, "pipe", None)
+    if pipe is None:
+        return identify_model(shapes, name=weights.label)
+    config = getattr(pipe, "config", None)
+    name = config.get("_name_or_path") if isinstance(config, dict) else None
+    return identify_model(shapes, type(pipe).__name__, name)
+
+
+def _check_target_family(lora_family: FamilyMatch | None, target_family: FamilyMatch | None,
+                         report: TransferReport) -> FamilyMatch | None:
     report.lora_family = str(lora_family) if lora_family else None
     report.target_family = str(target_family) if target_family else None
     if target_family and target_family.family.role == "refiner":
         raise ArchitectureMismatchError(_refiner_message(target_family.family, str(report.target)))
-    if lora_family and target_family and not accepts(target_family.family, lora_family.family):
-        found = target_family.family
-        what = found.label if not found.is_student else f"{found.label}, a student of {family(found.teacher).label}"
-        raise ArchitectureMismatchError(
-            f"this LoRA was trained for {lora_family.family.label} ({lora_family.matched} of {lora_family.total} "
-            f"layer shapes match) but the target {report.target} is {what}. Transfer needs a target of the LoRA's "
-            f"architecture family or distilled from it; {_alternatives(lora_family.family)}, or use a LoRA trained "
-            f"for {family(found.teacher).label if found.is_student else found.label}."
-        )
+    refusal = _mismatch(lora_family, target_family, str(report.target))
+    if refusal:
+        raise ArchitectureMismatchError(refusal)
     return target_family
 
 
-def _alternatives(lora_family: Family) -> str:
-    students = [f.label.split(" (")[0] for f in families() if f.teacher == lora_family.name and f.is_student]
-    return f"use a {lora_family.label} target" + (f" or one of its students ({', '.join(students)})" if students else "")
+def _mismatch(lora_family: FamilyMatch | None, target_family: FamilyMatch | None, where: str) -> str | None:
+    """Why a LoRA of ``lora_family`` cannot go to the target ``where`` of ``target_family``, or ``None`` where it
+    can (or either family is unknown)."""
+    if not lora_family or not target_family or any(lora_family.accepted_by(f) for f in target_family.families):
+        return None
+    found = target_family.family
+    what = found.label if not found.is_student else f"{found.label}, a student of {family(found.teacher).label}"
+    return (f"this LoRA was trained for {lora_family.label} ({lora_family.matched} of {lora_family.total} layer shapes "
+            f"match) but the target {where} is {what}. Transfer needs a target of the LoRA's architecture family or "
+            f"derived from it; {_alternatives(lora_family)}, or use a LoRA trained for "
+            f"{family(found.teacher).label if found.is_student else found.label}.")
+
+
+def read_for_target(target: BaseModel, source: BaseModel, lora: Any, **load_kwargs: Any) -> list[LoraLayer]:
+    """The LoRA's layers as the target's pipeline class reads them (``lora.read_lora``; ``load_kwargs``: its
+    ``unet_config`` and loading options). Where that class cannot read the file, it is read through the source's (the
+    model it was trained on): if its layers fit a family the target's does not accept (a FLUX.1 kohya file for a Wan
+    pipeline, whose loader fails on its keys), :class:`ArchitectureMismatchError` says so; else the target class's
+    :class:`InvalidLoraError` is raised."""
+    try:
+        return read_lora(target.pipeline_class, lora, **load_kwargs)
+    except InvalidLoraError as err:
+        refusal = _unreadable(target, source, lora, load_kwargs)
+        if refusal:
+            raise ArchitectureMismatchError(refusal) from err
+        raise
+
+
+def _unreadable(target: BaseModel, source: BaseModel, lora: Any, load_kwargs: dict) -> str | None:
+    """:func:`_mismatch` of the LoRA read through the source's pipeline class and the target, or ``None`` where the
+    source's class reads it no better, its layers fit no family or the target's family is not known."""
+    try:
+        cls = source.pipeline_class
+        if cls.lora_state_dict.__func__ is target.pipeline_class.lora_state_dict.__func__:
+            return None
+        layers = read_lora(cls, lora, **{**load_kwargs, "unet_config": source.unet_config})
+        components = sorted({layer.component for layer in layers})
+        if target.catalogue is not None:
+            target_family = FamilyMatch(target.catalogue, 0, 0)
+        else:
+            weights = target.weights(components)
+            target_family = _identity(weights, {c: weights.shapes(c) for c in components})
+    except LoraxError:
+        return None
+    refusal = _mismatch(identify_layers({layer.key: layer.weight_shape for layer in layers}), target_family,
+                        target.label)
+    return refusal and f"{refusal} ({target.pipeline_class.__name__}'s LoRA loader cannot read its keys either.)"
+
+
+def _alternatives(lora_family: FamilyMatch) -> str:
+    """Where the LoRA can go: its family's targets and those of its lineage (``families.accepts``)."""
+    own = {f.name for f in lora_family.named}
+    others = [f for f in families() if f.name not in own and lora_family.accepted_by(f)]
+    kind = "students" if all(f.is_student for f in others) else "fine-tunes, variants and students"
+    return f"use a {lora_family.label} target" + (
+        f" or one of its {kind} ({', '.join(f.label.split(' (')[0] for f in others)})" if others else "")
 
 
 def _refiner_message(found: Family, where: str) -> str:
@@ -255,7 +317,7 @@ def _check_source_fit(layers: list[LoraLayer], lora_family: FamilyMatch | None, 
         source_family = identify_model(source_shapes)
         fits = (f"The LoRA's layer shapes fit {lora_family} and the source is "
                 f"{source_family.family.label if source_family else 'of no known family'}: pass a "
-                f"{lora_family.family.label} model, the one the LoRA was trained on, as the source"
+                f"{lora_family.label} model, the one the LoRA was trained on, as the source"
                 if lora_family else "The source must be the base model the LoRA was trained on")
         raise SourceModelError(
             f"{len(misfit)} of {len(layers)} LoRA layers do not fit the source {report.source} (e.g. "

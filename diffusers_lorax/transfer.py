@@ -26,8 +26,8 @@ from .adapters.loading import LoraXInput
 from .calibration import calibrate as calibrate_adapter
 from .correspondence import correspond
 from .errors import NothingTransferredError
-from .lora import describe_origin, read_lora
-from .matching import check_known_hub_ids, match_layers
+from .lora import describe_origin
+from .matching import check_known_hub_ids, match_layers, read_for_target
 from .models import BaseModel
 from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
                       TransferRequest)
@@ -154,8 +154,8 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     request = lorax.request if lorax is not None else request.with_default_method(DEFAULT_METHOD)
     source = BaseModel(request.source, request.source_options, "source")
     target = BaseModel(request.target, request.target_options, "target", request.target_components)
-    layers = lorax.layers() if lorax is not None else read_lora(
-        target.pipeline_class, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
+    layers = lorax.layers() if lorax is not None else read_for_target(
+        target, source, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
         weight_name=request.weight_name, **request.lora_options.kwargs())
     lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
     check_known_hub_ids(lora_family, source, target)

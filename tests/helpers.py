@@ -241,9 +241,9 @@ def find_modules_v2(model, ancestor_class, search_class):
 
 
 def family_pipeline(name):
-    """A ``StableDiffusionPipeline`` instance whose components hold meta-device Linear/Conv2d modules of exactly the
-    catalogued family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
-    from diffusers import StableDiffusionPipeline
+    """An instance of the catalogued family's pipeline class whose components hold meta-device Linear/Conv2d modules
+    of exactly the family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
+    import diffusers
 
     from diffusers_lorax import toy
     from diffusers_lorax.registry.families import families
@@ -254,7 +254,7 @@ def family_pipeline(name):
         root = toy.meta_modules(shapes)
         root.config = None  # no diffusers config: LoRAs are read without the UNet's block layout
         components[component] = root
-    return toy.meta_pipeline(StableDiffusionPipeline, components)
+    return toy.meta_pipeline(getattr(diffusers, family.pipeline), components)
 
 
 def family_lora(name, component="unet", rank=4, count=8, seed=0):

@@ -199,7 +199,8 @@ def test_metadata_naming_another_base_is_reported(tmp_path):
     found = inspect_lora(path)
     assert found.base_model == {"ss_base_model_version": "sdxl_base_v1-0",
                                 "ss_sd_model_name": "sd_xl_base_1.0.safetensors"}
-    assert "the metadata names a sdxl base model but the layer shapes fit Stable Diffusion 1.x" in found.notes
+    assert ("the metadata says ss_base_model_version=sdxl_base_v1-0, but the layer shapes fit Stable Diffusion 1.x: "
+            "the shapes are trusted") in found.notes[0]
 
 
 @pytest.fixture(scope="module")

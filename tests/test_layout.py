@@ -21,7 +21,7 @@ LAYERS = {
     2: ["models", "matching", "projection", "correspondence", "probe", "calibration",
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.saving", "adapters.loading",
         "adapters.hub"],
-    3: ["transfer", "inspection", "injection", "snapshot"],
+    3: ["transfer", "inspection", "inspect_reading", "injection", "snapshot"],
     4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality",
         "quality.data", "quality.classifiers", "quality.evaluate"],
 }
