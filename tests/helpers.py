@@ -155,7 +155,7 @@ def adapter_factors(pipe, adapter_name):
     flattened: B ``(out, r)``, A ``(r, in·kh·kw)``) and PEFT's scaling (also on a compiled or sequentially offloaded
     component)."""
     out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
         if model is None:
             continue
@@ -198,7 +198,7 @@ def delta_rounding(pipe, adapter_name):
     scaling)`` (:func:`delta_weights`' keys and layout, float64)}: the product's (:func:`product_rounding`), scaled,
     and one rounding for the scaling, ``U32 |ΔW|``."""
     out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         for name, module in getattr(getattr(pipe, component, None), "named_modules", list)():
             if hasattr(module, "lora_A") and adapter_name in module.lora_A:
                 A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
@@ -213,7 +213,7 @@ def state_of(pipe):
     """Copies of every parameter and the adapter list, to check that a failed call changed nothing."""
     params = {
         (c, k): v.detach().clone()
-        for c in ("unet", "text_encoder", "text_encoder_2")
+        for c in ("unet", "transformer", "text_encoder", "text_encoder_2")
         if getattr(pipe, c, None) is not None
         for k, v in getattr(pipe, c).state_dict().items()
     }

@@ -20,8 +20,14 @@ DEFAULT_R = 320
 CORES = ("diagonal", "full")
 #: Default target modules: the attention projections (diffusers' training scripts' default for a denoiser, the same
 #: projections of a CLIP text encoder). Modules are matched as PEFT matches ``target_modules`` (exact name or suffix
-#: after a dot).
+#: after a dot). A UNet's: :data:`DENOISER_TARGETS`.
 DENOISER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: A transformer denoiser's: the image stream's projections and, in joint (MMDiT) attention, the text stream's
+#: (``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``to_add_out``: Flux's double blocks, SD3, Qwen-Image; Wan 2.1
+#: I2V's image cross-attention ``add_k_proj``, ``add_v_proj``): the default of diffusers'
+#: ``train_dreambooth_lora_sd3.py`` (its Flux script adds the feed-forwards). Without them an adapter on a Flux double
+#: block would leave the text stream's projections untouched.
+TRANSFORMER_TARGETS = (*DENOISER_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -33,7 +39,8 @@ class LoraXConfig:
         r: rank per layer: an int (capped at ``min(m, n)`` of each layer, conv weights flattened to
             ``(out, in·kh·kw)``) or a float fraction of ``min(m, n)`` in ``(0, 1]``. Default 320, as in the paper.
         target_modules: module names or suffixes to adapt (Linear and Conv2d only); ``None`` for the attention
-            projections (:data:`DENOISER_TARGETS` or :data:`TEXT_ENCODER_TARGETS`, whichever the model has).
+            projections: :data:`DENOISER_TARGETS` for a UNet, :data:`TRANSFORMER_TARGETS` for a transformer
+            denoiser, :data:`TEXT_ENCODER_TARGETS` for a text encoder (whichever the model has).
         core: ``"diagonal"`` (ΔΣ = diag(δ), ``r`` trainable values per layer; the paper's) or ``"full"``
             (``r × r`` trainable values per layer).
 

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..architectures.unet import is_unet
 from ..errors import InvalidOptionsError, LoraxError, SourceModelError
 from ..registry import Registry, open_registry
 from ..weights import canonical_module, fingerprint
 from .bases import Wanted, fetch_bases, times_core, value_fingerprint
-from .config import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, LoraXConfig
+from .config import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, TRANSFORMER_TARGETS, LoraXConfig
 
 
 class LoraXCore(nn.Module):
@@ -118,11 +119,7 @@ def _target_modules(model: nn.Module, config: LoraXConfig) -> dict[str, nn.Modul
         base = getattr(module, "base_layer", module)
         if isinstance(base, (nn.Linear, nn.Conv2d)):
             candidates[name] = base
-    targets = config.target_modules
-    if targets is None:
-        text = any(canonical_module(n).endswith(TEXT_ENCODER_TARGETS) for n in candidates)
-        denoiser = any(n.endswith(DENOISER_TARGETS) for n in candidates)
-        targets = DENOISER_TARGETS if denoiser or not text else TEXT_ENCODER_TARGETS
+    targets = config.target_modules or _default_targets(candidates)
     found = {n: m for n, m in candidates.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
     if not found:
         raise InvalidOptionsError(
@@ -130,6 +127,17 @@ def _target_modules(model: nn.Module, config: LoraXConfig) -> dict[str, nn.Modul
             f"{type(model).__name__}; name modules as PEFT does (e.g. 'to_q', 'attn1.to_q', 'q_proj')"
         )
     return found
+
+
+def _default_targets(candidates: dict[str, nn.Module]) -> tuple[str, ...]:
+    """The attention projections of the model whose Linear/Conv2d modules are ``candidates``: a text encoder's
+    (``q_proj``…) where it has no ``to_q``…, a UNet's (``down_blocks``/``up_blocks``: unchanged since the first
+    release), else a transformer denoiser's, both streams of a joint attention."""
+    text = any(canonical_module(n).endswith(TEXT_ENCODER_TARGETS) for n in candidates)
+    denoiser = any(n.endswith(DENOISER_TARGETS) for n in candidates)
+    if text and not denoiser:
+        return TEXT_ENCODER_TARGETS
+    return DENOISER_TARGETS if is_unet(dict.fromkeys(candidates, ())) else TRANSFORMER_TARGETS
 
 
 def _layer_plan(name: str, base: nn.Module, config: LoraXConfig) -> dict:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from ..architectures.unet import is_unet
 from ..errors import LoraxFileError
 from ..umask import as_user_file
 from .config import LoraXConfig
@@ -53,6 +54,10 @@ def lorax_adapter_names(models: dict[str, torch.nn.Module | None]) -> dict[str, 
     return names
 
 
+#: How a message says which component to pass.
+_EXAMPLE = "e.g. unet=pipe.unet, or transformer=pipe.transformer for a transformer denoiser (Flux, SD3, Wan)"
+
+
 def _adapter_to_save(models: dict[str, torch.nn.Module | None], adapter_name: str | None) -> str:
     """``adapter_name``, or where it is ``None`` the only LoRA-X adapter on ``models``, else the only active one.
     Raises :class:`LoraxFileError` naming the LoRA-X adapters when there is none, or several and not one active."""
@@ -62,11 +67,10 @@ def _adapter_to_save(models: dict[str, torch.nn.Module | None], adapter_name: st
     held = f"they hold {', '.join(map(repr, names))}" if names else "they hold none"
     if adapter_name is not None:
         raise LoraxFileError(f"no LoRA-X adapter named {adapter_name!r} on the given components ({held}): pass one "
-                             "of those, or add one with add_lorax_adapter (and pass the component, e.g. "
-                             "unet=pipe.unet)")
+                             f"of those, or add one with add_lorax_adapter (and pass the component, {_EXAMPLE})")
     if not names:
         raise LoraxFileError("no LoRA-X adapter on the given components: add one with add_lorax_adapter (and pass "
-                             "the component, e.g. unet=pipe.unet)")
+                             f"the component, {_EXAMPLE})")
     if len(names) == 1:
         return next(iter(names))
     active = [name for name, is_active in names.items() if is_active]
@@ -110,6 +114,7 @@ def save_lorax_weights(
     from safetensors.torch import save_file
 
     models = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    _check_denoisers(models)
     tensors, layers, configs = _collect(models, _adapter_to_save(models, adapter_name), standalone)
     is_hub = looks_like_hub_id(source)
     meta = {"source": {"hub_id": source if is_hub else None, "revision": source_revision if is_hub else None,
@@ -131,6 +136,19 @@ def save_lorax_weights(
                                             "digest": digest(tensors)})
     as_user_file(path)  # safetensors leaves 0600
     return path
+
+
+def _check_denoisers(models: dict[str, torch.nn.Module | None]) -> None:
+    """A UNet given as ``unet``, a transformer denoiser as ``transformer``: the file keys its layers by that name
+    (``transformer.transformer_blocks.0.attn.to_q``), which is the component a loader looks them up in. Raises
+    :class:`LoraxFileError` for the other way round."""
+    for component, other in (("unet", "transformer"), ("transformer", "unet")):
+        model = models[component]
+        if model is not None and is_unet(dict.fromkeys(n for n, _ in model.named_modules())) != (component == "unet"):
+            kind = "is not a UNet (no down_blocks / up_blocks)" if component == "unet" else "is a UNet"
+            raise LoraxFileError(f"the model given as {component}= ({type(model).__name__}) {kind}: pass it as "
+                                 f"{other}=pipe.{other}, the component its pipeline loads LoRA layers into; nothing "
+                                 "was written")
 
 
 def _collect(models: dict[str, torch.nn.Module | None], adapter_name: str, standalone: bool
