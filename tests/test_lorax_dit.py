@@ -212,11 +212,11 @@ def test_compact_file_on_a_finetune_is_the_lorax_transfer(trained):
 
 
 @pytest.fixture
-def flex_catalogue(monkeypatch):
-    """Install FLUX.1 dev's and Flex.1's catalogue entries (the published map, its ignored modules) with the tiny
-    models' shapes, so that the transfer identifies the pair and uses the map."""
-    def install(teacher, student):
-        entries = {"flux1-dev": teacher, "flex1-alpha": student}
+def catalogue(monkeypatch):
+    """Install catalogue entries (``name=pipeline``: FLUX.1 dev's, Flex.1's published map and ignored modules,
+    Chroma's pruned modules) with the tiny models' shapes, so that the transfer identifies the pair as the real
+    families."""
+    def install(**entries):
         shipped = catalogue_module.families()
         tiny = tuple(dataclasses.replace(f, shapes={c: PipelineWeights(entries[f.name]).shapes(c) for c in f.shapes})
                      if f.name in entries else f for f in shipped)
@@ -225,13 +225,13 @@ def flex_catalogue(monkeypatch):
     return install
 
 
-def test_a_flex_shaped_student_gets_each_kept_blocks_adapter_by_the_published_map(trained, flex_catalogue):
+def test_a_flex_shaped_student_gets_each_kept_blocks_adapter_by_the_published_map(trained, catalogue):
     """Flex.1-shaped student (8 double blocks: FLUX.1's 0–3, 4–15 squashed into 4, 16–18 moved to 5–7, then
     perturbed): by Flex.1's published map, every kept teacher block's layers land on its own student block — 100 %
     of the kept layers, 0 wrong — each as Eq. 3 on the student's weight; the single blocks by name; FLUX.1's blocks
     4–15 skipped (ignored or dropped by the map)."""
     student = _student(_teacher(), FLEX_KEPT, squash=range(4, 16))
-    flex_catalogue(_teacher(), student)
+    catalogue(**{"flux1-dev": _teacher(), "flex1-alpha": student})
     state, report = transfer_lora(_teacher(), student, trained["compact"], threshold=0.0,
                                   registry=trained["registry"])
     assert report.target_family.startswith("Flex.1-alpha") and report.lora_family.startswith("FLUX.1 dev")
@@ -254,6 +254,46 @@ def test_a_flex_shaped_student_gets_each_kept_blocks_adapter_by_the_published_ma
         B = state[f"transformer.{row.target_module}.lora_B.weight"].double()
         assert _rel(B @ A, _eq3(W_t, dW, R)) <= _gap_tolerance(W_t, R) + _gap_tolerance(
             trained["weights"][row.module].double(), R), row.module
+
+
+def _chroma_shaped(teacher):
+    """A Chroma-shaped model of ``teacher``: ``ChromaTransformer2DModel`` of the same depths (no per-block modulation
+    projections, an approximator instead), every tensor it shares with the teacher copied by name, then perturbed."""
+    chroma = _variant("chroma19", base="chroma", num_layers=19, num_single_layers=2).build(seed=5)
+    theirs, own = teacher.transformer.state_dict(), chroma.transformer.state_dict()
+    chroma.transformer.load_state_dict({k: theirs.get(k, v) if theirs.get(k, v).shape == v.shape else v
+                                        for k, v in own.items()})
+    return toy.finetune(chroma, seed=2, components=("transformer",))
+
+
+def test_a_chroma_shaped_target_gets_every_attention_layer_and_skips_the_pruned_modulation(catalogue, tmp_path):
+    """An adapter on the attention projections and the double blocks' modulation (``norm1.linear``,
+    ``norm1_context.linear``) of FLUX.1, onto a Chroma-shaped model identified as Chroma: every attention layer
+    applied (Eq. 3 on Chroma's weight), every modulation layer skipped as pruned, none raised."""
+    registry = Registry(tmp_path / "registry")
+    pipe = _teacher()
+    targets = (*TRANSFORMER_TARGETS, "norm1.linear", "norm1_context.linear")
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for core in add_lorax_adapter(pipe.transformer, LoraXConfig(r=R, target_modules=targets), registry=registry):
+            core.normal_(generator=g)
+    path = save_lorax_weights(tmp_path / "adapter", transformer=pipe.transformer, source="tiny-flux")
+    deltas = {m: d for (c, m), d in delta_weights(pipe, "default").items()}
+    chroma = _chroma_shaped(_teacher())
+    catalogue(**{"flux1-dev": _teacher(), "chroma": chroma})
+    state, report = transfer_lora(_teacher(), chroma, path, threshold=0.0, registry=registry)
+    assert report.target_family.startswith("Chroma")
+    modulation = {r.module for r in report.layers if ".norm1" in r.module}
+    assert len(modulation) == 19 * 2 and len(report.layers) == LAYERS + len(modulation)
+    assert all(not r.applied and "pruned" in r.reason for r in report.layers if r.module in modulation)
+    applied = [r for r in report.layers if r.applied]
+    assert {r.module for r in applied} == set(deltas) - modulation and all(r.target_module == r.module for r in applied)
+    for row in applied:
+        W_t = chroma.transformer.get_submodule(row.module).weight.detach().double()
+        A = state[f"transformer.{row.module}.lora_A.weight"].double()
+        B = state[f"transformer.{row.module}.lora_B.weight"].double()
+        W_s = pipe.transformer.get_submodule(row.module).base_layer.weight.detach().double()
+        assert _rel(B @ A, _eq3(W_t, deltas[row.module], R)) <= _gap_tolerance(W_t, R) + _gap_tolerance(W_s, R)
 
 
 def test_a_wrong_source_is_refused_and_nothing_changes(trained):
