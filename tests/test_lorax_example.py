@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-from diffusers_lorax import LoraXConfig, add_lorax_adapter, read_lorax_file, save_lorax_weights
+from diffusers_lorax import LoraXConfig, add_lorax_adapter, read_lorax_file, save_lorax_weights, toy
 from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.quality.evaluate import load_pipeline
 
@@ -90,3 +90,59 @@ def test_a_failed_save_keeps_the_trained_cores_and_rank_1_saves(tmp_path, monkey
     example.load_cores(pipe, kept)
     again = read_lorax_file(save_lorax_weights(tmp_path / "again", unet=pipe.unet, source="x"))
     assert again.layers == compact.layers and all(torch.equal(again.core(k), compact.core(k)) for k in compact.layers)
+
+
+def _dit_testbed_like(folder):
+    """A Flux pipeline in the DiT testbed's shape, built offline and saved to ``folder``: the UNet testbed's VAE,
+    CLIP text encoder and tokenizer (its pooled output is Flux's pooled projection), a tiny T5 encoder reading that
+    tokenizer's ids, and a random ``FluxTransformer2DModel`` (2 double, 1 single block, no guidance embedding) on
+    the 2×2-packed 8×8×4 latents; the VAE given Flux's ``shift_factor`` (0), which FluxPipeline decodes with."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel)
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = CLIPTokenizer.from_pretrained(ASSETS / "source" / "tokenizer")
+    clip = CLIPTextModel.from_pretrained(ASSETS / "source" / "text_encoder", dtype=torch.float32)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=clip.config.hidden_size, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL.from_pretrained(ASSETS / "source" / "vae")
+    vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes with one
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
+                 tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                 transformer=transformer).save_pretrained(folder)
+    return folder
+
+
+def test_dit_testbed_option_trains_a_transformer_adapter_that_loads_on_a_finetune(tmp_path):
+    """``--testbed dit`` (flow matching on Flux's packed latents) for two steps of batch 4 on a pipeline of the DiT
+    testbed's shape: the file holds the transformer's layers (both streams' attention and feed-forward projections,
+    the single block's ``proj_mlp``) and the text encoder's, the cores moved, a checkpoint and a validation image
+    are written, and the file loads onto a fine-tune of that transformer with every layer applied."""
+    from diffusers import FluxPipeline
+
+    example = _example()
+    source, out, registry = _dit_testbed_like(tmp_path / "source"), tmp_path / "out", tmp_path / "registry"
+    path = example.main([
+        "--testbed", "dit", "--pretrained_model_name_or_path", str(source), "--output_dir", str(out),
+        "--max_train_steps", "2", "--train_batch_size", "4", "--checkpointing_steps", "1", "--train_text_encoder",
+        "--validation_prompt", "a handwritten digit seven in lrx style", "--num_validation_images", "1",
+        "--validation_steps", "2", "--num_inference_steps", "2", "--threads", "1", "--registry", str(registry),
+    ])
+    assert (out / "checkpoint-1" / "lorax_weights.safetensors").is_file() and (out / "validation-2-0.png").is_file()
+    file = read_lorax_file(path)
+    transformer = {key.split(".", 1)[1] for key in file.layers if key.startswith("transformer.")}
+    assert len(file.layers) == len(transformer) + 2 * 4  # and the CLIP encoder's 2 layers' attention
+    double = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+              "ff_context.net.2")
+    single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    assert transformer == {f"transformer_blocks.{i}.{m}" for i in (0, 1) for m in double} | {
+        f"single_transformer_blocks.0.{m}" for m in single}
+    assert file.training["testbed"] == "dit" and sum(float(file.core(k).abs().sum()) for k in file.layers) > 0
+    target = FluxPipeline.from_pretrained(source)
+    toy.finetune(target, seed=1, components=("transformer",))
+    report = target.load_lora_weights_cross(source, out, registry=registry)
+    assert len(report.applied) == len(file.layers) and "LoRA-X compact file" in report.lora
+    assert target.get_list_adapters() == {"transformer": [report.adapter_name], "text_encoder": [report.adapter_name]}
