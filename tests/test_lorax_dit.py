@@ -296,6 +296,32 @@ def test_a_chroma_shaped_target_gets_every_attention_layer_and_skips_the_pruned_
         assert _rel(B @ A, _eq3(W_t, deltas[row.module], R)) <= _gap_tolerance(W_t, R) + _gap_tolerance(W_s, R)
 
 
+def test_an_adapter_trained_in_bfloat16_loads_against_the_float32_source(tmp_path):
+    """Flux ships in bfloat16: an adapter added to the transformer cast to bfloat16 records that dtype and loads
+    against the float32 source (cast to bfloat16 for the source check and the bases: the adapter's own, none
+    computed), every layer the trained update within the rounding of its bfloat16 factors: A once, B = Ũ·δ twice,
+    and the loaded float32 product, entrywise ``c |B||A|`` with ``c = (1 + u)³ / (1 − 2⁻²⁴) − 1``, u = 2⁻⁸."""
+    registry, u = Registry(tmp_path / "registry"), 2.0**-8
+    spec = _variant("flux19", num_layers=19, num_single_layers=2)
+    half = spec.build(dtype=torch.bfloat16, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for core in add_lorax_adapter(half.transformer, LoraXConfig(r=R), registry=registry):
+            core.copy_(torch.randn(core.shape, generator=g))
+    path = save_lorax_weights(tmp_path / "adapter", transformer=half.transformer, source="tiny-flux")
+    assert {info.dtype for info in read_lorax_file(path).layers.values()} == {torch.bfloat16}
+    pipe = _teacher()  # float32, the weights `half` was cast from
+    report = pipe.load_lora_weights_cross(_teacher(), path, adapter_name="x", method="copy", registry=registry)
+    assert len(report.applied) == LAYERS and report.bases_computed == 0
+    c = (1 + u) ** 3 / (1 - 2.0**-24) - 1
+    trained = adapter_factors(half, "default")
+    for key, (B, A, _) in adapter_factors(pipe, "x").items():
+        got = B @ A
+        assert _rel(got, trained[key][0] @ trained[key][1]) <= c * float((B.abs() @ A.abs()).norm() / got.norm()), key
+    with pytest.raises(SourceMismatchError, match="cast to bfloat16, as the adapter was built"):
+        pipe.load_lora_weights_cross(_teacher(seed=1), path, registry=registry)
+
+
 def test_a_wrong_source_is_refused_and_nothing_changes(trained):
     """Another Flux (other seed) as the source: ``SourceMismatchError`` naming the first layer, the target pipeline
     and the registry as before."""
