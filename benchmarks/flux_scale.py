@@ -376,7 +376,10 @@ def print_tables(args, rows: list[dict]) -> None:
     gb = 1e9
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers-lorax "
-          f"{diffusers_lorax.__version__}, load average {load}")
+          f"{diffusers_lorax.__version__} ({Path(diffusers_lorax.__file__).parent}), load average {load}")
+    print(f"measured at reduced depth (FLUX.1: 19 double + 38 single blocks): the fine-tune pair {args.double} double + "
+          f"{args.single} single, the student's teacher {args.student_teacher} double + {args.single} single, the "
+          f"student keeping double blocks {args.student_keeps}; full width throughout")
     print("| pair | LoRA | layers | cold s | bases s | Φ s | making weights s | bases GB | adapter MB | peak +GB "
           "| plain s | warm s | warm/plain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -444,6 +447,8 @@ def main() -> None:
                         help="double,single blocks of the deeper fine-tune for the warm call ('' to skip)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.warm_depth and args.warm_depth[1] and not args.single:
+        parser.error("--warm-depth repeats the first pair's blocks: give --single 1 or more, or a warm depth of 0 single")
     from diffusers.utils import logging
 
     logging.set_verbosity_error()

@@ -124,7 +124,8 @@ class Correspondence:
         """Φ of the pairs in ``todo`` (layer -> its candidates) from the bases, each weight's basis computed once
         (:class:`~diffusers_lorax.projection.Bases`) and staged in ``txn`` with the similarities. A target basis is
         read back from the staging area (or the registry) for each pair rather than kept: at Flux's width one basis
-        is 19-66 MB and a kind has up to 19 candidates, while a read costs about 1 % of a similarity's GEMMs."""
+        is 19-66 MB and a layer has up to 8 candidates, while reading one (tens of ms) costs a few per cent of the
+        similarity's GEMMs (0.3-1 s on one core)."""
         bases = Bases(registry, txn, self.layers, {}, {}, {}, self.weights, report)
         bases.prefetch({(fp, self.ks[i]) for i, keys in todo.items() for key in keys for fp in (src[i], tgt[key])})
         for i, keys in progress(list(todo.items()), desc="layer correspondence", worth_it=len(todo) >= 8):
