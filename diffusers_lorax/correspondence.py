@@ -99,8 +99,8 @@ class Correspondence:
 
     def measure(self, src: dict[int, str], tgt: dict[Key, str], registry, txn, report: TransferReport) -> None:
         """Φ_U, Φ_V of every (layer, candidate) pair: 1 for identical weights (and then no other candidate is
-        needed), else from the registry's similarities, else from the bases (read or computed once per weight and
-        staged), group by group so that memory holds one group's target bases."""
+        needed), else from the registry's similarities, else from the bases (computed once per weight and staged,
+        then read back), pair by pair so that memory holds one source and one target basis."""
         pairs = {}
         for i, keys in self.candidates.items():
             identical = [key for key in keys if tgt[key] == src[i]]
@@ -109,35 +109,34 @@ class Correspondence:
                 pairs.update({(i, key): (src[i], tgt[key], self.ks[i]) for key in keys})
         cached = registry.get_similarities(set(pairs.values()))
         report.similarities_cached += len(cached)
-        todo: dict[tuple, list[tuple[int, Key]]] = {}
+        todo: dict[int, list[Key]] = {}
         for (i, key), triple in pairs.items():
             found = cached.get(triple) or txn.similarities.get(triple)
             if found is not None:
                 self.phi[(i, key)] = found
             else:
-                s = self.slots[i]
-                todo.setdefault((s.stage, s.kind, self.layers[i].weight_shape, self.ks[i]), []).append((i, key))
+                todo.setdefault(i, []).append(key)
         if todo:
             self._compute(todo, src, tgt, registry, txn, report)
         report.similarities_computed = len(txn.similarities)
 
-    def _compute(self, todo, src, tgt, registry, txn, report) -> None:
-        """Φ of the pairs in ``todo`` (group -> [(layer, candidate)]) from the bases, each weight's basis read or
-        computed once (:class:`~diffusers_lorax.projection.Bases`) and staged in ``txn`` with the similarities."""
+    def _compute(self, todo: dict[int, list[Key]], src, tgt, registry, txn, report) -> None:
+        """Φ of the pairs in ``todo`` (layer -> its candidates) from the bases, each weight's basis computed once
+        (:class:`~diffusers_lorax.projection.Bases`) and staged in ``txn`` with the similarities. A target basis is
+        read back from the staging area (or the registry) for each pair rather than kept: at Flux's width one basis
+        is 19-66 MB and a layer has up to 8 candidates, while reading one (tens of ms) costs a few per cent of the
+        similarity's GEMMs (0.3-1 s on one core)."""
         bases = Bases(registry, txn, self.layers, {}, {}, {}, self.weights, report)
-        bases.prefetch({(fp, self.ks[i]) for group in todo.values() for i, key in group for fp in (src[i], tgt[key])})
-        for group in progress(list(todo.values()), desc="layer correspondence", worth_it=len(todo) >= 8):
-            k = self.ks[group[0][0]]
-            targets = {key: bases.basis("target", key, tgt[key], k) for _, key in group}
-            by_layer: dict[int, list[Key]] = {}
-            for i, key in group:
-                by_layer.setdefault(i, []).append(key)
-            for i, keys in by_layer.items():
-                source = bases.basis("source", self.layers[i].key, src[i], k)
-                for key in keys:
-                    phi = (subspace.subspace_similarity(source.U, targets[key].U),
-                           subspace.subspace_similarity(source.V, targets[key].V))
-                    self.phi[(i, key)] = txn.similarities[(src[i], tgt[key], k)] = phi
+        bases.prefetch({(fp, self.ks[i]) for i, keys in todo.items() for key in keys for fp in (src[i], tgt[key])})
+        for i, keys in progress(list(todo.items()), desc="layer correspondence", worth_it=len(todo) >= 8):
+            k = self.ks[i]
+            source = bases.basis("source", self.layers[i].key, src[i], k)
+            for key in keys:
+                target = bases.basis("target", key, tgt[key], k)
+                phi = (subspace.subspace_similarity(source.U, target.U),
+                       subspace.subspace_similarity(source.V, target.V))
+                self.phi[(i, key)] = txn.similarities[(src[i], tgt[key], k)] = phi
+                del target  # before the next one is read
 
     def scores(self, i: int) -> list[tuple[float, bool, Key]]:
         """``(score, same name, candidate)`` of layer ``i``'s measured candidates, best first."""

@@ -37,11 +37,13 @@ from .weights import BaseModelWeights, PipelineWeights, canonical_module
 
 
 class BaseModel:
-    """One side of a transfer. ``kind`` is ``"pipeline"``, ``"folder"`` or ``"hub"``; ``role`` (``"source"`` or
-    ``"target"``) names it in messages. Construction checks only what needs no download; files are read on first
-    use. ``components``: which of a pipeline's components stand for the LoRA's components where not their
-    namesakes (``{"transformer": "transformer_2"}`` for Wan 2.2's second expert). Raises :class:`SourceModelError`
-    for a path that is a file, or that is neither a folder nor a repo id."""
+    """One side of a transfer. ``kind`` is ``"pipeline"``, ``"folder"``, ``"hub"`` or ``"weights"`` (a
+    :class:`~diffusers_lorax.weights.BaseModelWeights` reader given as the model: weights held or made by the caller,
+    e.g. generated layer by layer; as a target it names the pipeline class that reads its LoRAs in a ``pipeline_class``
+    attribute); ``role`` (``"source"`` or ``"target"``) names it in messages. Construction checks only what needs no
+    download; files are read on first use. ``components``: which of a pipeline's components stand for the LoRA's
+    components where not their namesakes (``{"transformer": "transformer_2"}`` for Wan 2.2's second expert). Raises
+    :class:`SourceModelError` for a path that is a file, or that is neither a folder nor a repo id."""
 
     def __init__(self, model: Any, options: HubOptions | None = None, role: str = "source",
                  components: dict[str, str] | None = None):
@@ -54,7 +56,8 @@ class BaseModel:
                 + (" the LoRA was trained on" if role == "source" else "")
                 + ": a pipeline, a local diffusers folder or a Hub repo id")
         if not isinstance(model, (str, os.PathLike)):
-            self.kind, self.path = "pipeline", None
+            reader = all(callable(getattr(model, name, None)) for name in ("shapes", "weight", "fingerprint"))
+            self.kind, self.path = "weights" if reader else "pipeline", None
             return
         path = Path(model)
         if self.options.subfolder and path.is_dir():
@@ -79,6 +82,8 @@ class BaseModel:
             return str(self.path)
         if self.kind == "hub":
             return str(self.model)
+        if self.kind == "weights":
+            return self.model.label
         name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or ""
         label = f"{type(self.model).__name__}({name})" if name else f"{type(self.model).__name__} (in memory)"
         return label + "".join(f" [{theirs} as {ours}]" for ours, theirs in self.components.items())
@@ -121,8 +126,9 @@ class BaseModel:
 
     @cached_property
     def model_index(self) -> dict | None:
-        """``model_index.json`` of a folder or Hub repo (``None`` for a pipeline, or where there is none)."""
-        if self.kind == "pipeline":
+        """``model_index.json`` of a folder or Hub repo (``None`` for a pipeline or a reader, or where there is
+        none)."""
+        if self.kind in ("pipeline", "weights"):
             return None
         found = self.resolve("model_index.json")
         return json.loads(found.read_text()) if found is not None else None
@@ -138,6 +144,8 @@ class BaseModel:
             cls = getattr(diffusers, known.pipeline)
         elif self.kind == "pipeline":
             cls = type(self.model)
+        elif self.kind == "weights":
+            cls = getattr(self.model, "pipeline_class", None)
         else:
             name = self._required_model_index().get("_class_name")
             cls = getattr(diffusers, name, None) if isinstance(name, str) else None
@@ -152,7 +160,7 @@ class BaseModel:
     def unet_config(self) -> Any:
         """The UNet's config as a ``FrozenDict`` (diffusers maps SDXL kohya block names with it), or ``None`` where
         there is no UNet (a transformer-based pipeline) or it cannot be read."""
-        if self.kind == "pipeline":
+        if self.kind in ("pipeline", "weights"):
             unet = getattr(self.model, "unet", None)
             return getattr(unet, "config", None)
         if self.catalogue is not None and self.catalogue.denoiser != "unet":
@@ -171,6 +179,8 @@ class BaseModel:
         pipeline object without those components; a folder component with only pickled weights, a repo that is not
         a diffusers repo or a Hub file that cannot be had raise it when the shapes or values are first asked for."""
         components = list(components)
+        if self.kind == "weights":
+            return self.model
         if self.kind == "pipeline":
             if any(isinstance(getattr(self.model, self.components.get(c, c), None), torch.nn.Module) for c in components):
                 return PipelineWeights(self.model, self.label, self.components)

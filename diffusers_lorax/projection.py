@@ -157,7 +157,7 @@ def _factors_id(layer: LoraLayer) -> str:
 class Bases:
     """Bases of the matched layers, each from (in order) this transaction's staging area, the registry, or computed
     where the target computes (a pipeline's execution device, also under offload; the CPU for files) and staged at
-    once, so memory holds one layer's bases."""
+    once, so memory holds one layer's bases; none is kept here (a basis needed again is read again)."""
 
     def __init__(self, registry, txn, layers, matched, fps, ks, weights, report):
         self.registry, self.txn, self.layers, self.fps, self.ks = registry, txn, layers, fps, ks
@@ -168,6 +168,7 @@ class Bases:
         self.missing = sum((fp, ks[i]) not in self.stored for i in matched for fp in set(fps[i]))
         self.device = weights["target"].device
         self.matched = matched
+        self.read: set[tuple[str, int]] = set()  # bases read from the registry: counted once however often read
 
     def prefetch(self, wanted: set[tuple[str, int]]) -> None:
         """Find which of the ``(fingerprint, k)`` bases the registry holds: one query per k."""
@@ -186,13 +187,15 @@ class Bases:
         found = self.txn.staged_basis(fp, k)
         if found is None and (fp, k) in self.stored:
             found = self.registry.load_basis(self.stored[(fp, k)], k)
-            self.report.bases_cached += found is not None
+            if found is not None and (fp, k) not in self.read:
+                self.read.add((fp, k))
+                self.report.bases_cached += 1
         if found is None:
             try:
                 found = subspace.compute_basis(self.weights[side].weight(*key), k, device=self.device)
             except ValueError as err:
                 raise SourceModelError(f"{side} weight of {key[0]}.{key[1]}: {err}") from err
-            self.txn.stage_basis(fp, found)
+            found = self.txn.stage_basis(fp, found)  # as stored: a warm call computes with the same values
             self.report.bases_computed += 1
         return found
 

@@ -272,6 +272,42 @@ def family_lora(name, component="unet", rank=4, count=8, seed=0):
     return lora
 
 
+# -- bases as the registry stores them: singular vectors in float16 (registry.blobs.BASIS_DTYPE) ----------------------
+#: float16's unit roundoff: rounding moves each stored singular-vector entry by at most this, relative.
+HALF_U = 2.0**-11
+#: The most rounding moves an entry below float16's normal range (|x| < 2⁻¹⁴): half its subnormal spacing.
+HALF_SUBNORMAL = 2.0**-25
+
+
+def stored_basis_error(k, d):
+    """A priori bound on ε = ‖Û − U‖₂ for ``k`` orthonormal vectors of length ``d`` (exact, e.g. float64) stored as
+    the registry stores them, float32 then float16: each entry moves by at most 2⁻²⁴ |x| to float32, then by u times
+    that to float16 (or 2⁻²⁵ below its normal range), so ‖Û − U‖₂ ≤ ‖Û − U‖_F ≤ (u + 2⁻²⁴ (1 + u)) ‖U‖_F + 2⁻²⁵ √(d k)
+    with ‖U‖_F = √k."""
+    return (HALF_U + 2.0**-24 * (1 + HALF_U)) * k**0.5 + HALF_SUBNORMAL * (d * k) ** 0.5
+
+
+def phi_tolerance(k, d):
+    """|Φ̂ − Φ| allowed for ``k`` stored vectors of length ``d`` on each side: Û_sᵀÛ_t − U_sᵀU_t = E_sᵀU_t + U_sᵀE_t +
+    E_sᵀE_t has ‖·‖_F ≤ Δ = 2ε + ε² (ε from :func:`stored_basis_error`, which bounds ‖E‖_F too) and ‖U_sᵀU_t‖_F ≤ √k,
+    so k |Φ̂ − Φ| = |‖U_sᵀU_t + ·‖_F² − ‖U_sᵀU_t‖_F²| ≤ 2 √k Δ + Δ² (≈ 4u); plus 1e-5 for float32."""
+    delta = 2 * stored_basis_error(k, d) + stored_basis_error(k, d) ** 2
+    return 1e-5 + (2 * k**0.5 * delta + delta**2) / k
+
+
+def projection_tolerance(k, shape, projectors=2):
+    """Relative Frobenius error allowed where an update ``X`` lying in the span of ``k`` vectors on each side (or built
+    from the stored vectors themselves, a LoRA-X file on its own source) is projected by ``projectors`` projectors
+    P̂ = Û Ûᵀ made from those vectors as stored: Eq. 3 applies 2, ProLoRA's subspace part 4. Each P̂ is within
+    δ = 2ε + ε² of the exact projector P (spectral norm; ε from :func:`stored_basis_error`) and ‖P̂‖ ≤ 1 + δ, so the
+    product moves ``P X P = X`` by at most ((1 + δ)^p − 1) ‖X‖; ProLoRA's null-space part adds (1 + δ)² δ² ‖X‖; an
+    ``X = Û D V̂ᵀ`` built from the stored vectors has ‖X‖ within (1 ± ε)² of ‖D‖ (the ((1 + ε)/(1 − ε))² factor).
+    Plus 1e-5 for float32 (the bound before bases were stored in float16)."""
+    eps = stored_basis_error(k, max(shape))
+    delta = 2 * eps + eps**2
+    return 1e-5 + ((1 + eps) / (1 - eps)) ** 2 * ((1 + delta) ** projectors - 1 + (1 + delta) ** 2 * delta**2)
+
+
 # -- test-only registry shortcuts (the production API stages writes in a transaction) -------------------------------
 def put_bases(registry, bases):
     """Store ``{fingerprint: Basis}`` now, in one transaction."""

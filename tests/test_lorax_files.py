@@ -1,8 +1,9 @@
 """LoRA-X files: saved compact (cores only) and standalone (an ordinary LoRA), loaded by ``load_lora_weights_cross``.
 
 Float64 references on fresh random inputs: compact on its own source reproduces the trained ``Ũ ΔΣ Ṽᵀ``
-(rel. err ≤ 1e-5); on a perturbed target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone
-and compact give the same adapter (≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
+(rel. err ≤ 1e-5 plus the float16 rounding of the stored bases: ``helpers.projection_tolerance``); on a perturbed
+target it equals ``U_t U_tᵀ ΔW_s V_t V_tᵀ`` from float64 SVDs (≤ 1e-3); standalone and compact give the same adapter
+(≤ 1e-5). Bad input (another source, none, a damaged or edited file, an r larger
 than its layer, NaN) raises a typed error and changes neither the pipeline nor the registry. An adapter built on a
 half-precision cast of its source loads against the float32 source (issue 20); a rank-1 core saves (issue 23); the
 adapter to save is the only or the active LoRA-X adapter by default."""
@@ -34,7 +35,7 @@ from diffusers_lorax import (
 from diffusers_lorax.adapters.files import digest, file_size_bytes
 from diffusers_lorax.weights import fingerprint, memoised_fingerprint
 
-from helpers import assert_unchanged, delta_weights, state_of
+from helpers import assert_unchanged, delta_weights, projection_tolerance, state_of
 
 R_UNET, R_TEXT = 16, 0.5
 
@@ -103,8 +104,9 @@ def test_compact_on_its_own_source_reproduces_the_adapter(saved, registry):
     assert len(report.applied) == len(saved["deltas"]) and "LoRA-X compact file" in report.lora
     got = delta_weights(pipe, "x")
     assert got.keys() == saved["deltas"].keys()
-    for key, ref in saved["deltas"].items():
-        assert _rel(got[key], ref) <= 1e-5, key
+    for key, ref in saved["deltas"].items():  # Eq. 3 onto the bases the update was built from, stored in float16
+        r = min(*ref.shape, R_UNET) if key[0] == "unet" else round(min(ref.shape) * R_TEXT)
+        assert _rel(got[key], ref) <= projection_tolerance(r, ref.shape), key
     # and the standalone file through plain diffusers, on the source: the same adapter
     pipe.load_lora_weights(saved["standalone"], adapter_name="plain")
     plain = delta_weights(pipe, "plain")
@@ -369,7 +371,8 @@ def test_rank_1_adapter_saves_and_reproduces_on_its_source(saved, registry, tmp_
     expected = delta_weights(trained, "style")
     for name in ("compact", "standalone"):
         got = delta_weights(pipe, name)
-        assert got.keys() == expected.keys() and all(_rel(got[k], ref) <= 1e-5 for k, ref in expected.items())
+        assert got.keys() == expected.keys() and all(_rel(got[k], ref) <= projection_tolerance(1, ref.shape)
+                                                     for k, ref in expected.items())
 
 
 def test_save_takes_the_only_or_the_active_lorax_adapter(tmp_path):

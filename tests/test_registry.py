@@ -14,6 +14,7 @@ import torch
 
 from diffusers_lorax import Registry, RegistryError, cli, toy, transfer_lora
 from diffusers_lorax.registry import default_registry_dir, open_registry
+from diffusers_lorax.registry.blobs import as_stored
 from diffusers_lorax.registry.location import redact
 from diffusers_lorax.subspace import compute_basis
 from diffusers_lorax.weights import fingerprint
@@ -21,9 +22,15 @@ from diffusers_lorax.weights import fingerprint
 from helpers import get_bases, put_bases, put_similarities
 
 
+#: Largest |(ÛᵀÛ − I)_ij| of a stored basis: float32's orthonormality (1e-5) plus float16 rounding's, which moves each
+#: column by at most u = 2⁻¹¹ (relative) and so each product u_iᵀu_j by at most 2u + u².
+ORTHONORMAL_ATOL = 1e-5 + 2 * 2.0**-11 + 2.0**-22
+
+
 def basis_of(shape=(40, 24), k=12, seed=0):
+    """A random weight's fingerprint and its basis as the registry stores it (exact round trips)."""
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    return fingerprint(W), compute_basis(W, k)
+    return fingerprint(W), as_stored(compute_basis(W, k))
 
 
 def store_bases(reg, n, shape, k):
@@ -390,7 +397,7 @@ def test_sigkill_during_writes_never_leaves_a_bad_registry(tmp_path, registry_ur
                 basis = get_bases(reg, [entry["key"]], 32)[entry["key"]]
                 adapter, _ = reg.get_adapter(entry["key"])
                 assert torch.equal(adapter["x.lora_A.weight"], basis.U.T)
-                assert torch.allclose(basis.U.T @ basis.U, torch.eye(32), atol=1e-5)
+                assert torch.allclose(basis.U.T @ basis.U, torch.eye(32), atol=ORTHONORMAL_ATOL)
         reg.engine.dispose()
     stats = Registry(directory, url=registry_url).stats()
     assert stats["bases"] >= 20 and stats["bases"] == stats["adapters"] == stats["similarities"]

@@ -101,6 +101,5 @@ def fetch_bases(wanted: Wanted, registry: Registry, txn: Transaction) -> tuple[d
                 basis = subspace.compute_basis(load(), k)
             except ValueError as err:
                 raise SourceModelError(f"base weight of {name}: {err}; the base model is damaged") from err
-            txn.stage_basis(fp, basis)
-            found[fp], computed = basis, computed + 1
+            found[fp], computed = txn.stage_basis(fp, basis), computed + 1  # as stored: as a warm call reads it
     return {fp: canonical_signs(basis) for fp, basis in found.items()}, computed

@@ -2,7 +2,7 @@
 
 Layout under the registry directory::
 
-    bases/<fp[:2]>/<fp>-<sum[:16]>.safetensors       U (m, k), S (k,), V (n, k), float32, per weight fingerprint
+    bases/<fp[:2]>/<fp>-<sum[:16]>.safetensors       U (m, k), V (n, k) float16, S (k,) float32, per weight fingerprint
     adapters/<key[:2]>/<key>-<sum[:16]>.safetensors  a transferred adapter (PEFT keys) and its per-layer report
     staging/<random>/                                blobs of a transfer in progress, moved into place on commit
     store-id                                         the blob store's id (32 random hex digits), written on first use
@@ -151,14 +151,34 @@ def checked_file(path: Path, checksum: str) -> bool:
     return ok
 
 
+#: The dtype of a stored basis's singular vectors ``U`` and ``V`` (``S`` stays float32: k values, and σ may exceed
+#: float16's range). Their entries lie in [-1, 1] whatever the model's dtype, so float16 holds them with 8 times
+#: bfloat16's precision in the same bytes, at half the bytes of float32. Rounding (u = 2⁻¹¹) adds at most ≈ 4u to Φ and
+#: ≈ 2(ε_U + ε_V) to a projected update's relative error, ε = ‖Û − U‖₂ ≤ u√k (docs/registry.md, Precision).
+BASIS_DTYPE = torch.float16
+
+
 def basis_tensors(basis: Basis) -> dict[str, torch.Tensor]:
-    return {"U": basis.U.contiguous(), "S": basis.S.contiguous(), "V": basis.V.contiguous()}
+    """A basis's tensors as stored: ``U``, ``V`` in :data:`BASIS_DTYPE`, ``S`` float32."""
+    return {"U": basis.U.to(BASIS_DTYPE).contiguous(), "S": basis.S.float().contiguous(),
+            "V": basis.V.to(BASIS_DTYPE).contiguous()}
 
 
 def truncated(tensors: dict[str, torch.Tensor], k: int) -> Basis:
     """The first ``k`` singular triplets of a stored basis's tensors (``U`` ``(m, k)``, ``S`` ``(k,)``, ``V``
-    ``(n, k)``)."""
-    return Basis(tensors["U"][:, :k].contiguous(), tensors["S"][:k].contiguous(), tensors["V"][:, :k].contiguous())
+    ``(n, k)``) as float32, the vectors at :data:`BASIS_DTYPE`'s precision: a float32 entry written before bases were
+    stored in float16 is rounded alike, so that every read of a basis gives the values a fresh one gives."""
+    return Basis(_vectors(tensors["U"][:, :k]), tensors["S"][:k].float().contiguous(), _vectors(tensors["V"][:, :k]))
+
+
+def as_stored(basis: Basis) -> Basis:
+    """``basis`` as the registry gives it back once stored (:func:`basis_tensors` then :func:`truncated`): what a
+    transfer computes with, whether a basis was computed by this call or read, so that both give the same result."""
+    return truncated(basis_tensors(basis), basis.k)
+
+
+def _vectors(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(BASIS_DTYPE).float().contiguous()
 
 
 def metadata(path: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ENV_CACHE_DIR = "LORAX_CACHE_DIR"
 ENV_REGISTRY_URL = "LORAX_REGISTRY_URL"
+ENV_MAX_BYTES = "LORAX_REGISTRY_MAX_BYTES"
 
 
 def default_registry_dir() -> Path:

@@ -31,15 +31,16 @@ from ..subspace import Basis
 from .blobs import checked_file, metadata, store_id, truncated
 from .database import (AdapterRow, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, connect, ensure_schema,
                        error_message, key_column)
-from .location import describe, resolve
+from .location import ENV_MAX_BYTES, describe, resolve
 from .maintenance import RegistryMaintenance
 from .transaction import Similarities, Transaction
 
 logger = logging.get_logger(__name__)
 
-ENV_MAX_BYTES = "LORAX_REGISTRY_MAX_BYTES"
-#: Default size cap of the blobs: 20 GiB (the bases of an SDXL pair for a full LoRA take about 1.4 GB).
-DEFAULT_MAX_BYTES = 20 * 2**30
+#: Default size cap of the blobs: 40 GiB, which holds the bases of one FLUX.1 pair for the common all-linear LoRA
+#: (494 layers, float16 vectors at k = min(m, n)/2: 30.7 GiB; an attention-only LoRA's 266 layers: 9.4 GiB; an SDXL
+#: pair for a full LoRA: about 0.7 GB) with room for the adapters (docs/registry.md, Size).
+DEFAULT_MAX_BYTES = 40 * 2**30
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 
 from ..errors import RegistryError
 from ..subspace import Basis
-from .blobs import atomic_save, basis_tensors, blob_path, truncated
+from .blobs import as_stored, atomic_save, basis_tensors, blob_path, truncated
 from .database import AdapterRow, Base, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, error_message
+from .location import ENV_MAX_BYTES
 
 if TYPE_CHECKING:
     from .store import Registry
@@ -61,11 +62,14 @@ class Transaction:
         except RegistryError as err:
             logger.warning(f"could not store the transfer's results in the registry: {err}")
 
-    def stage_basis(self, fp: str, basis: Basis) -> None:
+    def stage_basis(self, fp: str, basis: Basis) -> Basis:
         """Write ``basis`` (of the weight with fingerprint ``fp``) to the staging area now; memory can drop it. A basis
-        of that weight staged before with at least as many vectors is kept (it holds this one)."""
+        of that weight staged before with at least as many vectors is kept (it holds this one). Returns the basis as
+        the registry stores it (:func:`~diffusers_lorax.registry.blobs.as_stored`): compute with that one, so that a
+        call that computed a basis gives what a call that reads it gives."""
+        stored = as_stored(basis)
         if fp in self.bases and self.bases[fp][1].k >= basis.k:
-            return
+            return stored
         path = self.directory / fp
         checksum = atomic_save(basis_tensors(basis), path)
         now = time.time()
@@ -73,6 +77,7 @@ class Transaction:
             fingerprint=fp, store=self.registry.store, rows=basis.U.shape[0], cols=basis.V.shape[0], k=basis.k,
             blob=blob_path("bases", fp, checksum), checksum=checksum, bytes=path.stat().st_size, created_at=now,
             last_used=now))
+        return stored
 
     def staged_basis(self, fp: str, k: int) -> Basis | None:
         """A basis staged earlier in this transaction (a weight shared by two layers), truncated to ``k``, or
@@ -107,25 +112,31 @@ class Transaction:
         if not (self.similarities or self.bases or self.adapter or self.calibrations or self.correspondences):
             self.discard()  # nothing to store (a request served from the cache): no lock, no transaction
             return
-        registry, moved = self.registry, []
+        registry, moved, added = self.registry, [], 0
         try:
             with registry.lock:
                 with Session(registry.engine) as session, session.begin():
+                    now = time.time()
                     for path, row in self._new_entries(session):
                         final = registry.directory / row.blob
                         final.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(path, final)
                         moved.append(final)
+                        row.last_used, added = now, added + row.bytes  # used now, however long ago it was staged
                         session.merge(row)
                     for (s, t, k), (phi_u, phi_v) in self.similarities.items():
                         session.merge(SimilarityRow(source=s, target=t, k=k, phi_u=phi_u, phi_v=phi_v))
-                    now = time.time()
                     for key, value in self.calibrations.items():
                         session.merge(CalibrationRow(key=key, value=json.dumps(value), created_at=now, last_used=now))
                     for key, value in self.correspondences.items():
                         session.merge(CorrespondenceRow(key=key, value=json.dumps(value), created_at=now, last_used=now))
                 moved.clear()
                 registry.evict(registry.max_bytes)
+            if added > registry.max_bytes:
+                logger.warning(
+                    f"this transfer stored {added / 2**30:.1f} GiB of bases and adapters, more than the registry's cap "
+                    f"of {registry.max_bytes / 2**30:.1f} GiB: some were evicted at once and will be computed again "
+                    f"next time. Raise the cap: Registry(max_bytes=…) or ${ENV_MAX_BYTES}")
         except (OSError, SQLAlchemyError) as err:
             for path in moved:
                 path.unlink(missing_ok=True)
