@@ -49,7 +49,10 @@ class AdapterSnapshot:
             now = dict(model.named_parameters())
             with torch.no_grad():
                 for key, value in params.items():
-                    now[key].copy_(value)
+                    if now[key].shape == value.shape:
+                        now[key].copy_(value)
+                    else:  # PEFT's hotswap swapped a larger-rank tensor into the parameter: the old shape back
+                        now[key].data = value
             for name, module in model.named_modules():
                 if isinstance(module, BaseTunerLayer):
                     if name in scalings:

@@ -35,7 +35,7 @@ from .projection import record_dtypes, transfer_layers
 from .registry import NullTransaction, Registry, open_registry
 from .registry.families import identify_layers
 from .report import LayerReport, PhaseClock, TransferReport
-from .transferred import TransferredAdapter
+from .transferred import TransferredAdapter, own_storage
 from .umask import as_user_file
 
 logger = logging.get_logger(__name__)
@@ -218,7 +218,7 @@ def save_transferred(
     configs = {f"{c}_lora_adapter_metadata": config for c, config in adapter.configs().items()}
     keep = all(name in accepted for name in configs)  # else no config can be saved: the scale goes into lora_B
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in (adapter.state_dict if keep else adapter.folded()).items():
+    for key, value in (own_storage(adapter.state_dict) if keep else adapter.folded()).items():
         component, rest = key.split(".", 1)
         layers.setdefault(component, {})[rest] = value
     cls.save_lora_weights(

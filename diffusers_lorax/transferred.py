@@ -88,7 +88,7 @@ class TransferredAdapter:
             if s != 1.0:
                 B = out[f"{prefix}.lora_B.weight"]
                 out[f"{prefix}.lora_B.weight"] = (B.float() * s).to(B.dtype)
-        return out
+        return own_storage(out)
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """The ``LoraConfig`` keyword arguments of each component, as diffusers' ``save_lora_weights`` writes them
@@ -136,3 +136,20 @@ def _pattern(component: str, module: str) -> str:
     encoder's module with or without the ``text_model.`` level that transformers 5 removed."""
     name = canonical_module(module)
     return f"^(text_model\\.)?{name}" if component.startswith("text_encoder") else f"^{name}"
+
+
+def own_storage(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every tensor in memory of its own: a tensor that shares its storage with another (diffusers'
+    converters split a fused ``qkv`` LoRA into ``to_q``/``to_k``/``to_v`` factors that view one tensor: kohya and xlabs
+    Flux files) or views part of a larger one is copied, so that safetensors (``save_file``, ``save_lora_weights``)
+    can write it. Values unchanged; the others are the same tensors."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state_dict.items():
+        storage = value.untyped_storage()
+        whole = value.is_contiguous() and value.storage_offset() == 0 and storage.nbytes() == value.nbytes
+        if storage.data_ptr() in seen or not whole:
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out

@@ -123,6 +123,21 @@ def test_a_failed_hotswap_leaves_the_adapter_as_it_was(base, monkeypatch):
     assert all(torch.equal(d, delta_weights(cross, "style")[k]) for k, d in deltas.items())  # 0.7 kept
 
 
+def test_a_hotswap_that_grows_the_rank_then_fails_leaves_the_adapter_as_it_was(base):
+    """A larger-rank LoRA with text-encoder layers: PEFT swaps the UNet's factors for larger ones, then diffusers
+    refuses to hotswap the text encoder. The adapter is put back with its own shapes and values (the restore used to
+    fail copying into the grown tensors, leaving every UNet factor at the new rank)."""
+    cross = copy.deepcopy(base)
+    cross.load_lora_weights_cross(base, toy.random_lora(base, rank=4, seed=1), adapter_name="style")
+    before, deltas = state_of(cross), delta_weights(cross, "style")
+    grown = toy.random_lora(base, rank=8, seed=3, targets=("to_q", "to_k", "to_v", "to_out.0", "q_proj", "v_proj"),
+                            components=("unet", "text_encoder"))
+    with pytest.raises(LoraxError, match="diffusers refused"):
+        cross.load_lora_weights_cross(base, grown, adapter_name="style", hotswap=True)
+    assert_unchanged(cross, before)
+    assert all(torch.equal(d, delta_weights(cross, "style")[k]) for k, d in deltas.items())
+
+
 @pytest.mark.parametrize("case", ["hotswap of a name not loaded", "name in use", "typo"])
 def test_keyword_mistakes_are_refused_before_any_work(base, case):
     pipe = copy.deepcopy(base)
@@ -237,3 +252,30 @@ def test_the_functional_form_folds_a_flux_loras_alphas_into_lora_b(tmp_path):
 def _transformer_deltas(pipe):
     return {name: (m.scaling["a"], m.scaling["a"] * m.lora_B["a"].weight.double() @ m.lora_A["a"].weight.double())
             for name, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "a" in m.lora_A}
+
+
+@pytest.mark.parametrize("format", ["kohya_flux", "xlabs"])
+def test_a_fused_qkv_lora_is_written_by_lorax_transfer_and_saved_by_safetensors(tmp_path, format):
+    """diffusers reads a kohya or xlabs Flux LoRA's fused ``qkv`` down-projection as one ``lora_A`` shared by
+    ``to_q``/``to_k``/``to_v``: the functional result and ``lorax transfer``'s file must still be writable by
+    safetensors (which refuses tensors sharing memory), and the file loads plainly as the cross load's adapter."""
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.cli import main
+    from diffusers_lorax.tiny import FAMILIES
+    from diffusers_lorax.tiny.loras import save_random_lora
+
+    family = FAMILIES["flux"]
+    source = family.build()
+    source.save_pretrained(tmp_path / "flux")
+    lora = str(save_random_lora(tmp_path, "flux", format))
+    state_dict, _ = transfer_lora(source, source, lora)
+    save_file(state_dict, str(tmp_path / "functional.safetensors"))  # raised "Some tensors share memory"
+    assert main(["transfer", str(tmp_path / "flux"), str(tmp_path / "flux"), lora,
+                 "-o", str(tmp_path / "out.safetensors")]) == 0
+    from_file, cross = family.build(), family.build()
+    from_file.load_lora_weights(str(tmp_path / "out.safetensors"), adapter_name="style")
+    cross.load_lora_weights_cross(source, lora, adapter_name="style")
+    want, got = delta_weights(cross, "style"), delta_weights(from_file, "style")
+    assert want.keys() == got.keys() and any(".to_k" in m for _, m in want)
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
