@@ -26,7 +26,7 @@ from .classifiers import Scorers
 NO_LORA = "no LoRA"
 TRAINED = "trained on target"
 SOURCE_LORA = "loras/slant-source.safetensors"
-#: Sampling: deterministic DDIM (η = 0) with classifier-free guidance.
+#: Sampling: deterministic DDIM (η = 0; the DiT testbed: Euler on the flow) with classifier-free guidance.
 STEPS, GUIDANCE = 20, 4.0
 #: A gap is reported only where trained and no LoRA differ by more than this (else the ratio is noise).
 MIN_GAP = 0.05
@@ -56,12 +56,27 @@ def quiet_logging() -> None:
 
 
 def load_pipeline(name: str, assets: Path = ASSETS) -> Any:
-    """A testbed pipeline (``source``, ``target-finetune``, ``target-distilled``) in float32 on the CPU."""
-    from diffusers import StableDiffusionPipeline
+    """A testbed pipeline in float32 on the CPU: ``source``, ``target-…`` of ``assets`` (the UNet testbed's
+    ``StableDiffusionPipeline`` folders, or the DiT testbed's ``FluxPipeline`` / ``ChromaPipeline`` ones; the class
+    is the one the folder's ``model_index.json`` names)."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets / name, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(assets / name, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def guidance(pipe: Any, prompts: int) -> dict[str, Any]:
+    """The call's keyword arguments for classifier-free guidance ``GUIDANCE`` against the empty prompt, as each
+    testbed pipeline takes it: Flux's true CFG (``true_cfg_scale`` with a negative prompt; its ``guidance_scale`` is
+    the guidance embedding, which the DiT testbed has not), Chroma's and Stable Diffusion's ``guidance_scale``; the
+    DiT pipelines also get the testbed's text length."""
+    name = type(pipe).__name__
+    if name == "FluxPipeline":
+        return {"true_cfg_scale": GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
+    if name == "ChromaPipeline":
+        return {"guidance_scale": GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
+    return {"guidance_scale": GUIDANCE}
 
 
 @torch.no_grad()
@@ -71,8 +86,8 @@ def generate(pipe: Any, digits: list[int], seeds: list[int], steps: int = STEPS)
     prompts = [data.prompt(d, styled=True) for d in digits for _ in seeds]
     generators = [torch.Generator().manual_seed(s) for _ in digits for s in seeds]
     out = pipe(
-        prompts, height=data.SIZE, width=data.SIZE, num_inference_steps=steps, guidance_scale=GUIDANCE,
-        generator=generators, output_type="pt",
+        prompts, height=data.SIZE, width=data.SIZE, num_inference_steps=steps, generator=generators,
+        output_type="pt", **guidance(pipe, len(prompts)),
     )
     return out.images.float()
 
