@@ -330,13 +330,17 @@ def train_targets(models: dict, flux_text: dict, chroma_text: dict, latents: dic
 
     source = models["source"]
     singles = [dit.DOUBLE_BLOCKS + i for i in range(dit.TRANSFORMER["num_single_layers"])]
+
+    def finish(name: str, model) -> None:
+        build.round_fp16(model)
+        models[name] = model
+        save(name, model)
+
     if "target-finetune" not in models:
         finetuned = copy.deepcopy(source)
         train_flow(finetuned, lambda: flux_text, latents["thick"], labels, steps["finetune"], lr=2e-4,
                    desc="target-finetune")
-        build.round_fp16(finetuned)
-        models["target-finetune"] = finetuned
-        save("target-finetune", finetuned)
+        finish("target-finetune", finetuned)
     if "target-flex" not in models:
         torch.manual_seed(6)
         flex = FluxTransformer2DModel(**dit.STUDENT)
@@ -344,9 +348,7 @@ def train_targets(models: dict, flux_text: dict, chroma_text: dict, latents: dic
               f"(double blocks {dit.FLEX_KEPT})")
         distill(flex, source, lambda: flux_text, lambda: flux_text, latents["plain"], labels, steps["flex"],
                 [*dit.FLEX_KEPT, *singles], "target-flex", seed=7)
-        build.round_fp16(flex)
-        models["target-flex"] = flex
-        save("target-flex", flex)
+        finish("target-flex", flex)
     if "target-chroma" not in models:
         torch.manual_seed(8)
         chroma = ChromaTransformer2DModel(**dit.CHROMA)
@@ -355,9 +357,7 @@ def train_targets(models: dict, flux_text: dict, chroma_text: dict, latents: dic
         fit_approximator(chroma, source, lambda: flux_text, steps["chroma_fit"])
         distill(chroma, source, lambda: chroma_text, lambda: flux_text, latents["plain"], labels, steps["chroma"],
                 list(range(dit.DOUBLE_BLOCKS + len(singles))), "target-chroma", seed=9)
-        build.round_fp16(chroma)
-        models["target-chroma"] = chroma
-        save("target-chroma", chroma)
+        finish("target-chroma", chroma)
 
 
 def tokenizers():

@@ -72,11 +72,10 @@ def guidance(pipe: Any, prompts: int) -> dict[str, Any]:
     the guidance embedding, which the DiT testbed has not), Chroma's and Stable Diffusion's ``guidance_scale``; the
     DiT pipelines also get the testbed's text length."""
     name = type(pipe).__name__
-    if name == "FluxPipeline":
-        return {"true_cfg_scale": GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
-    if name == "ChromaPipeline":
-        return {"guidance_scale": GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
-    return {"guidance_scale": GUIDANCE}
+    if name not in ("FluxPipeline", "ChromaPipeline"):
+        return {"guidance_scale": GUIDANCE}
+    scale = "true_cfg_scale" if name == "FluxPipeline" else "guidance_scale"
+    return {scale: GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
 
 
 @torch.no_grad()
