@@ -81,7 +81,10 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "### source → target-finetune" in printed and "### source → target-distilled" in printed
-    assert printed.count("| trained on target |") == 2 and "| no LoRA |" in printed
+    # the DiT testbed's three targets, rows named "DiT …"
+    assert all(f"### DiT source → {t}: copy" in printed for t in ("target-finetune", "target-flex", "target-chroma"))
+    assert printed.count("| trained on target |") == 5 and "| no LoRA |" in printed
+    assert "| DiT target-flex | copy |" in printed and "| DiT target-chroma | trained on target |" in printed
     from diffusers_lorax.demo import content_notes
     from diffusers_lorax.quality.evaluate import Row
 
