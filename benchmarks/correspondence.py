@@ -10,9 +10,9 @@ initialised from it by the family's layer map and perturbed like a fine-tune (``
 rank-4 LoRA on every attention, feed-forward and projection layer of the teacher (and, for SD 1.5, every ResNet
 ``conv1``/``conv2``, which BK-SDM renames too). Both models are in-memory pipelines.
 
-- cold: ``transfer_lora(..., method="copy")`` on an empty registry (bases of every LoRA layer's source weight and of
+- cold: ``transfer_lora(..., method="copy", match="similarity")`` on an empty registry (bases of every LoRA layer's source weight and of
   every candidate target weight, Φ for every candidate pair, the correspondence stored);
-- warm: ``student.load_lora_weights_cross(teacher, lora)`` on the filled registry (the correspondence and the bases
+- warm: ``student.load_lora_weights_cross(teacher, lora, match="similarity")`` on the filled registry (the correspondence and the bases
   from the registry: no SVD), against a plain ``load_lora_weights`` of the transferred state dict on the student,
   medians of 5 interleaved calls of each (the ratio warm / plain);
 - recovery: the share of LoRA layers whose teacher module the student kept that go to exactly that student module
@@ -121,7 +121,8 @@ def run_pair(name: str, spec: tuple, unrelated: bool) -> dict:
     out = {"pair": name, "layers": len(lora) // 2}
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
-        state_dict, cold = transfer_lora(source, target, lora, registry=folder)
+        # by similarity, also where the catalogue holds the student's published map (BK-SDM: no SVD with "auto")
+        state_dict, cold = transfer_lora(source, target, lora, registry=folder, match="similarity")
         out.update(cold_s=time.perf_counter() - t, phases={k: round(v, 1) for k, v in cold.seconds.items()},
                    bases=cold.bases_computed, phi_pairs=cold.similarities_computed)
         target.load_lora_weights(dict(state_dict), adapter_name="first")  # PEFT set-up outside both measures
@@ -129,7 +130,8 @@ def run_pair(name: str, spec: tuple, unrelated: bool) -> dict:
         times: dict[str, list[float]] = {"warm": [], "plain": []}
         for _ in range(REPEAT):  # interleaved
             t = time.perf_counter()
-            warm = target.load_lora_weights_cross(source, lora, adapter_name="warm", registry=folder)
+            warm = target.load_lora_weights_cross(source, lora, adapter_name="warm", registry=folder,
+                                                  match="similarity")
             times["warm"].append(time.perf_counter() - t)
             target.delete_adapters("warm")
             assert warm.correspondence_cached and warm.bases_computed == 0
@@ -148,7 +150,7 @@ def run_pair(name: str, spec: tuple, unrelated: bool) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             t = time.perf_counter()
             try:
-                _, report = transfer_lora(source, pipeline(stranger, xl), lora, registry=folder)
+                _, report = transfer_lora(source, pipeline(stranger, xl), lora, registry=folder, match="similarity")
                 out["unrelated_mapped"] = len(report.applied)
             except NoMatchingLayersError:
                 out["unrelated_mapped"] = 0

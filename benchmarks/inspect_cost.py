@@ -1,17 +1,22 @@
 """What ``lorax inspect`` and reading LyCORIS files cost, on full-size SD 1.x and SDXL layouts, next to reading the
 same file with ``safetensors.torch.load_file`` (measured in the same run, median of --repeat runs). Kept cheap by
 default (SD 1.x files only, about 15 s of CPU) so that it can be rerun on a busy machine; ``--sdxl`` adds the SDXL
-files (about 30 s of CPU more), ``--read`` the LyCORIS ΔW and re-factorisation (about 45 s of CPU). It prints wall and
-CPU seconds: on a shared machine the wall time mostly measures the other processes.
+files (about 30 s of CPU more), ``--flux`` a FLUX.1 dev kohya file (about 40 s of CPU more), ``--read`` the LyCORIS ΔW
+and re-factorisation (about 45 s of CPU). It prints wall and CPU seconds: on a shared machine the wall time mostly
+measures the other processes.
 
-    python benchmarks/inspect_cost.py [--repeat 3] [--threads N] [--sdxl] [--read] [--loha]
+    python benchmarks/inspect_cost.py [--repeat 3] [--threads N] [--sdxl] [--flux] [--read] [--loha]
 
 Files (random values, real layer shapes from the registry's families; written to a temp dir):
 
 - ``kohya``: rank 16, every attention projection, feed-forward, proj_in/out and resnet conv of the UNet and every
   attention/MLP layer of the text encoder(s) (SD 1.x: 308 layers, SDXL: 1,020 layers);
 - ``lokr``: the same layers as LyCORIS LoKr (``lokr_w1`` (4, 4), ``lokr_w2_a``/``_b`` rank 8, conv kernels flattened);
-- ``loha`` (``--loha``): the same layers as LyCORIS LoHa rank 8 (ΔW rank ≤ 64).
+- ``loha`` (``--loha``): the same layers as LyCORIS LoHa rank 8 (ΔW rank ≤ 64);
+- FLUX.1 dev ``kohya`` (``--flux``): rank 16, kohya sd-scripts' names (``lora_unet_double_blocks_…``,
+  ``lora_unet_single_blocks_…``, ``lora_te1_…``; ``diffusers_lorax.tiny.loras``' ``kohya_flux``: every double-block
+  module and the single blocks' ``linear2`` and modulation) of the real transformer and CLIP shapes (414 layers);
+  inspect reads it through the SDXL pipeline class first, then FLUX.1's.
 
 Measured: ``inspect_lora(file)`` and ``inspect_lora(file, target)`` (a meta-device pipeline of the family), and, with
 ``--read``, reading the SD 1.x LyCORIS files for a transfer (``read_lora``: ΔW from lycoris-lora and the
@@ -80,7 +85,8 @@ def meta_pipeline(name: str):
     encoders as meta modules of the catalogued shapes; and the UNet's config."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
+    from diffusers_lorax.architectures.unet import KNOWN_UNETS
+    from diffusers_lorax.formats.skeleton import meta_unet
 
     cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
     fam = next(f for f in families() if f.name == name)
@@ -88,6 +94,18 @@ def meta_pipeline(name: str):
     components |= {component: toy.meta_modules(shapes) for component, shapes in fam.shapes.items()
                    if component != "unet"}
     return toy.meta_pipeline(cls, components), components["unet"].config
+
+
+def flux_kohya(rank: int = 16) -> tuple[dict[str, torch.Tensor], object]:
+    """A FLUX.1 dev kohya LoRA at the real shapes, and a meta-device FluxPipeline of the catalogued shapes."""
+    from diffusers import FluxPipeline
+
+    from diffusers_lorax.tiny.loras import random_lora
+
+    fam = next(f for f in families() if f.name == "flux1-dev")
+    shapes = {c: {m: torch.Size(s) for m, s in mods.items()} for c, mods in fam.shapes.items()}
+    lora = random_lora("flux", "kohya_flux", rank=rank, shapes=shapes)
+    return lora, toy.meta_pipeline(FluxPipeline, {c: toy.meta_modules(m) for c, m in fam.shapes.items()})
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:
@@ -113,6 +131,12 @@ def child(command: list[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def row(name, kind, found, path, load, alone, against, read) -> None:
+    print(f"| {name} | {kind} | {found.layers} | {path.stat().st_size / 1e6:.1f} | {load[0]:.3f} ({load[1]:.3f}) | "
+          f"{alone[0]:.2f} ({alone[1]:.2f}) ({alone[0] / load[0]:.0f}×) | "
+          f"{against[0]:.2f} ({against[1]:.2f}) ({against[0] / load[0]:.0f}×) | {read} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
@@ -120,6 +144,7 @@ def main() -> None:
     parser.add_argument("--read", action="store_true", help="also read the SD 1.x LyCORIS files for a transfer")
     parser.add_argument("--loha", action="store_true", help="also a LyCORIS LoHa file of each family")
     parser.add_argument("--sdxl", action="store_true", help="also the SDXL files")
+    parser.add_argument("--flux", action="store_true", help="also a FLUX.1 dev kohya file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,9 +170,15 @@ def main() -> None:
             if kind != "kohya" and name == "sd1" and args.read:
                 seconds = timed(lambda: read_lora(type(target), str(path), unet_config=unet_config), 1)
                 read = f"{seconds[0]:.2f} ({seconds[1]:.2f}) ({seconds[0] / load[0]:.0f}×)"
-            print(f"| {name} | {kind} | {found.layers} | {path.stat().st_size / 1e6:.1f} | {load[0]:.3f} ({load[1]:.3f}) | "
-                  f"{alone[0]:.2f} ({alone[1]:.2f}) ({alone[0] / load[0]:.0f}×) | "
-                  f"{against[0]:.2f} ({against[1]:.2f}) ({against[0] / load[0]:.0f}×) | {read} |")
+            row(name, kind, found, path, load, alone, against, read)
+    if args.flux:
+        lora, target = flux_kohya()
+        path = root / "flux-kohya.safetensors"
+        save_file(lora, path)
+        inspect_lora(path), inspect_lora(path, target)
+        found = inspect_lora(path)
+        row("flux1-dev", "kohya", found, path, timed(lambda: load_file(path), args.repeat),
+            timed(lambda: inspect_lora(path), args.repeat), timed(lambda: inspect_lora(path, target), args.repeat), "-")
     path = root / "sd1-kohya.safetensors"
     wall, cpu = child([sys.executable, "-m", "diffusers_lorax", "inspect", str(path)])
     empty, empty_cpu = child([sys.executable, "-c", "import diffusers_lorax"])

@@ -5,6 +5,8 @@ LoRA-capable diffusers pipeline; :func:`transfer_lora` is the functional form.
 Methods: LoRA-X (Farhadzadeh et al., ICLR 2025) and ProLoRA (Farhadzadeh et al., ICML 2025), and a plain copy.
 """
 
+from typing import TYPE_CHECKING
+
 from ._install import install_when_diffusers_loads
 from ._lazy import lazy_getattr
 from ._version import __version__
@@ -38,6 +40,16 @@ _LAZY = {
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
+
+if TYPE_CHECKING:  # the same names for type checkers and the API docs (mkdocstrings reads the source, not __getattr__)
+    from .adapters import LoraXConfig, add_lorax_adapter, push_lorax_to_hub, read_lorax_file, save_lorax_weights
+    from .inspection import LoraInspection, inspect_lora
+    from .methods import METHODS
+    from .mixin import CrossLoraLoaderMixin, load_lora_weights_cross
+    from .options import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferConfig
+    from .registry import Registry
+    from .report import LayerReport, TransferReport
+    from .transfer import transfer_lora
 
 
 def __dir__() -> list[str]:

@@ -32,7 +32,7 @@ import torch
 import xxhash
 from diffusers.utils import logging
 
-from . import _version, probe
+from . import _version, architectures, probe
 from .held import execution_device, stored_tensor, unwrap_compiled
 from .lora import LoraLayer
 from .models import BaseModel
@@ -58,7 +58,6 @@ SCALE_TEXT_ENCODERS = True
 EXACT = 1e-4
 #: At most this many trigger words / tags from the LoRA file's metadata become prompts.
 METADATA_PROMPTS = 8
-_GROUPED = ("down_blocks", "up_blocks")
 
 
 def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, layers: list[LoraLayer],
@@ -148,16 +147,15 @@ def matched_or_not(layers: list[LoraLayer]) -> dict[int, str]:
     return {i: layer.peft_key for i, layer in enumerate(layers)}
 
 
-def block_of(key: tuple[str, str]) -> str:
-    """The block a layer belongs to for the ``"block"`` rule: ``unet.down_blocks.1``, ``unet.mid_block``,
-    ``unet.other`` (conv_in, time embedding, conv_out), or the text encoder's component name."""
+def block_of(key: tuple[str, str], shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+    """The block a layer belongs to for the ``"block"`` rule: its denoiser's block by the architecture
+    (:func:`diffusers_lorax.architectures.block_of`: ``unet.down_blocks.1``, ``unet.mid_block``, ``unet.other`` for
+    conv_in, time embedding, conv_out; a transformer's stack quarter, read against ``shapes``, its modules), or the
+    text encoder's component name."""
     component, module = key
-    if component != "unet":
+    if component in probe.TEXT_COMPONENTS:
         return component
-    parts = module.split(".")
-    if parts[0] in _GROUPED:
-        return f"unet.{parts[0]}.{parts[1]}"
-    return "unet.mid_block" if parts[0] == "mid_block" else "unet.other"
+    return architectures.block_of(component, module, shapes)
 
 
 def _target_key(state_key: str) -> tuple[str, str]:

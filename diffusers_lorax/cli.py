@@ -143,24 +143,17 @@ def transfer_command(args: argparse.Namespace) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()  # before any work: a missing extra is said at once
-    from .transfer import save_transferred, transfer_lora
+    from .transfer import save_transferred, transfer_request, transferring
 
-    state_dict, report = transfer_lora(
-        args.source,
-        args.target,
-        args.lora,
-        method=args.method,
-        rank=args.rank,
-        threshold=args.threshold,
-        calibrate=args.calibrate,
-        calibration_prompts=args.calibration_prompts,
-        match=args.match,
-        registry=args.registry,
-        weight_name=args.weight_name,
-        source_revision=args.source_revision,
-        target_revision=args.target_revision,
-    )
-    save_transferred(state_dict, args.target, args.output, report)
+    request = transfer_request(
+        args.source, args.target, args.lora, method=args.method, rank=args.rank, threshold=args.threshold,
+        calibrate=args.calibrate, calibration_prompts=args.calibration_prompts, match=args.match,
+        registry=args.registry, weight_name=args.weight_name, source_revision=args.source_revision,
+        target_revision=args.target_revision)
+    with transferring(request) as result:  # the registry is written only when the file is
+        # the adapter with each module's alpha in the file's config: it loads as the transfer made it
+        save_transferred(result.adapter, args.target, args.output, result.report)
+    report = result.report
     print(report.summary() + ("\n" + report.table() if args.verbose else ""))
     print(f"wrote {args.output} ({len(report.applied)} layers)")
     if args.json:

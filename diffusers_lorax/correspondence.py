@@ -3,14 +3,17 @@ do not line up with the source's by name (distilled students that dropped and re
 
 For each LoRA layer (source module ``s``, base weight ``W_s`` of shape ``(m, n)``) the candidates are the target
 modules of the same **kind** (the module path with its block indices masked: ``attentions.*.transformer_blocks.*.
-attn1.to_q``), the same **shape** and the same **stage** (``down_blocks`` / ``up_blocks`` at one resolution level,
-``mid_block``, or the rest; up blocks are counted from the end, so that a student that dropped the teacher's lowest
-up stage, as BK-SDM tiny did, still pairs its stages with the teacher's). Each candidate ``t`` is scored by the
-subspace similarity of both bases, Φ_U = ‖U_sᵀ U_t‖_F² / k and Φ_V (LoRA-X, ICLR 2025; ProLoRA, ICML 2025, selects
-SDXL → SSD-1B layers the same way), at ``k`` = half of ``min(m, n)`` (:data:`MATCH_RANK`, the projections' default, so
-their cached bases serve both). Random ``k``-dimensional subspaces of ``R^d`` have ``E[Φ] = k/d``, so each side is
-read as its **relatedness** ``ρ = (Φ − k/d) / (1 − k/d)`` (0: no more alike than chance; 1: the same subspace), and a
-pair's score is ``min(ρ_U, ρ_V)``. A candidate is related when its score is at least :data:`MATCH_THRESHOLD`.
+attn1.to_q``, ``transformer_blocks.*.attn.to_q``), the same **shape** and the same **stage**, as the component's
+architecture reads them (:mod:`~diffusers_lorax.architectures`): for a UNet, ``down_blocks`` / ``up_blocks`` at one
+resolution level (up blocks counted from the end, so that a student that dropped the teacher's lowest up stage, as
+BK-SDM tiny did, still pairs its stages with the teacher's), ``mid_block``, or the rest; for a transformer, its stack
+of blocks (double/joint, single, Wan's ``blocks``), where block ``i`` stands only for the target blocks that keep the
+order of the blocks kept (a student that dropped blocks keeps the others in order). Each candidate ``t`` is scored by
+the subspace similarity of both bases, Φ_U = ‖U_sᵀ U_t‖_F² / k and Φ_V (LoRA-X, ICLR 2025; ProLoRA, ICML 2025,
+selects SDXL → SSD-1B layers the same way), at ``k`` = half of ``min(m, n)`` (:data:`MATCH_RANK`, the projections'
+default, so their cached bases serve both). Random ``k``-dimensional subspaces of ``R^d`` have ``E[Φ] = k/d``, so each
+side is read as its **relatedness** ``ρ = (Φ − k/d) / (1 − k/d)`` (0: no more alike than chance; 1: the same
+subspace), and a pair's score is ``min(ρ_U, ρ_V)``. A candidate is related when its score is at least :data:`MATCH_THRESHOLD`.
 
 Assignment: the related (layer, candidate) pairs are taken in decreasing score (the same name first on a tie), each
 layer and each target module at most once, so that where several source layers compete for one target module (a
@@ -22,13 +25,11 @@ registry under a key of both models' candidate weights and the rule: a repeated 
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 import xxhash
 
-from . import _version, subspace
+from . import _version, architectures, subspace
+from .architectures.layout import Slot
 from .errors import NoMatchingLayersError
 from .lora import LoraLayer
 from .matching import Matches
@@ -44,45 +45,7 @@ MATCH_RANK: float = DEFAULT_RANK
 #: Least score ``min(ρ_U, ρ_V)`` of a related pair. On the digits testbed's two distilled targets (k = 32 of 64) the
 #: module a layer was initialised from scores 0.53–0.99 and every other candidate at most 0.03 (docs/method.md).
 MATCH_THRESHOLD: float = 0.35
-#: Containers whose next name part is a position (a block index), masked in a module's kind.
-POSITIONAL = frozenset({"attentions", "resnets", "transformer_blocks", "layers", "upsamplers", "downsamplers"})
-
 Key = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where a module sits: ``stage`` (e.g. ``"up_blocks level 1"``), ``kind`` (block indices masked) and
-    ``position`` (those indices, for order within the stage)."""
-
-    stage: str
-    kind: str
-    position: tuple[int, ...]
-
-
-def up_blocks(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The number of ``up_blocks`` among a component's module names."""
-    found = [int(m.group(1)) for name in shapes if (m := re.match(r"up_blocks\.(\d+)\.", name))]
-    return max(found, default=-1) + 1
-
-
-def slot(module: str, n_up: int) -> Slot:
-    """The :class:`Slot` of a canonical module name in a model with ``n_up`` up blocks."""
-    parts = module.split(".")
-    stage, rest = "", parts
-    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 2 and parts[1].isdigit():
-        level = int(parts[1]) if parts[0] == "down_blocks" else n_up - 1 - int(parts[1])
-        stage, rest = f"{parts[0]} level {level}", parts[2:]
-    elif parts[0] == "mid_block":
-        stage, rest = "mid_block", parts[1:]
-    kind, position = [], []
-    for j, part in enumerate(rest):
-        if part.isdigit() and j > 0 and rest[j - 1] in POSITIONAL:
-            kind.append("*")
-            position.append(int(part))
-        else:
-            kind.append(part)
-    return Slot(stage, ".".join(kind), tuple(position))
 
 
 def score(phi_u: float, phi_v: float, k: int, shape: tuple[int, ...]) -> float:
@@ -102,6 +65,7 @@ class Correspondence:
         self.candidates: dict[int, list[Key]] = {}
         self.slots: dict[int, Slot] = {}
         self.order: dict[int, int] = {}  # position of the layer's source module among its kind in its stage
+        self.layouts: dict[str, tuple[architectures.Layout, architectures.Layout]] = {}  # (source, target)
         for component in sorted({layer.component for layer in layers}):
             self._index(component)
         self.ks = {i: subspace.resolve_k(MATCH_RANK, layer.weight_shape) for i, layer in enumerate(layers)}
@@ -109,22 +73,22 @@ class Correspondence:
 
     def _index(self, component: str) -> None:
         source, target = self.weights["source"].shapes(component), self.weights["target"].shapes(component)
-        n_src, n_tgt = up_blocks(source), up_blocks(target)
-        groups: dict[tuple, list[str]] = {}
+        src, tgt = self.layouts[component] = architectures.pair(source, target)
+        groups: dict[tuple, list[tuple[str, Slot]]] = {}
         for module, shape in target.items():
-            s = slot(module, n_tgt)
-            groups.setdefault((s.stage, s.kind, tuple(shape)), []).append(module)
+            s = tgt.slot(module)
+            groups.setdefault((s.stage, s.kind, tuple(shape)), []).append((module, s))
         peers: dict[tuple, list[tuple[int, ...]]] = {}
         for module, shape in source.items():
-            s = slot(module, n_src)
+            s = src.slot(module)
             peers.setdefault((s.stage, s.kind, tuple(shape)), []).append(s.position)
         for i, layer in enumerate(self.layers):
             if layer.component != component or (self.only is not None and i not in self.only):
                 continue
-            s = self.slots[i] = slot(layer.key[1], n_src)
+            s = self.slots[i] = src.slot(layer.key[1])
             group = (s.stage, s.kind, layer.weight_shape)
-            self.candidates[i] = [(component, m) for m in sorted(groups.get(group, []))
-                                  if (component, m) not in self.taken]
+            self.candidates[i] = [(component, m) for m, t in sorted(groups.get(group, []), key=lambda e: e[0])
+                                  if (component, m) not in self.taken and src.admits(s, t, tgt)]
             self.order[i] = sorted(peers.get(group, [s.position])).index(s.position)
 
     def fingerprints(self) -> tuple[dict[int, str], dict[Key, str]]:
@@ -219,11 +183,10 @@ class Correspondence:
         return self.layers[i].component, self.slots[i].stage, self.slots[i].kind, self.layers[i].weight_shape
 
     def _where(self, i: int) -> str:
-        """The LoRA layer's stage as the source names it (``up_blocks.0``, ``mid_block``, or its component)."""
-        parts = self.layers[i].key[1].split(".")
-        if self.slots[i].stage.startswith(("down_blocks", "up_blocks")):
-            return f"{parts[0]}.{parts[1]}"
-        return self.slots[i].stage or self.layers[i].component
+        """The LoRA layer's stage as the source names it (``up_blocks.0``, ``mid_block``, ``double blocks``, or its
+        component)."""
+        component, module = self.layers[i].key
+        return self.layouts[component][0].where(module) or component
 
     def _why(self, i: int, key: Key) -> str:
         phi_u, phi_v = self.phi[(i, key)]

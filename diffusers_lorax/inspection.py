@@ -20,14 +20,13 @@ from typing import Any
 import torch
 
 from . import formats
-from .errors import (ArchitectureMismatchError, InvalidLoraError, LoraxError, NoMatchingLayersError,
-                     UnsupportedFormatError)
-from .formats.skeleton import KNOWN_UNETS
-from .lora import LoraLayer, layers_of
+from .errors import ArchitectureMismatchError, LoraxError, NoMatchingLayersError, UnsupportedFormatError
+from .inspect_reading import contradiction, layers_and_family, read, shapes
+from .lora import LoraLayer
 from .matching import check_known_hub_ids, match_layers
 from .models import BaseModel
 from .options import HubOptions
-from .registry.families import FamilyMatch, family, identify_layers
+from .registry.families import FamilyMatch, identify_layers
 from .report import LayerReport, TransferReport
 
 #: Metadata keys that name the base model a LoRA was trained on (kohya ``ss_*``, Stability's ``modelspec.*``).
@@ -129,86 +128,21 @@ def inspect_lora(
     if source is not None:
         trained_on = BaseModel(source, HubOptions(source_revision, source_subfolder, source_variant, token, cache_dir),
                                "source")
-    layers, lora_family = _layers(file, found, trained_on, model)
+    if found.format == "LoRA-X":
+        layers = _lorax_layers(file, found)
+        lora_family = identify_layers(shapes(layers))
+    else:
+        layers, lora_family = layers_and_family(file, found, trained_on, model)
     _describe(found, layers, lora_family)
     if model is not None:
         config = (trained_on.unet_config if trained_on is not None else None) or model.unet_config  # as a transfer
         _against_target(found, _target_layers(file, model, config) or layers, lora_family, model)
     else:
-        found.verdict = (f"a {lora_family.family.label} LoRA: use it with a {lora_family.family.label} model"
+        found.verdict = (f"a {lora_family.label} LoRA: use it with a {lora_family.label} model"
                          if lora_family else "its layer shapes fit no known family; check it against your model with "
                          "--target")
     found.seconds = time.perf_counter() - started
     return found
-
-
-def _layers(file: formats.LoraFile, found: LoraInspection, source: BaseModel | None = None,
-            target: BaseModel | None = None) -> tuple[list[LoraLayer], FamilyMatch | None]:
-    """The LoRA's layers (shapes only for LyCORIS) and the family they fit: read against the ``source``'s UNet config
-    when one is given (as a transfer reads the file); else on their own, without a UNet config and, where that fits
-    no family (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels), against each known family's
-    UNet config in turn (the first that its family fits), and last against the ``target``'s."""
-    if found.format == "LoRA-X":
-        layers = _lorax_layers(file, found)
-        return layers, identify_layers(_shapes(layers))
-    if source is not None:  # its errors are a transfer's
-        layers = _read(file, found, source.unet_config)
-        return layers, identify_layers(_shapes(layers))
-    from diffusers.configuration_utils import FrozenDict
-
-    first, failure, fits = None, None, None
-    for name, config in [(None, None), *((n, FrozenDict(c)) for n, c in KNOWN_UNETS.items())]:
-        if name is not None and fits is not None and name != fits.family.name:
-            continue  # identified without a config, but not all shapes fit: read against its own config
-        try:
-            layers = _read(file, found if first is None else None, config)
-        except UnsupportedFormatError:
-            raise
-        except LoraxError as err:
-            failure = failure or err
-            continue
-        match = identify_layers(_shapes(layers))
-        if match is not None and (name is None or match.family.name == name):
-            if match.matched == match.total or name is not None or match.family.name not in KNOWN_UNETS:
-                return layers, match
-            first, fits = layers, match
-        first = first if first is not None else layers
-    if first is not None:
-        return first, fits
-    return _layers_of_another_model(file, found, failure, target)
-
-
-def _layers_of_another_model(file: formats.LoraFile, found: LoraInspection, failure: LoraxError,
-                             target: BaseModel | None) -> tuple[list[LoraLayer], FamilyMatch | None]:
-    """A file that no known family's UNet reads (a ``lora_diffusion`` file of another architecture): read against
-    the target's UNet config, with a note that this assumes it was trained on the target's architecture; else an
-    error that says to pass the model it was trained on as ``source``."""
-    if found.format != "lora_diffusion":
-        raise failure
-    config = target.unet_config if target is not None else None
-    if config is not None:
-        try:
-            layers = _read(file, found, config)
-        except LoraxError:
-            pass
-        else:
-            found.notes.append(f"its layers are named by position, and only the target's UNet fits them: read against "
-                               f"{target.label} (if it was trained on another model, pass that model as source, "
-                               "--source)")
-            return layers, identify_layers(_shapes(layers))
-    tried = ", ".join(family(name).label for name in KNOWN_UNETS) + (f" nor {target.label}" if config else "")
-    raise InvalidLoraError(
-        f"the lora_diffusion file {file.label} names its UNet layers only by position, and no UNet inspect knows "
-        f"({tried}) has modules of its layers' shapes in that order: it was trained on another model. Pass that "
-        "model as the source: `lorax inspect LORA --source MODEL` (inspect_lora(lora, source=MODEL)), a local "
-        "diffusers folder or a Hub repo id") from failure
-
-
-def _read(file: formats.LoraFile, found: LoraInspection | None, config: Any) -> list[LoraLayer]:
-    from diffusers import StableDiffusionXLPipeline  # reads SD 1.x/2.x keys too, and text_encoder_2
-
-    normalised = _stub(file, found, config)
-    return layers_of(StableDiffusionXLPipeline, normalised, file.adapter_metadata, file.label, config)
 
 
 def _target_layers(file: formats.LoraFile, model: BaseModel, unet_config: Any) -> list[LoraLayer] | None:
@@ -218,25 +152,11 @@ def _target_layers(file: formats.LoraFile, model: BaseModel, unet_config: Any) -
     if formats.detect(file.state_dict, file.file_metadata) == "LoRA-X":
         return None
     try:
-        normalised = _stub(file, None, unet_config)
-        return layers_of(model.pipeline_class, normalised, file.adapter_metadata, file.label, unet_config)
+        return read(file, None, unet_config, model.pipeline_class)
     except UnsupportedFormatError:
         raise
     except LoraxError:
         return None
-
-
-def _stub(file: formats.LoraFile, found: LoraInspection | None, unet_config: Any) -> formats.Normalised:
-    """The file normalised with shapes only (LyCORIS modules as rank-1 stand-ins); its skip notes go to ``found``."""
-    normalised = formats.normalise(file.state_dict, file.file_metadata, where=file.label, stub=True,
-                                   unet_config=unet_config)
-    if found is not None:
-        found.notes += [note for note in normalised.notes if "skipped" in note and note not in found.notes]
-    return normalised
-
-
-def _shapes(layers: list[LoraLayer]) -> dict[tuple[str, str], tuple[int, ...]]:
-    return {layer.key: layer.weight_shape for layer in layers}
 
 
 def _lorax_layers(file: formats.LoraFile, found: LoraInspection) -> list[LoraLayer]:
@@ -272,21 +192,9 @@ def _describe(found: LoraInspection, layers: list[LoraLayer], lora_family: Famil
         ranks[origin.rank if own else layer.r] += 1
         alphas[(origin.alpha if own else round(layer.scale * layer.r, 6))] += 1
     found.ranks, found.alphas = dict(ranks), {("none" if a is None else a): n for a, n in alphas.items()}
-    hint = _family_named(found.base_model)
-    if hint and lora_family and hint != lora_family.family.name:
-        found.notes.append(f"the metadata names a {hint} base model but the layer shapes fit {lora_family.family.label}")
-
-
-def _family_named(metadata: dict[str, Any]) -> str | None:
-    """The base family a kohya/modelspec metadata entry names, if it names one."""
-    text = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    if "xl" in text:
-        return "sdxl"
-    if "v2" in text or "sd_2" in text or str(metadata.get("ss_v2", "")).lower() == "true":
-        return "sd2"
-    if "v1" in text or "sd_1" in text:
-        return "sd1"
-    return None
+    note = contradiction(found.base_model, lora_family)
+    if note:
+        found.notes.append(note)
 
 
 class _OwnShapes:
@@ -311,12 +219,13 @@ def _against_target(found: LoraInspection, layers: list[LoraLayer], lora_family:
         if model.catalogue is not None:
             found.notes.append(f"{model.label}: compared with {model.catalogue.label}'s shapes in the registry's "
                                "catalogue (no file of it read)")
+        # "auto": a student with a published layer map by the map, as a transfer; any other target by name
         match_layers(layers, lora_family, _OwnShapes(layers), model.weights(sorted(found.components)), report,
-                     match="name")
+                     match="auto")
     except ArchitectureMismatchError as err:
         known = model.catalogue
         found.target_family = report.target_family or (known.label if known else None)
-        found.verdict = (f"will not apply: this LoRA is for {lora_family.family.label}, the target {model.label} is "
+        found.verdict = (f"will not apply: this LoRA is for {lora_family.label}, the target {model.label} is "
                          f"{found.target_family}" if lora_family and found.target_family else
                          f"will not apply: {str(err).split('. ')[0]}")
         found.skipped = {"another architecture family": [f"{x.component}.{x.module}" for x in layers]}

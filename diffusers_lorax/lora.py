@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -59,6 +59,9 @@ class LoraLayer:
     origin: Origin | None = None
     alpha: float | None = None
     rslora: bool = False
+    #: The ``LoraConfig`` keyword arguments ``load_lora_weights`` builds for the layer's component (shared by its
+    #: layers; ``None`` for a format this package rewrote): a copy is loaded with this very config.
+    peft_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def r(self) -> int:
@@ -238,8 +241,8 @@ def _component_layers(
         k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
     # a format diffusers reads is configured as diffusers configures it; one this package rewrote (LyCORIS,
     # lora_diffusion) keeps each module's own alpha, as LyCORIS applies it (its re-factorised modules have none)
-    resolve = (diffusers_config(component, pairs, network_alphas, meta, is_denoiser, where) if normalised.native
-               else file_alphas(component, network_alphas, origin))
+    resolve, config = (diffusers_config(component, pairs, network_alphas, meta, is_denoiser, where) if normalised.native
+                       else (file_alphas(component, network_alphas, origin), None))
 
     layers = []
     for module, p in pairs.items():
@@ -257,7 +260,7 @@ def _component_layers(
                 f"{A.shape[0]}: diffusers cannot load it either; re-export the LoRA")
         made_from = normalised.origin_of(A) or Origin(normalised.format)
         scale = alpha / (math.sqrt(r) if rslora else r)
-        layers.append(LoraLayer(component, module, A, B, scale, made_from, alpha, rslora))
+        layers.append(LoraLayer(component, module, A, B, scale, made_from, alpha, rslora, config))
     if normalised.native and network_alphas:
         _say_unapplied_alphas(layers, file_alphas(component, network_alphas, origin), where)
     return layers

@@ -45,17 +45,16 @@ TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".f
 def diffusers_config(
     component: str, pairs: dict[str, dict[str, torch.Tensor]], network_alphas: dict | None, metadata: dict | None,
     is_denoiser: bool, where: str,
-) -> Resolver:
+) -> tuple[Resolver, dict[str, Any]]:
     """``module -> (r, lora_alpha, use_rslora)`` exactly as ``load_lora_weights`` configures PEFT for ``component``:
     the file's saved adapter metadata when it has some, else diffusers' ``get_peft_kwargs`` on the ranks and network
     alphas it collects (per component, as ``load_lora_adapter`` and ``_load_lora_into_text_encoder`` collect them),
     each module then resolved through PEFT's own pattern matching (``rank_pattern``/``alpha_pattern``). So a layer's
     scale is the one plain diffusers gives it, also where that is not the file's own per-module alpha (diffusers 0.42
     applies the most common kohya alpha to every UNet module: its pattern keys do not match module names).
+    Returns the resolver and the ``LoraConfig`` keyword arguments (what a copy loads with, unchanged).
     Raises :class:`InvalidLoraError` where diffusers could not build the config either."""
     from diffusers.utils.peft_utils import get_peft_kwargs
-    from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
 
     kwargs = metadata
     if kwargs is None:
@@ -73,10 +72,21 @@ def diffusers_config(
             raise InvalidLoraError(
                 f"the LoRA {where} adapts no {component} module diffusers ranks ({', '.join(TEXT_ENCODER_RANKED)}): "
                 f"e.g. {next(iter(pairs))}; plain load_lora_weights cannot load it either") from None
+    return config_resolver(kwargs, f"the LoRA {where} has a {component} adapter config PEFT refuses"), kwargs
+
+
+def config_resolver(kwargs: dict[str, Any], refused: str = "PEFT refuses the adapter config") -> Resolver:
+    """``module -> (r, lora_alpha, use_rslora)`` as PEFT's ``LoraModel`` resolves them from ``LoraConfig(**kwargs)``
+    for the module named ``module`` (``rank_pattern`` / ``alpha_pattern`` through PEFT's ``get_pattern_key``, else
+    ``r`` / ``lora_alpha``). Raises :class:`InvalidLoraError` (``refused``: what it says) where PEFT refuses the
+    config."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
     try:
         config = LoraConfig(**kwargs)
     except (TypeError, ValueError) as err:
-        raise InvalidLoraError(f"the LoRA {where} has a {component} adapter config PEFT refuses: {err}") from err
+        raise InvalidLoraError(f"{refused}: {err}") from err
 
     def resolve(module: str) -> tuple[int, float, bool]:
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)

@@ -2,9 +2,10 @@
 
 :class:`CrossLoraLoaderMixin` has the shape of diffusers' ``StableDiffusionLoraLoaderMixin``: a pipeline class may
 inherit it, and ``import diffusers_lorax`` adds its method to ``diffusers.loaders.lora_base.LoraBaseMixin``, the base
-class of every pipeline that has ``load_lora_weights``. The transferred adapter is loaded through plain
-``load_lora_weights``, so it is a normal diffusers adapter: ``set_adapters``, ``fuse_lora``, ``unfuse_lora``,
-``delete_adapters`` and ``save_lora_weights`` work on it as on any other.
+class of every pipeline that has ``load_lora_weights``. The transferred adapter is loaded by the pipeline's own
+``load_lora_weights``, with its config (``injection.py``), so it is a normal diffusers adapter: ``set_adapters``,
+``fuse_lora``, ``unfuse_lora``, ``delete_adapters``, ``save_lora_weights`` and ``hotswap`` work on it as on any
+other, and between identical models it is the adapter a plain load makes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .injection import load_adapter
 from .options import TransferRequest, check_adapter_name
 from .report import PhaseClock, TransferReport
 from .snapshot import AdapterSnapshot
-from .transfer import transfer_lora, transferring
+from .transfer import transfer_lora, transfer_request, transferring
 
 logger = logging.get_logger(__name__)
 
@@ -155,9 +156,7 @@ def _request(source: Any, pipe: Any, lora: Any, kwargs: dict[str, Any]) -> Trans
             f"load_lora_weights_cross got unexpected keyword arguments {unknown}; {hint + ' ' if hint else ''}it "
             f"takes adapter_name and {', '.join(allowed)} (the target is this pipeline)"
         )
-    bound = signature.bind(source, pipe, lora, **kwargs)
-    bound.apply_defaults()
-    return TransferRequest.from_arguments(bound.arguments)
+    return transfer_request(source, pipe, lora, **kwargs)
 
 
 def _adapter_names(pipe: Any) -> set[str]:

@@ -155,6 +155,8 @@ class BaseModel:
         if self.kind == "pipeline":
             unet = getattr(self.model, "unet", None)
             return getattr(unet, "config", None)
+        if self.catalogue is not None and self.catalogue.denoiser != "unet":
+            return None  # a catalogued transformer model: nothing to ask the Hub
         from diffusers.configuration_utils import FrozenDict
 
         try:
@@ -180,10 +182,11 @@ class BaseModel:
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Canonical module name -> weight shape of every Linear and Conv2d of ``component`` (``{}`` where the model
-        has no such component), read without any weight file where it can be: the catalogue, the configs, the
-        safetensors headers (module docstring). Raises :class:`SourceModelError` when none can be read."""
-        if self.catalogue is not None and component in self.catalogue.shapes:
-            return dict(self.catalogue.shapes[component])
+        has no such component, or a catalogued Hub id's family loads no LoRA into it: FLUX.1's T5, Chroma's), read
+        without any weight file where it can be: the catalogue, the configs, the safetensors headers (module
+        docstring). Raises :class:`SourceModelError` when none can be read."""
+        if self.catalogue is not None:  # it lists every component the family's pipeline loads LoRAs into
+            return dict(self.catalogue.shapes.get(component, {}))
         if self.kind == "hub":
             found = self._config_shapes(component)
             if found is not None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .architectures import unet as unet_architecture
 from .errors import InvalidOptionsError, SourceModelError
 from .held import unwrap_compiled
 from .models import BaseModel
@@ -134,17 +135,7 @@ class Denoiser:
         return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).long()
 
     def eps(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor | None):
-        config = self.unet.config
-        extra = {}
-        if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: (original size, crop, target size)
-            side = latents.shape[-1] * 8
-            ids = torch.tensor([side, side, 0, 0, side, side], device=self.device, dtype=embeds.dtype)
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.expand(latents.shape[0], 6)}
-        elif getattr(config, "addition_embed_type", None) is not None or getattr(config, "class_embed_type", None):
-            raise InvalidOptionsError(
-                f"calibration runs SD 1.x/2.x and SDXL UNets; the {self.model.role}'s UNet has addition_embed_type="
-                f"{config.addition_embed_type!r}, class_embed_type={config.class_embed_type!r}: pass calibrate=False")
-        return self.unet(latents, t.to(self.device), encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+        return unet_architecture.denoise(self.unet, latents, t, embeds, pooled, self.model.role)
 
 
 def measure(model: BaseModel, factors: Factors, samples: Samples, device: torch.device, dtype: torch.dtype,

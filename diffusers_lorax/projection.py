@@ -239,7 +239,9 @@ def build_adapter(
     per-layer ``applied``, ``r_out`` and ``kept`` (‖B A‖_F / ‖ΔW_s‖_F). ``unchanged``: the factors are the LoRA's own
     (``copy``): each layer is put as the LoRA holds it, its own tensors with its own ``lora_alpha``, so that it loads
     exactly as plain ``load_lora_weights`` loads it, and ``kept`` is 1 without computing it."""
-    adapter = TransferredAdapter(rslora={layer.component for layer in layers if layer.rslora})
+    adapter = TransferredAdapter(rslora={layer.component for layer in layers if layer.rslora},
+                                 base_configs={layer.component: layer.peft_config for layer in layers
+                                               if layer.peft_config is not None})
     for i, (B, A) in factors.items():
         layer, row = layers[i], report.layers[i]
         source_norm = 1.0 if unchanged else subspace.frobenius_norm(*layer.factors())

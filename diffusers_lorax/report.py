@@ -31,8 +31,8 @@ class LayerReport:
     kept: float | None = None
     target_module: str | None = None
     #: How ``target_module`` was chosen: ``"name"`` (same name and shape), ``"similarity"`` (the best related
-    #: candidate by subspace similarity, the same name or not), ``"folded"`` (added to a kept layer's module); why, in
-    #: ``match_reason`` (docs/method.md: the matching rule).
+    #: candidate by subspace similarity, the same name or not), ``"folded"`` (added to a kept layer's module),
+    #: ``"map"`` (a student's published layer map); why, in ``match_reason`` (docs/method.md: the matching rule).
     matched_by: str | None = None
     match_reason: str = ""
     scale: float | None = None
@@ -63,6 +63,10 @@ class TransferReport:
     projected: bool = False
     lora_family: str | None = None
     target_family: str | None = None
+    #: The target's components that took the LoRA's components where not their namesakes, LoRA component -> the
+    #: target's (``{"transformer": "transformer_2"}``: Wan 2.2's second expert, ``load_into_transformer_2``); each
+    #: is matched and transferred on its own weights.
+    target_components: dict[str, str] = field(default_factory=dict)
     #: The LoRA file's format(s) as read (``"kohya"``, ``"peft"``, ``"LyCORIS LoKr, LyCORIS LoRA"``, …).
     lora_format: str | None = None
     adapter_name: str | None = None
@@ -134,8 +138,10 @@ class TransferReport:
             f"fits {self.lora_family or 'no known family'}]{_dtype(self.lora_dtype, self.factors_dtype, self.projected)}",
         ]
         lines += [f"  note: {'; '.join(self.notes)}"] if self.notes else []
-        # the notes' line takes one of the skip reasons' (the table lists them all): 15 lines at most
-        lines += _refactorised(self.layers) + _skipped(self.skipped, 3 - bool(self.notes)) + _matched(self)
+        lines += [f"  expert: {_experts(self.target_components)}"] if self.target_components else []
+        # the notes' and the expert's lines take skip reasons' (the table lists them all): 15 lines at most
+        most = 3 - bool(self.notes) - bool(self.target_components)
+        lines += _refactorised(self.layers) + _skipped(self.skipped, most) + _matched(self)
         lines += _ranges(self.applied, "similarity" if self.projected else "match similarity") + _calibration(self)
         lines.append(
             f"  bases: {self.bases_cached} from cache, {self.bases_computed} computed; similarities: "
@@ -223,6 +229,13 @@ def _skipped(skipped: list[LayerReport], most: int = 3) -> list[str]:
     return lines
 
 
+def _experts(components: dict[str, str]) -> str:
+    """Which of the target's components took the LoRA's, matched and transferred on their own weights."""
+    return "; ".join(f"the LoRA's {ours} layers went to the target's {theirs} (load_into_{theirs}), matched and "
+                     f"transferred on {theirs}'s own weights; its {ours} is untouched"
+                     for ours, theirs in components.items())
+
+
 def _matched(report: TransferReport) -> list[str]:
     ways: dict[str, int] = {}
     for row in report.layers:
@@ -233,8 +246,9 @@ def _matched(report: TransferReport) -> list[str]:
     renamed = sum(row.renamed for row in report.layers)
     gate = (f" (gate: relatedness ≥ {report.match_threshold} at rank {report.match_rank})"
             if report.match_threshold is not None else "")
-    return ["  matched: " + ", ".join(f"{n} by {way}{gate if way == 'similarity' else ''}" if way != "folded"
-                                      else f"{n} folded" for way, n in sorted(ways.items(), key=lambda item: -item[1]))
+    named = {"folded": "folded", "map": "by the published layer map", "similarity": "by similarity" + gate}
+    return ["  matched: " + ", ".join(f"{n} {named.get(way, 'by ' + way)}"
+                                      for way, n in sorted(ways.items(), key=lambda item: -item[1]))
             + (f"; {renamed} sent to a target module of another name (table(): target module)" if renamed else "")]
 
 

@@ -118,12 +118,15 @@ def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_leng
 
 def byte_tokenizer(directory: str | Path | None = None) -> Any:
     """A ``CLIPTokenizer`` of the 514 byte-level ids of :func:`write_tokenizer` (no merges), written to ``directory``
-    (a new temp dir by default)."""
+    (kept), or by default to a temporary directory that is removed once the tokenizer is read (it keeps its
+    vocabulary in memory and saves it with ``save_pretrained``): nothing is left behind."""
     from transformers import CLIPTokenizer
 
-    folder = Path(directory or tempfile.mkdtemp(prefix="lorax-tok-"))
-    write_tokenizer(folder)
-    return CLIPTokenizer.from_pretrained(str(folder))
+    if directory is not None:
+        write_tokenizer(directory)
+        return CLIPTokenizer.from_pretrained(str(directory))
+    with tempfile.TemporaryDirectory(prefix="lorax-tok-") as folder:
+        return byte_tokenizer(folder)
 
 
 def sd_pipeline(
@@ -188,15 +191,17 @@ def _clip_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
 
-def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, noise: float = 0.01) -> Any:
-    """Perturb every Linear/Conv2d weight of the UNet and text encoders in place, like a fine-tune would.
+def finetune(pipe: Any, seed: int = 1, strength: float = 0.05, rank: int = 16, noise: float = 0.01,
+             components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> Any:
+    """Perturb every Linear/Conv2d weight of ``components`` (the UNet and text encoders; a DiT's ``transformer``) in
+    place, like a fine-tune would.
 
     ``W ← W + ‖W‖_F (strength · P Qᵀ / ‖P Qᵀ‖_F + noise · G / ‖G‖_F)`` with ``P`` ``(m, rank)``, ``Q`` ``(n, rank)``
     and ``G`` ``(m, n)`` standard normal from ``seed``: a low-rank drift plus small full-rank noise, relative to each
     weight's norm. Returns ``pipe``.
     """
     gen = torch.Generator().manual_seed(seed)
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in components:
         model = getattr(pipe, component, None)
         if model is None:
             continue

@@ -26,8 +26,8 @@ from .adapters.loading import LoraXInput
 from .calibration import calibrate as calibrate_adapter
 from .correspondence import correspond
 from .errors import NothingTransferredError
-from .lora import describe_origin, read_lora
-from .matching import check_known_hub_ids, match_layers
+from .lora import describe_origin
+from .matching import check_known_hub_ids, match_layers, read_for_target
 from .models import BaseModel
 from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
                       TransferRequest)
@@ -129,6 +129,15 @@ def transfer_lora(
         return result.adapter.folded(), result.report
 
 
+def transfer_request(source: Any, target: Any, lora: Any, **kwargs: Any) -> TransferRequest:
+    """The :class:`TransferRequest` of :func:`transfer_lora`'s arguments, checked (for :func:`transferring`, where a
+    caller needs the adapter with its config rather than a folded state dict). Raises :class:`TypeError` for a
+    keyword :func:`transfer_lora` does not take, :class:`InvalidOptionsError` for a value it refuses."""
+    bound = inspect.signature(transfer_lora).bind(source, target, lora, **kwargs)
+    bound.apply_defaults()
+    return TransferRequest.from_arguments(bound.arguments)
+
+
 @dataclass
 class TransferResult:
     adapter: TransferredAdapter
@@ -145,8 +154,8 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     request = lorax.request if lorax is not None else request.with_default_method(DEFAULT_METHOD)
     source = BaseModel(request.source, request.source_options, "source")
     target = BaseModel(request.target, request.target_options, "target", request.target_components)
-    layers = lorax.layers() if lorax is not None else read_lora(
-        target.pipeline_class, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
+    layers = lorax.layers() if lorax is not None else read_for_target(
+        target, source, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
         weight_name=request.weight_name, **request.lora_options.kwargs())
     lora_family = identify_layers({layer.key: layer.weight_shape for layer in layers})
     check_known_hub_ids(lora_family, source, target)
@@ -156,6 +165,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     report = TransferReport(
         source=source.label, target=target.label, lora="(state dict)" if isinstance(request.lora, dict) else str(request.lora),
         method=config.method, rank=config.rank, threshold=config.threshold, projected=config.strategy.needs_bases,
+        target_components=dict(target.components),
         layers=[LayerReport(layer.component, layer.module, layer.weight_shape, layer.r) for layer in layers],
     )
     describe_origin(report, layers)  # the LoRA's format; re-factorised layers' origin and kept energy

@@ -9,6 +9,7 @@ also keeps ``save_lora_weights``, hotswap and ``set_adapters`` as they are for t
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .lora_config import config_resolver
 from .weights import canonical_module
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -31,6 +33,10 @@ class TransferredAdapter:
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     rslora: set[str] = field(default_factory=set)
+    #: Per component, the ``LoraConfig`` keyword arguments ``load_lora_weights`` builds for the LoRA itself (where
+    #: known): :meth:`configs` starts from them, so that a copy's config is the plain load's, key for key (a hotswap
+    #: compares the two), and adds patterns only for modules it resolves differently.
+    base_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.state_dict)
@@ -86,9 +92,11 @@ class TransferredAdapter:
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """The ``LoraConfig`` keyword arguments of each component, as diffusers' ``save_lora_weights`` writes them
-        (``<component>_lora_adapter_metadata``): the most common rank and alpha, and a ``rank_pattern`` /
-        ``alpha_pattern`` entry for every module that differs, anchored (``^``) as diffusers anchors its own so that
-        ``proj_out`` cannot also match ``single_transformer_blocks.0.proj_out``."""
+        (``<component>_lora_adapter_metadata``): the LoRA's own config where it is known (:attr:`base_configs`),
+        with a ``rank_pattern`` / ``alpha_pattern`` entry put first for every module it would resolve otherwise
+        (PEFT takes the first pattern that matches); else the most common rank and alpha and an entry for every
+        module that differs. Entries are anchored (``^``) as diffusers anchors its own, so that ``proj_out`` cannot
+        also match ``single_transformer_blocks.0.proj_out``."""
         by_component: dict[str, list[str]] = {}
         for prefix in self.prefixes:
             component, module = prefix.split(".", 1)
@@ -97,16 +105,23 @@ class TransferredAdapter:
         for component, modules in by_component.items():
             ranks = {m: self.rank(f"{component}.{m}") for m in modules}
             alphas = {m: self.alpha(f"{component}.{m}") for m in modules}
-            r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-            out[component] = {
-                "r": r0, "lora_alpha": a0,
-                "rank_pattern": {_pattern(component, m): r for m, r in ranks.items() if r != r0},
-                "alpha_pattern": {_pattern(component, m): a for m, a in alphas.items() if a != a0},
-                # a text encoder is injected from target_modules (transformers' load_adapter, no state dict): the
-                # canonical name matches with or without CLIP's ``text_model.`` level (PEFT matches suffixes)
-                "target_modules": sorted({canonical_module(m) for m in modules}),
-                "use_rslora": component in self.rslora,
-            }
+            # a text encoder is injected from target_modules (transformers' load_adapter, no state dict): the
+            # canonical name matches with or without CLIP's ``text_model.`` level (PEFT matches suffixes)
+            targets = {canonical_module(m) for m in modules}
+            base = self.base_configs.get(component)
+            if base is None:
+                r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+                base = {"r": r0, "lora_alpha": a0, "rank_pattern": {}, "alpha_pattern": {}, "target_modules": [],
+                        "use_rslora": component in self.rslora}
+            resolve = config_resolver(base)
+            config = copy.deepcopy(dict(base))
+            for key, values, index in (("rank_pattern", ranks, 0), ("alpha_pattern", alphas, 1)):
+                ours = {_pattern(component, m): v for m, v in values.items() if resolve(canonical_module(m))[index] != v}
+                config[key] = {**ours, **{k: v for k, v in (base.get(key) or {}).items() if k not in ours}}
+            # the LoRA's own list where the adapter has the same modules (a copy), else the modules it has
+            same = set(base.get("target_modules") or ()) == targets
+            config["target_modules"] = list(base["target_modules"]) if same else sorted(targets)
+            out[component] = config
         return out
 
     def metadata(self) -> dict[str, Any]:

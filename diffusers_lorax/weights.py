@@ -177,7 +177,10 @@ class PipelineWeights:
         return known_fingerprint(*self._parameter(component, module)[:2])
 
     def dtype(self, component: str, module: str) -> str:
-        return str(self._parameter(component, module)[0].dtype).removeprefix("torch.")
+        """The weight's dtype as the module holds it (a quantized one's storage dtype), without reading it (also a
+        weight on the meta device)."""
+        mod = self._module(component, module)
+        return str(getattr(mod, "base_layer", mod).weight.dtype).removeprefix("torch.")
 
 
 def memoised_fingerprint(param: torch.Tensor, merged: tuple[str, ...] = (), module: torch.nn.Module | None = None) -> str:

@@ -5,7 +5,7 @@
 Models are built on the ``meta`` device (no memory, no weights), so only module names and weight shapes are read.
 The test-suite rebuilds the table the same way and compares it with the shipped file.
 
-Three kinds of family:
+The UNet families (the transformer ones are ``build_dit.py``'s):
 
 - **base** architectures (SD 1.x, SD 2.x, SDXL), each with the Hub ids of its checkpoints and of popular
   fine-tunes and few-step students of the same architecture (a LoRA is copied onto them by name);
@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from build_dit import build_dit
 
 UNET, TE, TE2 = "unet__config.json", "text_encoder__config.json", "text_encoder_2__config.json"
 
@@ -153,8 +155,10 @@ def _bksdm(root: Path, version: str, size: str) -> dict[str, list[int]]:
 
 
 def build(config_root: Path) -> dict:
-    """The shipped families: ``{"format": 2, "families": {name: entry}}``; a student's or refiner's missing
-    components are named in ``components_from`` (``{component: family}``) instead of being repeated."""
+    """The shipped families: ``{"format": 3, "families": {name: entry}}``; a family's components taken from another
+    (a student's or refiner's text encoders, FLUX.1's CLIP) are named in ``components_from`` (``{component: family}``)
+    instead of being repeated, and a transformer's repeated blocks are stored once per run of identical blocks
+    (``blocks``: ``build_dit.compact``)."""
     out = {}
     for name, spec in BASES.items():
         shapes = {c: component_shapes(c, _read(config_root, spec["folder"], f)) for c, f in spec["files"].items()}
@@ -186,7 +190,8 @@ def build(config_root: Path) -> dict:
         "shapes": {"unet": component_shapes("unet", {**sdxl_unet, **REFINER_CONFIG})},
         "components_from": {"text_encoder_2": "sdxl"},
     }
-    return {"format": 2, "families": out}
+    out.update(build_dit(config_root, out, component_shapes))
+    return {"format": 3, "families": out}
 
 
 if __name__ == "__main__":

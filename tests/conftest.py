@@ -3,6 +3,12 @@ from pathlib import Path
 
 # huggingface_hub reads this when it is imported: set it before anything imports it. Tests never reach the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One intra-op thread per test process unless the caller sets OMP_NUM_THREADS: the tests run small models, for which
+# torch's default (a thread per core) buys nothing, and on cores that other jobs share every operation waits for its
+# slowest thread (tests/test_matching.py and test_adapter_cache.py: 251 s on the default two threads, 40 s on one, on
+# 2 loaded cores; issue 23). Read when torch is imported, hence here; subprocesses (examples, CLI, registry workers)
+# inherit it. Tests of thread counts set theirs explicitly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -59,3 +65,17 @@ def realcases() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real LoRA files and configs not found at {SHARED} (../shared/realcases beside the checkout)")
     return SHARED
+
+
+#: Lines a test module adds (``request.config.stash[SUMMARY].append``) to print at the end of pytest's summary: what
+#: the real-file tests cost in the run (tests/test_realcases.py).
+SUMMARY = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    config.stash[SUMMARY] = []
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for line in config.stash[SUMMARY]:
+        terminalreporter.write_line(line)

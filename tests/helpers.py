@@ -122,7 +122,13 @@ def save_toy_pair(root, **finetune):
 
 
 def latents(pipe, prompt="a handwritten digit seven", seed=0, **kwargs):
-    """Output latents of a 2-step run with a fixed seed (the VAE is skipped: it has no LoRA)."""
+    """Output latents of a 2-step run with a fixed seed (the VAE is skipped: it has no LoRA). A float64 pipeline (a
+    rounding reference, :func:`float32_error`) starts from the same noise as a float32 one: drawn in float32, cast."""
+    if pipe.unet.dtype == torch.float64 and "latents" not in kwargs:
+        scale = pipe.vae_scale_factor
+        size = [kwargs.get(k) or pipe.unet.config.sample_size * scale for k in ("height", "width")]
+        shape = (1, pipe.unet.config.in_channels, size[0] // scale, size[1] // scale)
+        kwargs["latents"] = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).double()
     return pipe(
         prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs
     ).images
@@ -176,6 +182,33 @@ def delta_weights(pipe, adapter_name):
     return {key: B @ A * scaling for key, (B, A, scaling) in adapter_factors(pipe, adapter_name).items()}
 
 
+def product_rounding(B, A):
+    """Elementwise bound on the float32 rounding of ``B @ A`` (``(m, r)`` by ``(r, n)``, conv factors flattened),
+    float64 ``(m, n)``: each entry is an ``r``-term dot product, within ``γ_r (|B| |A|)`` of the exact one, ``γ_r =
+    r U32 / (1 − r U32)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1), whatever the summation
+    order, hence for any BLAS and thread count."""
+    B, A = B.detach().double().reshape(B.shape[0], -1), A.detach().double()
+    A = A.reshape(A.shape[0], -1)
+    r = A.shape[0]
+    return r * U32 / (1 - r * U32) * (B.abs() @ A.abs())
+
+
+def delta_rounding(pipe, adapter_name):
+    """{(component, module): elementwise bound on the float32 rounding of ΔW as PEFT forms it, ``fl(fl(B A) ·
+    scaling)`` (:func:`delta_weights`' keys and layout, float64)}: the product's (:func:`product_rounding`), scaled,
+    and one rounding for the scaling, ``U32 |ΔW|``."""
+    out = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for name, module in getattr(getattr(pipe, component, None), "named_modules", list)():
+            if hasattr(module, "lora_A") and adapter_name in module.lora_A:
+                A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+                scaling = abs(module.scaling[adapter_name])
+                delta = (B.detach().double().reshape(B.shape[0], -1) @ A.detach().double().reshape(A.shape[0], -1))
+                out[(component, name.removeprefix("text_model."))] = (
+                    scaling * product_rounding(B, A) + U32 * scaling * delta.abs())
+    return out
+
+
 def state_of(pipe):
     """Copies of every parameter and the adapter list, to check that a failed call changed nothing."""
     params = {
@@ -208,9 +241,9 @@ def find_modules_v2(model, ancestor_class, search_class):
 
 
 def family_pipeline(name):
-    """A ``StableDiffusionPipeline`` instance whose components hold meta-device Linear/Conv2d modules of exactly the
-    catalogued family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
-    from diffusers import StableDiffusionPipeline
+    """An instance of the catalogued family's pipeline class whose components hold meta-device Linear/Conv2d modules
+    of exactly the family's shapes (real architecture shapes, no memory, no ``../shared`` needed)."""
+    import diffusers
 
     from diffusers_lorax import toy
     from diffusers_lorax.registry.families import families
@@ -221,7 +254,7 @@ def family_pipeline(name):
         root = toy.meta_modules(shapes)
         root.config = None  # no diffusers config: LoRAs are read without the UNet's block layout
         components[component] = root
-    return toy.meta_pipeline(StableDiffusionPipeline, components)
+    return toy.meta_pipeline(getattr(diffusers, family.pipeline), components)
 
 
 def family_lora(name, component="unet", rank=4, count=8, seed=0):
@@ -257,3 +290,38 @@ def put_similarities(registry, values):
     """Store ``{(source fp, target fp, k): (Φ_U, Φ_V)}`` now."""
     with registry.begin() as txn:
         txn.similarities.update(values)
+
+
+# -- float32 rounding: tolerances derived from the arithmetic, measured on the tensors at hand ---------------------
+#: Unit roundoff of float32: a stored or computed float32 value is x (1 + δ) with |δ| ≤ U32.
+U32 = 2.0**-24
+
+
+def float32_error(model, run=latents):
+    """``(y, e)``: ``y = run(model)`` (a float32 tensor) and ``e = max |y − y₆₄|``, the float32 rounding of that run,
+    where ``y₆₄`` is the same run on ``model`` (a float32 pipeline or module, as it is now: adapters, fused weights)
+    cast to float64 — exact next to float32 — and back, which changes no value (every float32 is a float64). ``run``
+    builds its inputs in the model's dtype (:func:`latents` does). Measured, so it holds for any BLAS, thread count
+    and dependency version."""
+    y = run(model)
+    model.to(torch.float64)
+    try:
+        y64 = run(model)
+    finally:
+        model.to(torch.float32)
+    return y, float((y.double() - y64).abs().max())
+
+
+def rounding_tolerance(*errors):
+    """Tolerance on ``max |a − b|`` for float32 runs ``a``, ``b`` of models that are equal in exact arithmetic but for
+    the float32 rounding of their weights (a fused ``W + ΔW`` against ``W`` and ``ΔW`` apart; ``W + ΔW − ΔW``
+    against ``W``; the same factors loaded twice), given each run's :func:`float32_error`.
+
+    ``a − b = (a − a₆₄) + (a₆₄ − b₆₄) + (b₆₄ − b)``: the outer terms are at most ``e_a`` and ``e_b`` (measured).
+    The middle one is the exact effect of the weights' difference, elementwise ``≤ 2 U32 (|W| + |ΔW|)`` (one
+    rounding to store ``W + ΔW``, one to take ``ΔW`` back; test_lorax_adapter asserts it). A float32 forward pass
+    perturbs each layer by more than that: its backward error is ``fl(W x) = (W + E) x`` with ``|E| ≤ γ_n |W|``,
+    ``n`` the fan-in (≥ 32 here), typically ``√n U32 |W|`` for independent roundings; so the middle term is below the
+    forward rounding ``e_a + e_b`` (measured on the fuse test: 3.3e-7 against 2.6e-5). Tolerance ``2 (e_a + e_b)``;
+    a model that differs by more than rounding (an adapter still active, weights not restored) exceeds it."""
+    return 2 * sum(errors)

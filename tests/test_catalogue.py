@@ -34,8 +34,13 @@ def _configs(realcases, folder):
 
 def test_catalogue_is_packaged_and_lists_families():
     names = {f.name for f in families()}
-    assert names == {"sd1", "sd2", "sdxl", "sdxl-refiner", "ssd-1b", "vega",
-                     *(f"bk-sdm-{v}-{size}" for v in ("v1", "v2") for size in ("base", "small", "tiny"))}
+    assert {f.name for f in families() if f.denoiser == "unet"} == {
+        "sd1", "sd2", "sdxl", "sdxl-refiner", "ssd-1b", "vega",
+        *(f"bk-sdm-{v}-{size}" for v in ("v1", "v2") for size in ("base", "small", "tiny"))}
+    assert names - {f.name for f in families() if f.denoiser == "unet"} == {
+        "flux1-dev", "flux1-schnell", "flux1-krea-dev", "flux1-kontext-dev", "chroma", "flex1-alpha", "flux1-lite-8b",
+        "sd3-medium", "sd35-large", "sd35-medium", "wan21-t2v-1.3b", "wan21-t2v-14b", "wan21-i2v-14b",
+        "wan22-t2v-a14b", "wan22-i2v-a14b", "wan22-ti2v-5b", "qwen-image", "qwen-image-edit", "hunyuanvideo"}
     sdxl = next(f for f in families() if f.name == "sdxl")
     assert set(sdxl.shapes) == {"unet", "text_encoder", "text_encoder_2"}
     assert sdxl.shapes["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == (640, 2048)

@@ -106,7 +106,7 @@ def test_only_user_errors_are_caught(files, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(transfer, "transfer_lora", broken)  # the command imports it when it runs
+    monkeypatch.setattr(transfer, "transferring", broken)  # the command imports it when it runs
     args = ["transfer", str(files / "source"), str(files / "target"), str(files / "lora.safetensors"), "-o",
             str(tmp_path / "o.safetensors")]
     with pytest.raises(ValueError, match="an internal bug"):

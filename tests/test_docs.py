@@ -16,7 +16,7 @@ from diffusers_lorax.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 #: Pages whose Python blocks must compile and whose ``lorax`` commands must parse.
-PAGES = ["index.md", "quickstart.md", "guides/cli.md", "guides/distilled.md"]
+PAGES = ["index.md", "quickstart.md", "guides/cli.md", "guides/distilled.md", "guides/transformers.md"]
 
 
 def _blocks(page: str, language: str) -> list[str]:

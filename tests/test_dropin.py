@@ -36,8 +36,13 @@ def _configs(pipe, name):
 
 
 def _assert_same_adapter(plain, cross, name):
-    """Same modules, same config, bit-identical effective updates."""
+    """Same modules, the same PEFT config (key for key), bit-identical effective updates."""
     assert _configs(cross, name) == _configs(plain, name)
+    for component in ("unet", "text_encoder"):
+        configs = [getattr(getattr(pipe, component), "peft_config", {}).get(name) for pipe in (plain, cross)]
+        assert (configs[0] is None) == (configs[1] is None), component
+        if configs[0] is not None:
+            assert configs[0].to_dict() == configs[1].to_dict(), component
     want, got = delta_weights(plain, name), delta_weights(cross, name)
     assert want.keys() == got.keys() and want
     for key in want:
@@ -76,11 +81,18 @@ def test_file_keywords_of_load_lora_weights_are_accepted(base, tmp_path):
     _assert_same_adapter(plain, cross, "style")
 
 
-def test_hotswap_replaces_the_weights_in_place_as_load_lora_weights_does(base):
-    first, second = _kohya(base, seed=1, alphas=(2.0,)), _kohya(base, seed=3, alphas=(2.0,))
+@pytest.mark.parametrize("loaded_by", ["plain", "cross"])
+@pytest.mark.parametrize("alphas", [(2.0,), (1.0, 2.0, 3.0)], ids=["one alpha", "per-module alphas"])
+def test_hotswap_replaces_the_weights_in_place_as_load_lora_weights_does(base, loaded_by, alphas):
+    """Also over an adapter plain load_lora_weights loaded, whose config PEFT compares with the new one: the cross
+    load's config is the plain load's, key for key (per-module kohya alphas give diffusers odd alpha patterns)."""
+    first, second = _kohya(base, seed=1, alphas=alphas), _kohya(base, seed=3, alphas=alphas)
     plain, cross = copy.deepcopy(base), copy.deepcopy(base)
     plain.load_lora_weights(dict(first), adapter_name="style")
-    cross.load_lora_weights_cross(base, dict(first), adapter_name="style")
+    if loaded_by == "plain":
+        cross.load_lora_weights(dict(first), adapter_name="style")
+    else:
+        cross.load_lora_weights_cross(base, dict(first), adapter_name="style")
     params = {k: p for k, p in cross.unet.named_parameters() if ".style." in k}
     plain.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
     cross.load_lora_weights_cross(base, dict(second), adapter_name="style", hotswap=True)
@@ -183,3 +195,45 @@ def test_a_float32_source_and_a_bfloat16_target(base, method):
         _assert_same_adapter(plain, target, "style")
     else:
         assert {v[3:] for v in _configs(target, "style").values()} == {v[3:] for v in _configs(plain, "style").values()}
+
+
+def test_lorax_transfer_writes_each_alpha_into_the_file(base, tmp_path):
+    """``lorax transfer``'s file keeps each copied module's alpha in its adapter config (not folded into lora_B):
+    a plain load of it is the cross load's adapter bit for bit, in bfloat16 too."""
+    from diffusers_lorax.cli import main
+
+    target = copy.deepcopy(base).to(torch.bfloat16)
+    target.save_pretrained(tmp_path / "target")
+    lora = {k: v.to(torch.bfloat16) for k, v in _kohya(base, seed=1, alphas=(3.0,)).items()}  # scale 3/4
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    assert main(["transfer", str(tmp_path / "target"), str(tmp_path / "target"), str(tmp_path / "lora.safetensors"),
+                 "-o", str(tmp_path / "out.safetensors")]) == 0
+    from_file, cross = copy.deepcopy(target), copy.deepcopy(target)
+    from_file.load_lora_weights(str(tmp_path / "out.safetensors"), adapter_name="style")
+    cross.load_lora_weights_cross(tmp_path / "target", str(tmp_path / "lora.safetensors"), adapter_name="style")
+    _assert_same_adapter(cross, from_file, "style")
+    assert {v[1] for v in _configs(from_file, "style").values()} == {3.0}  # the file's alpha, not folded
+
+
+def test_the_functional_form_folds_a_flux_loras_alphas_into_lora_b(tmp_path):
+    """``transfer_lora`` returns a plain state dict (no config): each module's ``alpha / r`` folded into ``lora_B``
+    (before this release Flux's ``.alpha`` keys were lost: every layer 4/3 as strong here, 3× at alpha 1). Loaded
+    plainly it gives the effect of the LoRA itself, to float32 rounding of one product per factor element."""
+    from diffusers_lorax import transfer_lora
+    from diffusers_lorax.tiny import FAMILIES
+    from diffusers_lorax.tiny.loras import save_random_lora
+
+    source, plain, folded = (FAMILIES["flux"].build() for _ in range(3))
+    lora = str(save_random_lora(tmp_path, "flux", "peft_alpha"))
+    plain.load_lora_weights(lora, adapter_name="a")
+    state_dict, report = transfer_lora(source, source, lora)
+    folded.load_lora_weights(state_dict, adapter_name="a")
+    want, got = _transformer_deltas(plain), _transformer_deltas(folded)
+    assert want.keys() == got.keys() and want and {s for s, _ in got.values()} == {1.0}
+    for key, (s, d) in want.items():
+        assert s == 0.75 and float((got[key][1] - d).norm() / d.norm()) < 4 * 2.0 ** -24, key
+
+
+def _transformer_deltas(pipe):
+    return {name: (m.scaling["a"], m.scaling["a"] * m.lora_B["a"].weight.double() @ m.lora_A["a"].weight.double())
+            for name, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "a" in m.lora_A}

@@ -30,7 +30,7 @@ def test_students_name_their_teacher_and_inherit_its_text_encoders():
             if component != "unet":
                 assert found.shapes[component] == shapes
     assert family("sdxl-refiner").role == "refiner" and set(family("sdxl-refiner").shapes) == {"unet", "text_encoder_2"}
-    assert {f.name for f in families() if f.role == "base"} == {"sd1", "sd2", "sdxl"}
+    assert {f.name for f in families() if f.role == "base" and f.denoiser == "unet"} == {"sd1", "sd2", "sdxl"}
 
 
 @pytest.mark.parametrize("name, blocks", [("sdxl", 70), ("ssd-1b", 34), ("vega", 15), ("sd1", 16), ("bk-sdm-v1-base", 10),
@@ -54,10 +54,14 @@ def test_hub_ids(repo_id, name):
 
 @pytest.mark.parametrize("name", [f.name for f in families()])
 def test_every_family_is_identified_from_its_own_shapes(name):
+    """By shapes alone, or among families of the same shapes (FLUX.1 dev, Krea, Kontext) by the pipeline class and
+    the name of the model (``_name_or_path``, a Hub id): never as another family."""
     pipe = family_pipeline(name)
     weights = PipelineWeights(pipe)
-    found = identify_model({c: weights.shapes(c) for c in family(name).shapes})
-    assert found.family.name == name and found.matched == found.total
+    shapes = {c: weights.shapes(c) for c in family(name).shapes}
+    found = identify_model(shapes)
+    assert name in {f.name for f in found.families} and found.matched == found.total
+    assert identify_model(shapes, family(name).pipeline, family(name).hub_ids[0]).family.name == name
 
 
 @pytest.mark.parametrize("name", sorted(STUDENTS))
@@ -80,12 +84,13 @@ def test_teacher_module_applies_the_longest_prefix():
 
 
 def test_a_lora_whose_layers_a_student_also_has_is_its_teachers():
-    """A fit shared by a base family and its students names the base family; shared by two bases, none."""
+    """A fit shared by a base family and its students names the base family; shared by two bases, both."""
     sd1 = family("sd1").shapes["unet"]
     kept = {("unet", m): s for m, s in sd1.items() if ".attentions.0." in m and m.startswith("down_blocks")}
     assert identify_layers(kept).family.name == "sd1"
     self_attn = {("unet", m): s for m, s in sd1.items() if m.endswith("attn1.to_q")}
-    assert identify_layers(self_attn) is None  # SD 1.x and SD 2.x self-attention shapes coincide
+    both = identify_layers(self_attn)  # SD 1.x and SD 2.x self-attention shapes coincide: both are named
+    assert [f.name for f in both.families] == ["sd1", "sd2"] and both.label == "Stable Diffusion 1.x or Stable Diffusion 2.x"
 
 
 def test_accepts_the_family_and_its_students_only():

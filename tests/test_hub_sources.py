@@ -208,9 +208,9 @@ def test_values_offline_without_the_weight_files_say_which_component(files, tmp_
 def test_projection_reads_only_the_components_and_tensors_the_lora_touches(files, tmp_path, requested, monkeypatch):
     """Issue 20: with every file in the cache and method="lorax", a UNet-only LoRA fetches (or takes from the cache)
     only the UNet's weight file, and reads from it only the tensors of its layers."""
-    from diffusers_lorax import weights
+    from diffusers_lorax import weight_files
 
-    monkeypatch.setattr(weights, "_FILE_FINGERPRINTS", {})  # as in a new process
+    monkeypatch.setattr(weight_files, "_FILE_FINGERPRINTS", {})  # as in a new process
     read = []
     original = SafetensorsWeights.weight
     monkeypatch.setattr(SafetensorsWeights, "weight", lambda self, c, m: read.append((c, m)) or original(self, c, m))

@@ -11,8 +11,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from diffusers_lorax import UnsupportedFormatError, inspect_lora, toy
+from diffusers_lorax.architectures.unet import KNOWN_UNETS
 from diffusers_lorax.cli import main
-from diffusers_lorax.formats.skeleton import KNOWN_UNETS, meta_unet
+from diffusers_lorax.formats.skeleton import meta_unet
 from diffusers_lorax.registry.families import families
 
 from helpers import find_modules_v2, save_toy_pair
@@ -198,7 +199,8 @@ def test_metadata_naming_another_base_is_reported(tmp_path):
     found = inspect_lora(path)
     assert found.base_model == {"ss_base_model_version": "sdxl_base_v1-0",
                                 "ss_sd_model_name": "sd_xl_base_1.0.safetensors"}
-    assert "the metadata names a sdxl base model but the layer shapes fit Stable Diffusion 1.x" in found.notes
+    assert ("the metadata says ss_base_model_version=sdxl_base_v1-0, but the layer shapes fit Stable Diffusion 1.x: "
+            "the shapes are trusted") in found.notes[0]
 
 
 @pytest.fixture(scope="module")

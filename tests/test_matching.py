@@ -11,7 +11,8 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffusers_lorax import NoMatchingLayersError, Registry, correspondence, toy, transfer_lora
-from diffusers_lorax.correspondence import MATCH_THRESHOLD, relatedness, score, slot
+from diffusers_lorax.architectures.unet import slot
+from diffusers_lorax.correspondence import MATCH_THRESHOLD, relatedness, score
 from diffusers_lorax.registry.families import family
 
 from helpers import assert_unchanged, dense, state_of

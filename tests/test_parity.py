@@ -8,7 +8,9 @@ adapter_name="a")`` load the same random LoRA file, and every PEFT layer's effec
 the layer's ``scaling["a"]``, conv weights flattened, float64) is compared.
 
 What is asserted, and why:
-- the pipeline lists the same adapters per component, and the same active ones;
+- the pipeline lists the same adapters per component, and the same active ones, with the same PEFT config key for
+  key (what ``hotswap`` compares and ``save_lora_weights`` writes; text encoders' target names up to CLIP's
+  ``text_model.`` level, see ``_comparable``);
 - the adapted modules are the same set, exactly (component and module name);
 - every layer holds bit-identical factors (same values, dtype and device) and the same ``scaling``: the cross load
   hands diffusers the LoRA's own factors and each module's own ``lora_alpha`` (``injection.py``), so nothing is
@@ -66,6 +68,15 @@ def lora_layers(pipe, components, adapter="a"):
     return found
 
 
+def _comparable(config):
+    """A PEFT config's dict, its ``target_modules`` named without CLIP's ``text_model.`` level: diffusers keeps that
+    level in a ``CLIPTextModelWithProjection``'s targets (which still has it) and the cross load names them
+    canonically; both name the same modules (PEFT matches target names as suffixes), nothing else differs."""
+    out = config.to_dict()
+    out["target_modules"] = sorted(m.removeprefix("text_model.") for m in out["target_modules"])
+    return out
+
+
 def update(B, A, s):
     """ΔW = s · B A in float64, ``(out, in·kh·kw)``."""
     return s * B.detach().double().reshape(B.shape[0], -1) @ A.detach().double().reshape(A.shape[0], -1)
@@ -84,6 +95,10 @@ def test_cross_load_between_identical_models_equals_plain_load(pipelines, lora_f
         assert expected, "plain load_lora_weights adapted nothing"
         assert cross.get_list_adapters() == plain.get_list_adapters()
         assert cross.get_active_adapters() == plain.get_active_adapters()
+        for component in components:  # the same PEFT config, key for key (hotswap and save_lora_weights read it)
+            configs = [getattr(getattr(pipe, component, None), "peft_config", None) or {} for pipe in (plain, cross)]
+            assert [_comparable(c) for c in configs[0].values()] == [_comparable(c) for c in configs[1].values()], \
+                component
         assert found.keys() == expected.keys(), (
             f"adapted modules differ: only plain {sorted(expected.keys() - found.keys())[:3]}…, only cross "
             f"{sorted(found.keys() - expected.keys())[:3]}…")

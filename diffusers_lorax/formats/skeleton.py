@@ -19,24 +19,6 @@ from typing import Any
 import torch
 
 
-_SD = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, sample_size=64,
-           down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-           up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-#: The UNet configs of the base families (diffusers' ``unet/config.json`` of SD 1.5, SD 2.1 and SDXL base 1.0,
-#: architecture keys only): what ``lorax inspect`` reads a LoRA against when no target is given and the file's
-#: names or shapes need a module tree (kohya SDXL block names, ``lora_diffusion`` positions, flattened kernels).
-KNOWN_UNETS = {
-    "sd1": dict(_SD, cross_attention_dim=768, attention_head_dim=8),
-    "sd2": dict(_SD, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
-    "sdxl": dict(
-        block_out_channels=[320, 640, 1280], layers_per_block=2, sample_size=128, cross_attention_dim=2048,
-        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-}
-
-
 def meta_model(library: str, class_name: str, config: dict | str) -> torch.nn.Module | None:
     """The model ``class_name`` of ``library`` (``"diffusers"`` or ``"transformers"``, as ``model_index.json``
     names a component) built from ``config`` (its ``config.json``: a dict or the file's text) on the meta device,

@@ -11,6 +11,8 @@ Modules, one job each: ``location`` (where a registry is), ``families`` (the shi
 committed or discarded), ``maintenance`` (list, stats, verify, prune, clear: the ``lorax registry`` command).
 """
 
+from typing import TYPE_CHECKING
+
 from .._lazy import lazy_getattr
 from .location import default_registry_dir
 
@@ -21,3 +23,7 @@ _LAZY = {"Registry": "store", "open_registry": "store", "NullTransaction": "tran
 __all__ = ["NullTransaction", "Registry", "Transaction", "default_registry_dir", "open_registry"]
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
+
+if TYPE_CHECKING:  # the same names for type checkers and the API docs (mkdocstrings reads the source)
+    from .store import Registry, open_registry
+    from .transaction import NullTransaction, Transaction

@@ -171,7 +171,8 @@ class FileLayer:
 
 
 def random_lora(family: str, format: str, rank: int = 4, seed: int = 0, alphas: float | Sequence[float] | None = None,
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                dtype: torch.dtype = torch.float32,
+                shapes: Mapping[str, Mapping[str, torch.Size]] | None = None) -> dict[str, torch.Tensor]:
     """A random LoRA for the tiny pipeline of ``family`` in ``format`` (a key of :data:`FORMATS` listed in the
     family's ``formats``), as the state dict its file holds.
 
@@ -182,13 +183,16 @@ def random_lora(family: str, format: str, rank: int = 4, seed: int = 0, alphas: 
     the file's modules in order; default ``0.75 · rank``: not the rank (so a lost alpha shows) and a scale
     ``alpha / rank`` that is not a power of two (so folding it into a factor rounds). Used where the format has
     alphas. For a ``metadata`` format the alphas are in the metadata that :func:`save_random_lora` writes, not in this
-    dict. Raises ``KeyError`` for an unknown family or format, ``ValueError`` for a format the family does not list.
+    dict. ``shapes``: component → module → weight shape of another model of the family to write it for (e.g. one
+    built from the family's real config at another width: :func:`shapes_of`), instead of the tiny pipeline's.
+    Raises ``KeyError`` for an unknown family or format, ``ValueError`` for a format the family does not list.
     """
-    return _state_dict(_layers(family, format, rank, seed, alphas, dtype), FORMATS[format])
+    return _state_dict(_layers(family, format, rank, seed, alphas, dtype, shapes), FORMATS[format])
 
 
 def save_random_lora(directory: str | Path, family: str, format: str, rank: int = 4, seed: int = 0,
-                     alphas: float | Sequence[float] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+                     alphas: float | Sequence[float] | None = None, dtype: torch.dtype = torch.float32,
+                     shapes: Mapping[str, Mapping[str, torch.Size]] | None = None) -> Path:
     """Write :func:`random_lora` to ``directory / f"{family}_{format}.safetensors"`` and return the path: with the
     pipeline class's ``save_lora_weights`` and PEFT ``LoraConfig`` metadata for a ``metadata`` format (``r`` =
     ``rank``, ``lora_alpha`` = the first alpha, ``alpha_pattern`` for modules whose alpha differs), else with
@@ -197,7 +201,7 @@ def save_random_lora(directory: str | Path, family: str, format: str, rank: int 
 
     from . import FAMILIES
 
-    fmt, layers = FORMATS[format], _layers(family, format, rank, seed, alphas, dtype)
+    fmt, layers = FORMATS[format], _layers(family, format, rank, seed, alphas, dtype, shapes)
     path = Path(directory) / f"{family}_{format}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not fmt.metadata:
@@ -256,11 +260,11 @@ def adapted_modules(family: str, format: str) -> set[tuple[str, str]]:
 
 
 def _layers(family: str, format: str, rank: int, seed: int, alphas: float | Sequence[float] | None,
-            dtype: torch.dtype) -> list[FileLayer]:
+            dtype: torch.dtype, shapes: Mapping[str, Mapping[str, torch.Size]] | None = None) -> list[FileLayer]:
     alpha_values = itertools.cycle([alphas] if isinstance(alphas, (int, float)) else alphas or [0.75 * rank])
     gen = torch.Generator().manual_seed(seed)
     layers = []
-    for name, component, modules, out, fan_in in _plan(family, format):
+    for name, component, modules, out, fan_in in _plan(family, format, shapes):
         A = torch.randn(rank, *fan_in, generator=gen) / fan_in.numel() ** 0.5
         B = torch.randn(out, rank, *([1] * (len(fan_in) - 1)), generator=gen) / rank ** 0.5
         layers.append(FileLayer(name, component, modules, A.to(dtype), B.to(dtype), float(next(alpha_values))))
