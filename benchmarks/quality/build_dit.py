@@ -46,7 +46,7 @@ import build  # noqa: E402  (the UNet testbed's recipe: batch, schedule, optimis
 from diffusers_lorax import toy  # noqa: E402
 from diffusers_lorax.quality import ASSETS, data, dit  # noqa: E402
 
-STEPS = dict(source=2000, finetune=500, flex=1000, chroma_fit=300, chroma=1200, lora=500)
+STEPS = dict(source=2000, finetune=500, flex=1000, chroma_fit=300, chroma=400, lora=400)
 #: Intra-op threads: one. The models are tiny (width 32); on two cores that other jobs keep busy, two threads made a
 #: training step 10-20× slower than one (0.5 s against 5-9 s per step measured here; cf. ``demo.DEMO_THREADS``).
 THREADS = 1
