@@ -130,3 +130,39 @@ def test_transfer_onto_each_target_loads_and_changes_its_output(registry, target
         again = pipe.transformer(**inputs).sample
     assert report.applied and not torch.equal(styled, base)
     assert torch.equal(again, base)
+
+
+def teacher_block_module(module: str) -> str | None:
+    """The Flex-style student's module that holds the teacher's ``module`` by the published Flex map (double block
+    ``FLEX_KEPT[i]`` → ``i``; other modules keep their name), ``None`` for a dropped double block."""
+    if not module.startswith("transformer_blocks."):
+        return module
+    index, rest = module.removeprefix("transformer_blocks.").split(".", 1)
+    kept = dit.FLEX_KEPT.index(int(index)) if int(index) in dit.FLEX_KEPT else None
+    return None if kept is None else f"transformer_blocks.{kept}.{rest}"
+
+
+def test_matched_flex_student_gets_each_kept_blocks_own_lora(registry):
+    """The default match onto the Flex-style student (not catalogued: found by its shorter stack of double blocks)
+    puts every kept block's LoRA on the student block that holds that teacher block, and skips the dropped blocks'."""
+    _, report = transfer("target-flex", registry)
+    placed = {layer.module: layer.target_module for layer in report.layers
+              if layer.component == "transformer" and layer.applied}
+    expected = {m.split(".", 1)[1]: teacher_block_module(m.split(".", 1)[1]) for m in SOURCE_MODULES
+                if m.startswith("transformer.") and teacher_block_module(m.split(".", 1)[1]) is not None}
+    assert placed == expected
+    dropped = {m for m in SOURCE_MODULES if m.startswith("transformer.")} - {f"transformer.{m}" for m in expected}
+    assert {f"{layer.component}.{layer.module}" for layer in report.skipped} == dropped
+    assert len(dropped) == (dit.DOUBLE_BLOCKS - len(dit.FLEX_KEPT)) * len(DOUBLE)
+
+
+def test_matched_chroma_variant_skips_exactly_the_modulation_and_clip(registry):
+    """The default match onto the Chroma-style variant applies every attention and MLP layer on its own module and
+    skips, with a reason, every modulation layer (pruned) and CLIP layer (no CLIP encoder)."""
+    _, report = transfer("target-chroma", registry)
+    applied = {f"{layer.component}.{layer.module}": layer.target_module for layer in report.applied}
+    expected = lora_modules(range(dit.DOUBLE_BLOCKS), SINGLES, 0, MODULATION)
+    assert set(applied) == expected and all(t == m.split(".", 1)[1] for m, t in applied.items())
+    skipped = report.skipped
+    assert {f"{layer.component}.{layer.module}" for layer in skipped} == SOURCE_MODULES - expected
+    assert all(layer.reason for layer in skipped)

@@ -35,6 +35,8 @@ METHODS = (
     {"method": "prolora", "label": "prolora"},
 )
 BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+#: The per-block modulation projections that a Chroma-style transformer lacks (its approximator makes them).
+MODULATION = re.compile(r"(^|\.)(norm1|norm1_context|norm)\.linear$")
 
 
 def flex_expected(module: str) -> str | None:
@@ -61,9 +63,24 @@ def placement(report, target: str) -> str:
         kept = sum(e is not None for e in expected)
         parts.append(f"Flex map: {right} of the {kept} kept layers on their own block's module, {wrong} layers on "
                      "another module")
+    if target == "target-chroma":
+        parts.append(chroma_split(report))
     reasons = Counter(layer.reason.split(" (")[0] for layer in report.skipped)  # without the per-layer details
     parts += [f"skipped {n}: {reason}" for reason, n in reasons.most_common()]
     return "; ".join(parts)
+
+
+def chroma_split(report) -> str:
+    """On the Chroma-style variant: how many of the transformer's attention and MLP layers were applied onto their
+    own module, how many of its modulation layers were skipped, how many text-encoder (CLIP) layers were skipped."""
+    transformer = [layer for layer in report.layers if layer.component == "transformer"]
+    modulation = [layer for layer in transformer if MODULATION.search(layer.module)]
+    others = [layer for layer in transformer if not MODULATION.search(layer.module)]
+    own = sum(layer.applied and (layer.target_module or layer.module) == layer.module for layer in others)
+    clip = [layer for layer in report.layers if layer.component != "transformer"]
+    return (f"attention and MLP: {own} of {len(others)} applied on their own module; modulation: "
+            f"{sum(not layer.applied for layer in modulation)} of {len(modulation)} skipped; CLIP: "
+            f"{sum(not layer.applied for layer in clip)} of {len(clip)} skipped")
 
 
 def main() -> None:
