@@ -180,7 +180,8 @@ def applied(row: Row) -> str:
 
 def grid(sections: list[tuple[str, dict[str, torch.Tensor]]], seeds: int, path: str | Path, zoom: int = 3) -> None:
     """Write a PNG: for each (target, images by method) section, one row per method (label on the left), one
-    column per prompt (the first seed of each digit)."""
+    column per prompt (the first seed of each digit). ``seeds``: the first section's seeds per prompt; a later
+    section may have fewer (``lorax demo``'s DiT rows), its count read from its images."""
     from PIL import Image, ImageDraw
 
     cell, label_w, head = data.SIZE * zoom, 150, 14
@@ -192,10 +193,11 @@ def grid(sections: list[tuple[str, dict[str, torch.Tensor]]], seeds: int, path: 
     for target, images in sections:
         draw.text((2, y + 1), target, fill="black")
         y += head
+        per_prompt = next(iter(images.values())).shape[0] // columns
         for method, imgs in images.items():
             draw.text((2, y + cell // 2 - 5), method, fill="black")
             for j in range(columns):
-                pixels = (imgs[j * seeds].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+                pixels = (imgs[j * per_prompt].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
                 tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
                 canvas.paste(tile, (label_w + j * cell, y))
             y += cell
