@@ -272,7 +272,7 @@ def test_demo_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(classifiers, "Scorers", lambda: None)
     seen = []
 
-    def evaluate_target(target, methods, digits, seeds, scorers, registry):
+    def evaluate_target(target, methods, digits, seeds, scorers, registry, assets=None):
         seen.append(registry.directory)
         (registry.directory / "bases.bin").write_bytes(b"x" * 1000)
         return [], []
@@ -281,7 +281,10 @@ def test_demo_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(evaluate, "grid", lambda sections, seeds, path: path.write_bytes(b"png"))
     assert main(["demo"]) == 0
     assert "images and registry not kept: lorax demo --workdir DIR" in capsys.readouterr().out
-    assert len(seen) == 2 and seen[0].parent.name.startswith("lorax-demo-") and list(tmp_path.iterdir()) == []
+    from diffusers_lorax.demo import DIT_TARGETS, TARGETS
+
+    assert len(seen) == len(TARGETS) + len(DIT_TARGETS) == 5  # the UNet testbed's targets, then the DiT testbed's
+    assert seen[0].parent.name.startswith("lorax-demo-") and list(tmp_path.iterdir()) == []
 
     def broken(*args):
         raise RuntimeError("interrupted")
