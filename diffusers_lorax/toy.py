@@ -93,6 +93,29 @@ def write_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length:
     return vocab
 
 
+def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] = (), max_length: int = 512) -> dict[str, int]:
+    """Write a ``T5TokenizerFast`` (``tokenizer.json``, ``tokenizer_config.json``) to ``folder``, built offline with
+    the tokenizers library as T5's is: a unigram model over SentencePiece pieces ("▁word"), ``</s>`` appended,
+    ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 (T5's ids). The pieces are one per word of ``words``, then "▁" and the
+    lower-case letters and digits, so that any other word falls back to characters. Returns the vocabulary."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    pieces += [("\u2581", -2.0)] + [(c, -3.0) for c in string.ascii_lowercase + string.digits]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(str(folder))
+    return {piece: i for i, (piece, _) in enumerate(pieces)}
+
+
 def byte_tokenizer(directory: str | Path | None = None) -> Any:
     """A ``CLIPTokenizer`` of the 514 byte-level ids of :func:`write_tokenizer` (no merges), written to ``directory``
     (kept), or by default to a temporary directory that is removed once the tokenizer is read (it keeps its

@@ -77,11 +77,27 @@ def test_user_error_is_one_line_and_exit_2(files, tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_content_note_counts_images_not_float32_rounding():
+    """9 of 10 images right is content 0.9, not below it, though float32's mean gives 0.89999998 (the demo's DiT
+    rows score 10 images)."""
+    import torch
+
+    from diffusers_lorax.demo import content_notes
+    from diffusers_lorax.quality.evaluate import Row
+
+    nine = float((torch.arange(10) < 9).float().mean())
+    assert nine < 0.9
+    assert content_notes([Row("t", "copy", 0.5, nine, 0.1, report=object())]) == []
+
+
 def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "### source → target-finetune" in printed and "### source → target-distilled" in printed
-    assert printed.count("| trained on target |") == 2 and "| no LoRA |" in printed
+    # the DiT testbed's three targets, rows named "DiT …"
+    assert all(f"### DiT source → {t}: copy" in printed for t in ("target-finetune", "target-flex", "target-chroma"))
+    assert printed.count("| trained on target |") == 5 and "| no LoRA |" in printed
+    assert "| DiT target-flex | copy |" in printed and "| DiT target-chroma | trained on target |" in printed
     from diffusers_lorax.demo import content_notes
     from diffusers_lorax.quality.evaluate import Row
 
@@ -256,7 +272,7 @@ def test_demo_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(classifiers, "Scorers", lambda: None)
     seen = []
 
-    def evaluate_target(target, methods, digits, seeds, scorers, registry):
+    def evaluate_target(target, methods, digits, seeds, scorers, registry, assets=None):
         seen.append(registry.directory)
         (registry.directory / "bases.bin").write_bytes(b"x" * 1000)
         return [], []
@@ -265,7 +281,10 @@ def test_demo_without_workdir_leaves_nothing_behind(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(evaluate, "grid", lambda sections, seeds, path: path.write_bytes(b"png"))
     assert main(["demo"]) == 0
     assert "images and registry not kept: lorax demo --workdir DIR" in capsys.readouterr().out
-    assert len(seen) == 2 and seen[0].parent.name.startswith("lorax-demo-") and list(tmp_path.iterdir()) == []
+    from diffusers_lorax.demo import DIT_TARGETS, TARGETS
+
+    assert len(seen) == len(TARGETS) + len(DIT_TARGETS) == 5  # the UNet testbed's targets, then the DiT testbed's
+    assert seen[0].parent.name.startswith("lorax-demo-") and list(tmp_path.iterdir()) == []
 
     def broken(*args):
         raise RuntimeError("interrupted")

@@ -23,7 +23,7 @@ LAYERS = {
         "adapters.hub"],
     3: ["transfer", "inspection", "inspect_reading", "injection", "snapshot"],
     4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality",
-        "quality.data", "quality.classifiers", "quality.evaluate"],
+        "quality.data", "quality.classifiers", "quality.evaluate", "quality.dit"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 

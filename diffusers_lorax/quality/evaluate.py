@@ -26,7 +26,7 @@ from .classifiers import Scorers
 NO_LORA = "no LoRA"
 TRAINED = "trained on target"
 SOURCE_LORA = "loras/slant-source.safetensors"
-#: Sampling: deterministic DDIM (η = 0) with classifier-free guidance.
+#: Sampling: deterministic DDIM (η = 0; the DiT testbed: Euler on the flow) with classifier-free guidance.
 STEPS, GUIDANCE = 20, 4.0
 #: A gap is reported only where trained and no LoRA differ by more than this (else the ratio is noise).
 MIN_GAP = 0.05
@@ -56,12 +56,26 @@ def quiet_logging() -> None:
 
 
 def load_pipeline(name: str, assets: Path = ASSETS) -> Any:
-    """A testbed pipeline (``source``, ``target-finetune``, ``target-distilled``) in float32 on the CPU."""
-    from diffusers import StableDiffusionPipeline
+    """A testbed pipeline in float32 on the CPU: ``source``, ``target-…`` of ``assets`` (the UNet testbed's
+    ``StableDiffusionPipeline`` folders, or the DiT testbed's ``FluxPipeline`` / ``ChromaPipeline`` ones; the class
+    is the one the folder's ``model_index.json`` names)."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets / name, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(assets / name, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def guidance(pipe: Any, prompts: int) -> dict[str, Any]:
+    """The call's keyword arguments for classifier-free guidance ``GUIDANCE`` against the empty prompt, as each
+    testbed pipeline takes it: Flux's true CFG (``true_cfg_scale`` with a negative prompt; its ``guidance_scale`` is
+    the guidance embedding, which the DiT testbed has not), Chroma's and Stable Diffusion's ``guidance_scale``; the
+    DiT pipelines also get the testbed's text length."""
+    name = type(pipe).__name__
+    if name not in ("FluxPipeline", "ChromaPipeline"):
+        return {"guidance_scale": GUIDANCE}
+    scale = "true_cfg_scale" if name == "FluxPipeline" else "guidance_scale"
+    return {scale: GUIDANCE, "negative_prompt": [""] * prompts, "max_sequence_length": data.MAX_TOKENS}
 
 
 @torch.no_grad()
@@ -71,8 +85,8 @@ def generate(pipe: Any, digits: list[int], seeds: list[int], steps: int = STEPS)
     prompts = [data.prompt(d, styled=True) for d in digits for _ in seeds]
     generators = [torch.Generator().manual_seed(s) for _ in digits for s in seeds]
     out = pipe(
-        prompts, height=data.SIZE, width=data.SIZE, num_inference_steps=steps, guidance_scale=GUIDANCE,
-        generator=generators, output_type="pt",
+        prompts, height=data.SIZE, width=data.SIZE, num_inference_steps=steps, generator=generators,
+        output_type="pt", **guidance(pipe, len(prompts)),
     )
     return out.images.float()
 
@@ -166,7 +180,8 @@ def applied(row: Row) -> str:
 
 def grid(sections: list[tuple[str, dict[str, torch.Tensor]]], seeds: int, path: str | Path, zoom: int = 3) -> None:
     """Write a PNG: for each (target, images by method) section, one row per method (label on the left), one
-    column per prompt (the first seed of each digit)."""
+    column per prompt (the first seed of each digit). ``seeds``: the first section's seeds per prompt; a later
+    section may have fewer (``lorax demo``'s DiT rows), its count read from its images."""
     from PIL import Image, ImageDraw
 
     cell, label_w, head = data.SIZE * zoom, 150, 14
@@ -178,10 +193,11 @@ def grid(sections: list[tuple[str, dict[str, torch.Tensor]]], seeds: int, path: 
     for target, images in sections:
         draw.text((2, y + 1), target, fill="black")
         y += head
+        per_prompt = next(iter(images.values())).shape[0] // columns
         for method, imgs in images.items():
             draw.text((2, y + cell // 2 - 5), method, fill="black")
             for j in range(columns):
-                pixels = (imgs[j * seeds].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+                pixels = (imgs[j * per_prompt].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
                 tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
                 canvas.paste(tile, (label_w + j * cell, y))
             y += cell
