@@ -32,7 +32,7 @@ from diffusers_lorax.registry import families as catalogue_module
 from diffusers_lorax.tiny import FAMILIES
 from diffusers_lorax.weights import PipelineWeights
 
-from helpers import U32, adapter_factors, assert_unchanged, delta_weights, state_of
+from helpers import U32, adapter_factors, assert_unchanged, delta_weights, projection_tolerance, state_of
 from test_dit_matching import _expected, _student, _variant
 
 R = 4
@@ -152,7 +152,7 @@ def test_compact_file_holds_the_transformers_cores(trained):
 def test_compact_file_reloads_on_its_source_with_a_bit_identical_effect(trained):
     """``method="copy"`` on its own source: the rebuilt factors ``B = Ũ ΔΣ``, ``A = Ṽᵀ`` (the same registry bases)
     are the trained adapter's bit for bit, and so is the transformer's output; the default LoRA-X transfer (Eq. 3
-    with U_t = Ũ) reproduces ΔW within float32 rounding."""
+    with U_t = Ũ) reproduces ΔW within the rounding of the stored bases."""
     source, pipe = _teacher(), _teacher()
     report = pipe.load_lora_weights_cross(source, trained["compact"], adapter_name="copy", method="copy",
                                           registry=trained["registry"])
@@ -168,7 +168,8 @@ def test_compact_file_reloads_on_its_source_with_a_bit_identical_effect(trained)
                                  registry=trained["registry"])
     got = {m: d for (c, m), d in delta_weights(pipe, "x").items()}
     assert got.keys() == trained["deltas"].keys()
-    assert all(_rel(got[m], d) <= 1e-5 for m, d in trained["deltas"].items())
+    # within what the registry's float16 storage of the k = R vectors allows Eq. 3's two projectors (docs/registry.md)
+    assert all(_rel(got[m], d) <= projection_tolerance(R, d.shape) for m, d in trained["deltas"].items())
 
 
 def test_diffusers_save_lora_weights_round_trips_the_adapter(trained, tmp_path):

@@ -12,6 +12,8 @@ import torch
 
 from diffusers_lorax import LoraXConfig, add_lorax_adapter, read_lorax_file, save_lorax_weights, toy
 from diffusers_lorax.quality import ASSETS
+
+from helpers import projection_tolerance
 from diffusers_lorax.quality.evaluate import load_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_lorax.py"
@@ -45,12 +47,13 @@ def test_example_trains_checkpoints_validates_and_saves(tmp_path):
     assert len(report.applied) == 80 and "LoRA-X compact file" in report.lora
     assert target.get_list_adapters() == {"unet": [report.adapter_name], "text_encoder": [report.adapter_name]}
     # Eq. 3 with k = r = min(m, n) (the example's default --rank 1.0): the identity on a square layer, a projection
-    # (‖ΔW_t‖ ≤ ‖ΔW_s‖) on the others
+    # (‖ΔW_t‖ ≤ ‖ΔW_s‖) on the others, each within what the registry's float16 bases allow two projectors
     for row in report.applied:
         m, n = row.shape[0], math.prod(row.shape[1:])
-        assert row.k == min(m, n) and 0 < row.kept <= 1 + 1e-5, row.module
+        tol = projection_tolerance(row.k, (m, n))
+        assert row.k == min(m, n) and 0 < row.kept <= 1 + tol, row.module
         if m == n:
-            assert row.kept == pytest.approx(1.0, abs=1e-5), row.module
+            assert row.kept == pytest.approx(1.0, abs=tol), row.module
 
 
 class DiskFull(OSError):

@@ -10,6 +10,8 @@ from diffusers_lorax.quality import ASSETS
 from diffusers_lorax.quality.classifiers import Scorers
 from diffusers_lorax.quality.evaluate import NO_LORA, evaluate_target
 
+from helpers import projection_tolerance
+
 MODELS = ("source", "target-finetune", "target-distilled")
 DIGITS, SEEDS = list(range(10)), [0, 1]
 
@@ -40,10 +42,12 @@ def rows(tmp_path_factory):
 
 
 def test_on_its_source_the_transfer_reproduces_the_adapter(rows):
-    by, images = rows["source"]
+    by, _ = rows["source"]
     assert by["LoRA-X transferred"].report.method == "lorax"  # the default for a LoRA-X file
-    # Eq. 3 on the source itself: U_t = Ũ_s, the same images as the adapter's own update up to float rounding
-    assert (images["LoRA-X transferred"] - images["LoRA-X copied"]).abs().max() < 1e-3
+    # Eq. 3 on the source itself: U_t = Ũ_s, each layer's update the adapter's own within what the registry's float16
+    # bases allow two projectors (docs/registry.md#precision)
+    for row in by["LoRA-X transferred"].report.applied:
+        assert abs(row.kept - 1) <= projection_tolerance(row.k, row.shape), row.module
     assert by["LoRA-X transferred"].style >= 0.6 and by[NO_LORA].style <= 0.05  # table: 0.742 and 0.000
 
 
