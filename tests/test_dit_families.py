@@ -254,6 +254,7 @@ def test_inspect_names_flux_for_real_files(realcases, stem, layers):
     assert found.family.startswith(f"FLUX.1 dev ({layers}/{layers} layer shapes match; the same for ")
     assert "FLUX.1 Kontext dev" in found.family and "FLUX.1 Krea dev" in found.family
     assert found.layers == layers and set(found.components) <= {"transformer", "text_encoder"}
+    assert (found.format == "xlabs") == ("xlabs" in stem), found.format
     assert any("diffusers' Flux loader does not convert" in note for note in found.notes) == (stem.endswith("aitoolkit_format"))
 
 

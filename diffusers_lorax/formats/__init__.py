@@ -34,7 +34,7 @@ LORAX_FORMAT = "lora-x"
 def detect(state_dict: Any, metadata: dict[str, str] | None = None) -> str:
     """The format of a fetched LoRA: ``"lora_diffusion .pt (legacy)"``, ``"LoRA-X"``, ``"lora_diffusion"``,
     ``"LyCORIS"``, or one diffusers reads itself: ``"kohya"``, ``"peft"``, ``"diffusers"``,
-    ``"diffusers attention processors"``; ``"unknown"`` otherwise."""
+    ``"diffusers attention processors"``, ``"xlabs"`` (Flux); ``"unknown"`` otherwise."""
     if isinstance(state_dict, (list, tuple)):
         return "lora_diffusion .pt (legacy)"
     if not isinstance(state_dict, dict):
@@ -52,8 +52,9 @@ def detect(state_dict: Any, metadata: dict[str, str] | None = None) -> str:
         return "kohya"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft"
-    if any(".processor." in k for k in keys):
-        return "diffusers attention processors"
+    if any(".processor." in k for k in keys):  # xlabs' Flux files name double blocks' attention processors too
+        xlabs = any(k.startswith("double_blocks.") for k in keys)
+        return "xlabs" if xlabs else "diffusers attention processors"
     if any(".lora.down." in k or ".lora_linear_layer." in k or k.endswith(".lora.up.weight") for k in keys):
         return "diffusers"
     return "unknown"
