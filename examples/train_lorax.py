@@ -158,7 +158,8 @@ def flow_matching_loss(args, pipe, x0: torch.Tensor, choice: torch.Tensor, promp
                                                         max_sequence_length=data.MAX_TOKENS)[:3]
             text = {"attention_mask": torch.cat([mask[choice], torch.ones(len(x0), x0.shape[1])], dim=1)}
         else:
-            embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=data.MAX_TOKENS)
+            embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None,
+                                                          max_sequence_length=data.MAX_TOKENS)
             text = {"pooled_projections": pooled[choice]}
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.rand(len(x0), generator=generator)
