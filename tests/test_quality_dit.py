@@ -1,7 +1,9 @@
 """The DiT testbed (docs/quality.md, "The DiT testbed"): the shipped assets are Flux and Chroma pipelines in diffusers
 layout and style LoRAs saved by diffusers with PEFT metadata, all loaded offline; the source's style LoRA transfers
 onto each target with exactly the layers that target's architecture has (counts derived from the configs in
-``quality/dit.py``), and a copy between identical models is the adapter itself."""
+``quality/dit.py``), and a copy between identical models is the adapter itself; the shipped LoRA-X adapters are
+compact files naming the model they were trained on, and the source's loads onto every target with the layers its
+configs give."""
 
 import json
 
