@@ -19,7 +19,8 @@ a ``FluxPipeline`` with 19 double and 4 single blocks, CLIP and T5 text encoders
 matching (x_σ = (1 − σ) x₀ + σ ε, σ ~ U(0, 1), the transformer predicts ε − x₀ from Flux's packed 2×2 latent
 patches), the text conditioning from ``encode_prompt``, the adapter on both streams' attention and feed-forward
 projections and the single blocks' ``proj_mlp`` (:data:`DIT_TARGETS`); the file then loads onto the testbed's
-fine-tune, Flex-style student and Chroma-style variant with ``load_lora_weights_cross``:
+fine-tune, Flex-style student and Chroma-style variant with ``load_lora_weights_cross``. A ``ChromaPipeline`` folder
+(the testbed's ``target-chroma``: T5 alone, no pooled text, Chroma's attention mask) trains the same way:
 
     python examples/train_lorax.py --testbed dit --output_dir lorax-slant-dit --max_train_steps 500 \\
         --validation_prompt "a handwritten digit seven in lrx style"
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 import diffusers_lorax
 from diffusers_lorax import LoraXConfig, add_lorax_adapter, save_lorax_weights
 from diffusers_lorax.quality import ASSETS, data
-from diffusers_lorax.quality.evaluate import GUIDANCE
+from diffusers_lorax.quality.evaluate import guidance
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 #: The DiT testbed's adapted layers: diffusers' Flux LoRA script's default (both streams' attention and
@@ -98,12 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_models(args):
     """The pipeline, every weight frozen, and the DDPM noise scheduler (``None`` for the DiT testbed: flow
-    matching)."""
-    from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline
+    matching; its pipeline is the ``FluxPipeline`` or ``ChromaPipeline`` that the folder's ``model_index.json``
+    names)."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
     if args.testbed == "dit":
-        pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                            dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                 dtype=torch.float32)
         noise_scheduler = None
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
@@ -146,9 +149,18 @@ def dit_dataset(pipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 def flow_matching_loss(args, pipe, x0: torch.Tensor, choice: torch.Tensor, prompts: list[str],
                        generator: torch.Generator) -> torch.Tensor:
     """The DiT testbed's loss on packed latents ``x0`` ``(B, L, C)`` with prompts ``prompts[choice]``: noise ε and
-    σ ~ U(0, 1) from ``generator``, x_σ = (1 − σ) x₀ + σ ε, MSE of the transformer's output to ε − x₀."""
+    σ ~ U(0, 1) from ``generator``, x_σ = (1 − σ) x₀ + σ ε, MSE of the transformer's output to ε − x₀. The text
+    conditioning as the pipeline gives it: Flux's T5 sequence and CLIP pooled output, or Chroma's T5 sequence and
+    attention mask (text tokens up to the first padding token, then every image token)."""
     with torch.set_grad_enabled(args.train_text_encoder):
-        embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=data.MAX_TOKENS)
+        if type(pipe).__name__ == "ChromaPipeline":
+            embeds, text_ids, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                        max_sequence_length=data.MAX_TOKENS)[:3]
+            text = {"attention_mask": torch.cat([mask[choice], torch.ones(len(x0), x0.shape[1])], dim=1)}
+        else:
+            embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None,
+                                                          max_sequence_length=data.MAX_TOKENS)
+            text = {"pooled_projections": pooled[choice]}
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.rand(len(x0), generator=generator)
     noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
@@ -157,10 +169,10 @@ def flow_matching_loss(args, pipe, x0: torch.Tensor, choice: torch.Tensor, promp
     img_ids[..., 1] += torch.arange(side)[:, None]
     img_ids[..., 2] += torch.arange(side)[None, :]
     transformer = pipe.transformer
-    guidance = torch.full((len(x0),), args.guidance_scale) if transformer.config.guidance_embeds else None
-    out = transformer(hidden_states=noisy, timestep=sigma, encoder_hidden_states=embeds[choice],
-                      pooled_projections=pooled[choice], txt_ids=text_ids, img_ids=img_ids.reshape(-1, 3),
-                      guidance=guidance).sample
+    if getattr(transformer.config, "guidance_embeds", False):
+        text["guidance"] = torch.full((len(x0),), args.guidance_scale)
+    out = transformer(hidden_states=noisy, timestep=sigma, encoder_hidden_states=embeds[choice], txt_ids=text_ids,
+                      img_ids=img_ids.reshape(-1, 3), **text).sample
     return F.mse_loss(out, noise - x0)
 
 
@@ -246,11 +258,11 @@ def load_cores(pipe, path: str | Path) -> None:
 def validate(args, pipe, step: int) -> list[Path]:
     generator = torch.Generator().manual_seed(args.seed)
     count = args.num_validation_images
-    # the DiT testbed has no guidance embedding: true classifier-free guidance against the empty prompt
-    guidance = dict(true_cfg_scale=GUIDANCE, negative_prompt=[""] * count, max_sequence_length=data.MAX_TOKENS) \
-        if args.testbed == "dit" else {}
+    # the DiT testbed has no guidance embedding: classifier-free guidance against the empty prompt, as each of its
+    # pipelines takes it (the quality table's sampling)
+    extra = guidance(pipe, count) if args.testbed == "dit" else {}
     images = pipe([args.validation_prompt] * count, height=data.SIZE, width=data.SIZE,
-                  num_inference_steps=args.num_inference_steps, generator=generator, **guidance).images
+                  num_inference_steps=args.num_inference_steps, generator=generator, **extra).images
     paths = []
     for i, image in enumerate(images):
         paths.append(Path(args.output_dir) / f"validation-{step}-{i}.png")
@@ -280,6 +292,7 @@ def main(argv=None) -> Path:
     settings = {k: getattr(args, k) for k in ("testbed", "max_train_steps", "train_batch_size", "learning_rate",
                                               "lr_scheduler", "lr_warmup_steps", "rank", "core", "seed")}
     generator = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
     for step in range(1, args.max_train_steps + 1):
         loss = loss_of(generator)
         loss.backward()
@@ -293,6 +306,7 @@ def main(argv=None) -> Path:
             print(f"saved {save(args, pipe, step, settings)}")
         if args.validation_prompt and (step % args.validation_steps == 0 or step == args.max_train_steps):
             print(f"validation images: {[str(p) for p in validate(args, pipe, step)]}")
+    settings["seconds"] = round(time.perf_counter() - started)  # the training loop's wall time, saves included
     path = save(args, pipe, None, settings)
     print(f"saved {path} and its standalone form; load it on any pipeline of this architecture with\n"
           f"  pipe.load_lora_weights_cross({args.source_id or args.pretrained_model_name_or_path!r}, "

@@ -149,3 +149,30 @@ def test_dit_testbed_option_trains_a_transformer_adapter_that_loads_on_a_finetun
     report = target.load_lora_weights_cross(source, out, registry=registry)
     assert len(report.applied) == len(file.layers) and "LoRA-X compact file" in report.lora
     assert target.get_list_adapters() == {"transformer": [report.adapter_name], "text_encoder": [report.adapter_name]}
+
+
+def test_dit_testbed_option_trains_on_a_chroma_pipeline(tmp_path):
+    """``--testbed dit`` on a ``ChromaPipeline`` folder (the DiT testbed's Chroma-style variant: T5 alone, no pooled
+    text, Chroma's attention mask) for two steps of batch 4: the file holds every adapted transformer layer, records
+    its training (steps, seconds), a validation image is written with Chroma's guidance, and the file loads back
+    onto that model with every layer applied."""
+    from diffusers_lorax.quality.dit import DIT_ASSETS, DOUBLE_BLOCKS, TRANSFORMER
+
+    example = _example()
+    source, out = DIT_ASSETS / "target-chroma", tmp_path / "out"
+    path = example.main([
+        "--testbed", "dit", "--pretrained_model_name_or_path", str(source), "--output_dir", str(out),
+        "--max_train_steps", "2", "--train_batch_size", "4", "--validation_prompt",
+        "a handwritten digit seven in lrx style", "--num_validation_images", "1", "--validation_steps", "2",
+        "--num_inference_steps", "2", "--threads", "1", "--registry", str(tmp_path / "registry"),
+    ])
+    assert (out / "validation-2-0.png").is_file()
+    file = read_lorax_file(path)
+    per_block = len(example.DIT_TARGETS) - 1  # proj_mlp is the single blocks' only
+    assert len(file.layers) == DOUBLE_BLOCKS * per_block + TRANSFORMER["num_single_layers"] * 4
+    assert all(key.startswith("transformer.") for key in file.layers)
+    assert file.training["max_train_steps"] == 2 and file.training["seconds"] >= 0
+    assert sum(float(file.core(k).abs().sum()) for k in file.layers) > 0
+    pipe = load_pipeline("target-chroma", DIT_ASSETS)
+    report = pipe.load_lora_weights_cross(source, path, registry=tmp_path / "registry")
+    assert len(report.applied) == len(file.layers) and not report.skipped

@@ -1,7 +1,9 @@
 """The DiT testbed (docs/quality.md, "The DiT testbed"): the shipped assets are Flux and Chroma pipelines in diffusers
 layout and style LoRAs saved by diffusers with PEFT metadata, all loaded offline; the source's style LoRA transfers
 onto each target with exactly the layers that target's architecture has (counts derived from the configs in
-``quality/dit.py``), and a copy between identical models is the adapter itself."""
+``quality/dit.py``), and a copy between identical models is the adapter itself; the shipped LoRA-X adapters are
+compact files naming the model they were trained on, and the source's loads onto every target with the layers its
+configs give."""
 
 import json
 
@@ -166,3 +168,61 @@ def test_matched_chroma_variant_skips_exactly_the_modulation_and_clip(registry):
     skipped = report.skipped
     assert {f"{layer.component}.{layer.module}" for layer in skipped} == SOURCE_MODULES - expected
     assert all(layer.reason for layer in skipped)
+
+
+#: The LoRA-X adapter's modules (examples/train_lorax.py's DIT_TARGETS): both streams' attention and feed-forward
+#: projections of each double block, the attention and MLP input of each single block; no modulation, no CLIP.
+LORAX_DOUBLE = DOUBLE - MODULATION
+LORAX_SINGLE = {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"}
+
+
+def lorax_modules(blocks) -> set[str]:
+    """``transformer.<module>`` of a LoRA-X adapter on double blocks ``blocks`` and the testbed's single blocks."""
+    return ({f"transformer.transformer_blocks.{i}.{m}" for i in blocks for m in LORAX_DOUBLE}
+            | {f"transformer.single_transformer_blocks.{i}.{m}" for i in range(SINGLES) for m in LORAX_SINGLE})
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lorax_adapters_are_compact_files_naming_the_model_they_were_trained_on(name):
+    """Each shipped LoRA-X slant adapter is a compact file (one diagonal core per layer, r = min(m, n), no factors)
+    on exactly the transformer layers its model has, and names that model as its source."""
+    from diffusers_lorax import read_lorax_file
+
+    file = read_lorax_file(DIT_ASSETS / dit.LORAX.format(name))
+    assert not file.standalone and file.source["label"] == dit.LORAX_LABEL.format(name)
+    assert file.source["hub_id"] is None
+    blocks = range(len(dit.FLEX_KEPT)) if name == "target-flex" else range(dit.DOUBLE_BLOCKS)
+    assert set(file.layers) == lorax_modules(blocks)
+    assert file.config.core == "diagonal" and file.training["testbed"] == "dit"
+    assert set(file.tensors) == {f"{key}.lorax_core" for key in file.layers}
+    for key, info in file.layers.items():
+        assert info.r == min(info.shape) and file.core(key).shape == (info.r,), key
+
+
+@pytest.mark.parametrize("target", MODELS)
+def test_source_lorax_adapter_loads_onto_each_target_with_its_layers(registry, target):
+    """The source's compact LoRA-X file loads with load_lora_weights_cross (its own transfer, Eq. 3) onto every
+    target: all its layers on the source, the fine-tune and the Chroma-style variant (it has no modulation layer to
+    lose; a layer may be skipped there only by Eq. 3's similarity threshold, never on the source itself); on the
+    Flex-style student no layer on another block than the one holding its teacher block, the 11 dropped
+    blocks' layers skipped, and a kept layer skipped only by that threshold (the student's weights are distilled)."""
+    pipe = load_pipeline(target, DIT_ASSETS)
+    report = pipe.load_lora_weights_cross(DIT_ASSETS / "source", DIT_ASSETS / dit.LORAX.format("source"),
+                                          registry=registry, adapter_name="lorax")
+    everything = lorax_modules(range(dit.DOUBLE_BLOCKS))
+    assert {f"{layer.component}.{layer.module}" for layer in report.layers} == everything
+    placed = {f"{layer.component}.{layer.module}": f"{layer.component}.{layer.target_module or layer.module}"
+              for layer in report.applied}
+    if target == "target-flex":
+        expected = {m: f"transformer.{teacher_block_module(m.split('.', 1)[1])}" for m in everything
+                    if teacher_block_module(m.split(".", 1)[1]) is not None}
+        assert len(expected) == len(dit.FLEX_KEPT) * len(LORAX_DOUBLE) + SINGLES * len(LORAX_SINGLE)
+    else:
+        expected = {m: m for m in everything}
+    skipped = {f"{layer.component}.{layer.module}": layer.reason for layer in report.skipped}
+    below = {m for m, reason in skipped.items() if reason.startswith("subspace similarity below threshold")}
+    assert placed.items() <= expected.items() and set(placed) | below == set(expected)
+    assert set(skipped) - below == everything - set(expected)
+    if target == "source":
+        assert not below  # identical weights: similarity 1
+    assert pipe.get_list_adapters() == {"transformer": ["lorax"]}

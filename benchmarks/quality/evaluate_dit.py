@@ -6,8 +6,11 @@ For each target (the source itself as the identity check, the fine-tune, the Fle
 variant; ``quality/dit.py``) it generates the ten styled prompts × ``--seeds`` seeds with no LoRA, with the source's
 style LoRA transferred by each method of :data:`METHODS` (the projections at their default rank and threshold), and
 with the style LoRA trained on that target, then prints the scores and gap closed (``quality/evaluate.py`` defines
-them), and for each transfer where its layers went: on the Flex-style student, how many of the kept blocks' layers
-received their own teacher block's LoRA (the published Flex map) and how many another block's; skips by reason.
+them). The LoRA-X rows (:func:`lorax_rows`): the source's LoRA-X slant adapter (``dit.LORAX``) moved by its own
+transfer (Eq. 3) and with its ΔW_s copied, and the LoRA-X adapter trained on that target, loaded on it; a second list
+gives their style gap closed against that LoRA-X adapter trained on the target. For each transfer, where its layers
+went: on the Flex-style student, how many of the kept blocks' layers received their own teacher block's LoRA (the
+published Flex map) and how many another block's; skips by reason.
 Offline, on the shipped weights; run it again after a change to the matching to refresh the table.
 """
 
@@ -23,8 +26,8 @@ from pathlib import Path
 import torch
 
 from diffusers_lorax.quality.classifiers import Scorers
-from diffusers_lorax.quality.dit import DIT_ASSETS, FLEX_KEPT, MODELS
-from diffusers_lorax.quality.evaluate import evaluate_target, grid, quiet_logging, table
+from diffusers_lorax.quality.dit import DIT_ASSETS, FLEX_KEPT, LORAX, MODELS
+from diffusers_lorax.quality.evaluate import MIN_GAP, NO_LORA, evaluate_target, grid, quiet_logging, table
 
 #: The transfers of each target: a copy by name, a copy with the default correspondence (``match="auto"``: by name
 #: where the target has the LoRA's modules, else by subspace similarity or a published map), and the projections.
@@ -34,6 +37,33 @@ METHODS = (
     {"method": "lorax", "label": "lorax"},
     {"method": "prolora", "label": "prolora"},
 )
+#: The LoRA-X rows' labels (ASCII: the grid's default font has no Δ; "copied" is ΔW_s with ``method="copy"``).
+LX_TRANSFER, LX_COPY, LX_TRAINED = "LoRA-X transferred (Eq. 3)", "LoRA-X copied", "LoRA-X trained on target"
+
+
+def lorax_rows(target: str, assets: Path) -> list[dict]:
+    """The LoRA-X rows of ``target``: the source's compact LoRA-X file with its default transfer (``method=None``:
+    Eq. 3 with k = r, ``match="auto"``) and copied, and the file trained on ``target`` loaded on ``target`` itself
+    (its own source: every layer by name, the reference of the LoRA-X gap)."""
+    source = assets / LORAX.format("source")
+    return [{"lora": source, "label": LX_TRANSFER}, {"lora": source, "method": "copy", "label": LX_COPY},
+            {"lora": assets / LORAX.format(target), "source": assets / target, "label": LX_TRAINED}]
+
+
+def lorax_gaps(rows: list) -> list[str]:
+    """One line per LoRA-X transfer row: its style gap closed against the LoRA-X adapter trained on its target,
+    (style − no LoRA) / (LoRA-X trained − no LoRA); "—" where those differ by less than ``MIN_GAP``."""
+    lines = []
+    for target in dict.fromkeys(r.target for r in rows):
+        by = {r.method: r for r in rows if r.target == target}
+        base, reference = by[NO_LORA].style, by[LX_TRAINED].style
+        for label in (LX_TRANSFER, LX_COPY):
+            gap = "—" if abs(reference - base) <= MIN_GAP else \
+                f"{round((by[label].style - base) / (reference - base), 2) + 0.0:.0%}"  # + 0.0: no "-0%"
+            lines.append(f"- {target}, {label}: {gap} (LoRA-X trained on target: P(slanted) {reference:.3f})")
+    return lines
+
+
 BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 #: The per-block modulation projections that a Chroma-style transformer lacks (its approximator makes them).
 MODULATION = re.compile(r"(^|\.)(norm1|norm1_context|norm)\.linear$")
@@ -101,13 +131,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         registry = Registry(folder)
         for target in args.targets:
-            target_rows, images = evaluate_target(target, [dict(m) for m in METHODS], digits, seeds, scorers,
-                                                  registry, assets=args.assets)
+            methods = [dict(m) for m in METHODS] + lorax_rows(target, args.assets)
+            target_rows, images = evaluate_target(target, methods, digits, seeds, scorers, registry,
+                                                  assets=args.assets)
             rows += target_rows
             sections.append((target, images))
-            placements += [f"- {target}, {r.method}: {placement(r.report, target)}" for r in target_rows if r.report]
+            placements += [f"- {target}, {r.method}: {placement(r.report, target)}" for r in target_rows
+                           if r.report and r.method != LX_TRAINED]  # (a reference on its own model, not a transfer)
     print(f"## DiT testbed ({len(digits) * len(seeds)} images per row)\n")
     print(table(rows))
+    print("\n## LoRA-X rows: style gap closed against the LoRA-X adapter trained on the target\n")
+    print("\n".join(lorax_gaps(rows)))
     print("\n## Where the layers went\n")
     print("\n".join(placements))
     grid(sections, len(seeds), args.grid)

@@ -25,6 +25,11 @@ from . import data
 #: Where the trained DiT testbed lives (beside the UNet testbed's ``assets``).
 DIT_ASSETS = Path(__file__).resolve().parent / "assets_dit"
 MODELS = ("source", "target-finetune", "target-flex", "target-chroma")
+#: The compact LoRA-X slant adapter trained on each model (``examples/train_lorax.py --testbed dit``, diagonal core,
+#: r = min(m, n); docs/quality.md, "The DiT testbed"), relative to :data:`DIT_ASSETS`, and how its file names the model
+#: it was trained on (a local label, not a Hub id: loaders pass the model folder as ``source``).
+LORAX = "loras/lorax-slant-{}.safetensors"
+LORAX_LABEL = "diffusers-lorax DiT digits testbed: {}"
 #: The pipeline class of each model (``model_index.json`` says it too).
 PIPELINES = {"source": "FluxPipeline", "target-finetune": "FluxPipeline", "target-flex": "FluxPipeline",
              "target-chroma": "ChromaPipeline"}
