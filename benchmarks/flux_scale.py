@@ -24,8 +24,8 @@ block, 3 per single block). Method ``lorax`` at the defaults (k = min(m, n)/2, t
 Printed per pair: the cold call (``load_lora_weights_cross`` on an empty registry; its phases; the time in bases, in
 similarities and in making the source's weights), the registry's bytes (bases and adapter), the peak resident memory
 above what the process held before the call (Linux VmHWM), the warm call (the same call again: served from the
-registry's adapter cache, no SVD) against a plain ``load_lora_weights`` of the transferred adapter (medians of
-``--repeat`` interleaved calls), and an extrapolation to the full depth: per weight shape, the measured seconds of a
+registry's adapter cache, no SVD) against a plain ``load_lora_weights`` of the transferred adapter (both calls read
+a safetensors file, as users' calls do; medians of ``--repeat`` interleaved calls), and an extrapolation to the full depth: per weight shape, the measured seconds of a
 basis and of a similarity times the counts at full depth (the correspondence's own candidate lists on the
 full-depth module tree, built on the meta device), plus the rest of the cold call per LoRA layer; bytes likewise
 from the measured size of a blob per shape.
@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import diffusers_lorax
 from diffusers_lorax import subspace
@@ -214,13 +215,18 @@ def measure(name: str, source: SeededWeights, pipe, lora: dict, registry: Path, 
     entries = Registry(registry).entries()
     state_dict, warm_report = diffusers_lorax.transfer_lora(source, pipe, lora, **options)
     assert warm_report.adapter_cached and warm_report.bases_computed == 0
+    # Both calls read a file, as users' calls do (a file's NaN scan is memoised by its identity; a dict's is not).
+    lora_file = registry.with_name(f"{registry.name}-lora.safetensors")
+    result_file = registry.with_name(f"{registry.name}-transferred.safetensors")
+    save_file(lora, str(lora_file))
+    save_file(state_dict, str(result_file))
 
     def plain():
-        pipe.load_lora_weights(state_dict, adapter_name="plain")
+        pipe.load_lora_weights(str(result_file), adapter_name="plain")
         pipe.delete_adapters("plain")
 
     def warm():
-        report = pipe.load_lora_weights_cross(source, lora, adapter_name="x", **options)
+        report = pipe.load_lora_weights_cross(source, str(lora_file), adapter_name="x", **options)
         pipe.delete_adapters("x")
         assert report.adapter_cached and report.bases_computed == 0
 
