@@ -29,7 +29,6 @@ from diffusers_lorax import (
 )
 from diffusers_lorax.adapters.config import DENOISER_TARGETS, TRANSFORMER_TARGETS
 from diffusers_lorax.registry import families as catalogue_module
-from diffusers_lorax.tiny import FAMILIES
 from diffusers_lorax.weights import PipelineWeights
 
 from helpers import U32, adapter_factors, assert_unchanged, delta_weights, projection_tolerance, state_of
