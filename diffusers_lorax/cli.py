@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-name", help="LoRA file name inside a folder or Hub repo")
     t.add_argument("--match", choices=MATCH_RULES, default=DEFAULT_MATCH, help="how layers find their target module: "
                    "by name, by subspace similarity (distilled targets), or auto (docs/method.md)")
+    t.add_argument("--load-into-transformer-2", action="store_true", help="the LoRA's transformer layers go to the "
+                   "target's transformer_2 (Wan 2.2 A14B's second expert; load the file with load_into_transformer_2=True)")
     t.add_argument("--calibrate", nargs="?", const=True, default=DEFAULT_CALIBRATE, choices=(True, *CALIBRATION_RULES),
                    metavar="RULE", help="rescale the adapter to the LoRA's effect on the source, measured with forward "
                    "passes (rule: global (default), block, layer; docs/calibration.md)")
@@ -149,7 +151,7 @@ def transfer_command(args: argparse.Namespace) -> int:
         args.source, args.target, args.lora, method=args.method, rank=args.rank, threshold=args.threshold,
         calibrate=args.calibrate, calibration_prompts=args.calibration_prompts, match=args.match,
         registry=args.registry, weight_name=args.weight_name, source_revision=args.source_revision,
-        target_revision=args.target_revision)
+        target_revision=args.target_revision, load_into_transformer_2=args.load_into_transformer_2)
     with transferring(request) as result:  # the registry is written only when the file is
         # the adapter with each module's alpha in the file's config: it loads as the transfer made it
         save_transferred(result.adapter, args.target, args.output, result.report)

@@ -181,6 +181,13 @@ class BaseModel:
         components = list(components)
         if self.kind == "weights":
             return self.model
+        for ours, theirs in self.components.items():
+            if ours in components and self.kind == "pipeline" and not isinstance(getattr(self.model, theirs, None),
+                                                                                 torch.nn.Module):
+                raise SourceModelError(
+                    f"the {self.role} {self.label} has no {theirs} to take the LoRA's {ours} layers "
+                    f"(load_into_{theirs}=True): pass a pipeline that has one (Wan 2.2 A14B's second expert), or "
+                    f"leave load_into_{theirs} out")
         if self.kind == "pipeline":
             if any(isinstance(getattr(self.model, self.components.get(c, c), None), torch.nn.Module) for c in components):
                 return PipelineWeights(self.model, self.label, self.components)
@@ -188,7 +195,9 @@ class BaseModel:
                 f"cannot read base-model weights from a {type(self.model).__name__}; pass a pipeline, a local "
                 "diffusers folder or a Hub repo id"
             )
-        return LazyWeights(self.label, self.shapes, self.weight_files)
+        # a folder or Hub repo: the LoRA's component read from the one it stands for (Wan 2.2's transformer_2)
+        return LazyWeights(self.label, lambda c: self.shapes(self.components.get(c, c)),
+                           lambda c: self.weight_files(self.components.get(c, c)))
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Canonical module name -> weight shape of every Linear and Conv2d of ``component`` (``{}`` where the model

@@ -194,4 +194,5 @@ class TransferRequest:
             lora_options=HubOptions(revision=args["revision"], subfolder=args["subfolder"], **shared),
             source_options=HubOptions(args["source_revision"], args["source_subfolder"], args["source_variant"], **shared),
             target_options=HubOptions(args["target_revision"], args["target_subfolder"], args["target_variant"], **shared),
+            target_components={"transformer": "transformer_2"} if args.get("load_into_transformer_2") else {},
         )

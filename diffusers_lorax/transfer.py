@@ -67,6 +67,7 @@ def transfer_lora(
     target_revision: str | None = None,
     target_subfolder: str | None = None,
     target_variant: str | None = None,
+    load_into_transformer_2: bool = False,
 ) -> tuple[dict[str, torch.Tensor], TransferReport]:
     """Transfer ``lora`` (trained on ``source``) to ``target`` without training or data.
 
@@ -106,6 +107,9 @@ def transfer_lora(
         target_revision: as ``source_revision``, for the target.
         target_subfolder: as ``source_subfolder``, for the target.
         target_variant: as ``source_variant``, for the target.
+        load_into_transformer_2: the LoRA's ``transformer`` layers are meant for the target's ``transformer_2`` (Wan
+            2.2 A14B's second expert): the transfer reads that component's weights; the result keeps the
+            ``transformer.`` keys, to load with ``pipe.load_lora_weights(state_dict, load_into_transformer_2=True)``.
 
     Returns:
         ``(state_dict, report)``: a PEFT-format LoRA (``unet.<module>.lora_A.weight`` ``(r', in[, kh, kw])``,
@@ -119,7 +123,8 @@ def transfer_lora(
             ``calibration_prompts`` (checked before anything is read); calibration of a model without a UNet.
         InvalidLoraError: unreadable LoRA, unknown keys, NaN/Inf values.
         ArchitectureMismatchError: the LoRA fits another known family than the target's (or its teacher's); a refiner.
-        SourceModelError: a base model cannot be read, or a LoRA layer does not fit the source's shapes.
+        SourceModelError: a base model cannot be read (with ``load_into_transformer_2``: the target has no
+            ``transformer_2``), or a LoRA layer does not fit the source's shapes.
         NoMatchingLayersError: no LoRA layer has a module of the same name and shape (or a related one) in the target.
         NothingTransferredError: every matching layer fell below ``threshold``.
         RegistryError: the registry cannot be opened (a failed write after a successful transfer is only logged).

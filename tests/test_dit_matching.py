@@ -16,6 +16,7 @@ The catalogue entries of these tiny families (``Family`` with the contract's ``a
 ``ignored``, ``layer_map``) are built here and injected (``families()`` monkeypatched) until the catalogue ships
 the real DiT families."""
 
+import copy
 import dataclasses
 import fnmatch
 import itertools
@@ -426,3 +427,45 @@ def test_inspect_reads_a_students_published_map_as_a_transfer_does():
     assert reason == "dropped by BK-SDM v1 base (distilled from Stable Diffusion 1.x)" and len(names) == 8
     assert all(".attentions.1." in n for n in names)
 
+
+
+def test_the_functional_form_and_the_cli_send_a_lora_to_the_second_expert(tmp_path):
+    """``transfer_lora(..., load_into_transformer_2=True)`` and ``lorax transfer --load-into-transformer-2`` project
+    onto ``transformer_2``'s own weights (a pipeline or a folder alike): their result, loaded with
+    ``load_into_transformer_2=True``, is the adapter ``load_lora_weights_cross`` puts there, bit for bit. A target
+    without a second expert is refused."""
+    from diffusers_lorax import LoraxError
+    from diffusers_lorax.cli import main
+
+    source = FAMILIES["wan"].build(seed=0)
+    pipe = FAMILIES["wan22"].build(seed=9)
+    pipe.transformer.load_state_dict(toy.finetune(FAMILIES["wan"].build(seed=0), seed=1,
+                                                  components=("transformer",)).transformer.state_dict())
+    pipe.transformer_2.load_state_dict(toy.finetune(FAMILIES["wan"].build(seed=0), seed=2,
+                                                    components=("transformer",)).transformer.state_dict())
+    source.save_pretrained(tmp_path / "source")
+    pipe.save_pretrained(tmp_path / "target")
+    lora = str(loras.save_random_lora(tmp_path, "wan", "peft", seed=3))
+    options = dict(method="lorax", registry=tmp_path / "registry")
+    cross = copy.deepcopy(pipe)
+    cross.load_lora_weights_cross(source, lora, adapter_name="a", load_into_transformer_2=True, **options)
+    want = _adapted(cross, "a", "transformer_2")
+    state_dict, report = transfer_lora(tmp_path / "source", tmp_path / "target", lora, load_into_transformer_2=True,
+                                       **options)
+    assert report.target_components == {"transformer": "transformer_2"}
+    assert main(["transfer", str(tmp_path / "source"), str(tmp_path / "target"), lora, "-o",
+                 str(tmp_path / "out.safetensors"), "--method", "lorax", "--registry", str(tmp_path / "registry"),
+                 "--load-into-transformer-2"]) == 0
+    for result in (state_dict, str(tmp_path / "out.safetensors")):
+        loaded = copy.deepcopy(pipe)
+        loaded.load_lora_weights(result, adapter_name="a", load_into_transformer_2=True)
+        got = _adapted(loaded, "a", "transformer_2")
+        assert got.keys() == want.keys() != set() and not _adapted(loaded, "a")
+        assert all(torch.equal(_effect(got[k]), _effect(want[k])) for k in want)
+    with pytest.raises(LoraxError, match="transformer_2"):
+        transfer_lora(source, source, lora, load_into_transformer_2=True, **options)
+
+
+def _effect(factors):
+    A, B, scaling = factors
+    return scaling * B.double() @ A.double()
