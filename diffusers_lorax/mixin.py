@@ -148,7 +148,7 @@ def _request(source: Any, pipe: Any, lora: Any, kwargs: dict[str, Any]) -> Trans
     unknown = sorted(set(kwargs) - set(signature.parameters) | set(kwargs) & {"source", "target", "lora", *_TARGET_ONLY})
     if unknown:
         allowed = [p for p in signature.parameters if p not in ("source", "target", "lora", *_TARGET_ONLY)]
-        allowed += ["hotswap", *_LOAD_ONLY, *_named_load_options(pipe)]
+        allowed = list(dict.fromkeys([*allowed, "hotswap", *_LOAD_ONLY, *_named_load_options(pipe)]))
         close = {name: difflib.get_close_matches(name, ["adapter_name", *allowed], n=1)
                  for name in unknown if name not in signature.parameters}  # a typo, not a target-only option
         hint = "; ".join(f"did you mean {found[0]} for {name}?" for name, found in close.items() if found)

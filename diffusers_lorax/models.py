@@ -181,14 +181,13 @@ class BaseModel:
         components = list(components)
         if self.kind == "weights":
             return self.model
-        for ours, theirs in self.components.items():
-            if ours in components and self.kind == "pipeline" and not isinstance(getattr(self.model, theirs, None),
-                                                                                 torch.nn.Module):
-                raise SourceModelError(
-                    f"the {self.role} {self.label} has no {theirs} to take the LoRA's {ours} layers "
-                    f"(load_into_{theirs}=True): pass a pipeline that has one (Wan 2.2 A14B's second expert), or "
-                    f"leave load_into_{theirs} out")
         if self.kind == "pipeline":
+            for ours, theirs in self.components.items():
+                if ours in components and not isinstance(getattr(self.model, theirs, None), torch.nn.Module):
+                    raise SourceModelError(
+                        f"the {self.role} {self.label} has no {theirs} to take the LoRA's {ours} layers "
+                        f"(load_into_{theirs}=True): pass a pipeline that has one (Wan 2.2 A14B's second expert), or "
+                        f"leave load_into_{theirs} out")
             if any(isinstance(getattr(self.model, self.components.get(c, c), None), torch.nn.Module) for c in components):
                 return PipelineWeights(self.model, self.label, self.components)
             raise SourceModelError(

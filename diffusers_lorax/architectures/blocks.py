@@ -28,7 +28,7 @@ class Blocks(Layout):
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         super().__init__(shapes)
         # containers (exact paths) whose entries are layers: their indices are part of the kind
-        self._layers = {name.rsplit(".", 1)[0] for name in shapes if name.rsplit(".", 1)[-1].isdigit()}
+        self._layers = _layer_containers(shapes)
         self._depth: dict[str, int] = {}
         for name in shapes:
             s = self.slot(name)
@@ -78,10 +78,15 @@ class Blocks(Layout):
 def top_stacks(shapes: dict[str, tuple[int, ...]]) -> set[str]:
     """The stacks directly under the component (``transformer_blocks``, ``single_transformer_blocks``, ``blocks``):
     first name parts followed by a block index whose entries are blocks."""
-    layers = {name.rsplit(".", 1)[0] for name in shapes if name.rsplit(".", 1)[-1].isdigit()}
+    layers = _layer_containers(shapes)
     found = set()
     for name in shapes:
         parts = name.split(".")
         if len(parts) > 2 and parts[1].isdigit() and parts[0] not in layers:
             found.add(parts[0])
     return found
+
+
+def _layer_containers(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """Containers whose entries are layers (a module name ends in their index: ``ff.net.2``), not blocks."""
+    return {name.rsplit(".", 1)[0] for name in shapes if name.rsplit(".", 1)[-1].isdigit()}

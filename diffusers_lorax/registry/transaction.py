@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import RegistryError
 from ..subspace import Basis
-from .blobs import as_stored, atomic_save, basis_tensors, blob_path, truncated
+from .blobs import atomic_save, basis_tensors, blob_path, truncated
 from .database import AdapterRow, Base, BasisRow, CalibrationRow, CorrespondenceRow, SimilarityRow, error_message
 from .location import ENV_MAX_BYTES
 
@@ -67,11 +67,12 @@ class Transaction:
         of that weight staged before with at least as many vectors is kept (it holds this one). Returns the basis as
         the registry stores it (:func:`~diffusers_lorax.registry.blobs.as_stored`): compute with that one, so that a
         call that computed a basis gives what a call that reads it gives."""
-        stored = as_stored(basis)
+        tensors = basis_tensors(basis)
+        stored = truncated(tensors, basis.k)
         if fp in self.bases and self.bases[fp][1].k >= basis.k:
             return stored
         path = self.directory / fp
-        checksum = atomic_save(basis_tensors(basis), path)
+        checksum = atomic_save(tensors, path)
         now = time.time()
         self.bases[fp] = (path, BasisRow(
             fingerprint=fp, store=self.registry.store, rows=basis.U.shape[0], cols=basis.V.shape[0], k=basis.k,
