@@ -1,23 +1,25 @@
-"""Calibrated transfer: rescale the transferred adapter so that its effect on the target matches the LoRA's effect on
-the source, measured with forward passes only (:mod:`~diffusers_lorax.probe`); no data, no training.
+"""Calibrated transfer: rescale the transferred adapter so that its effect on the target matches the LoRA's effect
+on the source, measured with forward passes only on the pipeline's own denoiser calls; no data, no training.
 
-With ``E_S`` = ‖ε_S(with the LoRA) − ε_S(without)‖ over the probe samples and ``E_T`` the same on the target with
-the transferred adapter, the rules are:
+1. A short run of the target pipeline (:data:`STEPS` steps at :data:`LATENT_SIZE` latents, the calibration prompts,
+   seed :data:`SEED`, ``output_type="latent"``) gives the denoiser's calls and its output without the adapter
+   (:mod:`~diffusers_lorax.probe_run`).
+2. Each call is replayed on the target with the transferred adapter (``Δε_T``), and on the source without and with
+   the LoRA (``Δε_S``), the source's text encoders giving its conditioning (:mod:`~diffusers_lorax.probe_models`: one
+   denoiser in memory for a fine-tune).
+3. The least-squares scale ``⟨Δε_S, Δε_T⟩ / ‖Δε_T‖²`` and the cosine between the two effects decide the scale, with
+   the guards of :mod:`~diffusers_lorax.estimate`.
 
-- ``"global"`` (the default): one scale ``s = E_S / E_T`` for every layer. On the source the LoRA is applied only on
-  the layers that were transferred (the coverage guard): a target that lacks some of the LoRA's layers (a distilled
-  model) is not asked to make up for them with the others, which is what destroys its content (docs/quality.md).
-- ``"block"``: one scale per UNet block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) and per text encoder,
-  each from passes with only that block's layers applied.
-- ``"layer"``: one scale per layer, ``‖B_s A_s x_s‖ / ‖B_t A_t x_t‖``, the layer's own output effect on its inputs in
-  the full passes (no extra pass).
+Rules: ``"global"`` (the default): one scale for every layer. On the source the LoRA is applied only on the layers
+that were transferred (the coverage guard): a target that lacks some of the LoRA's layers (a distilled model) is not
+asked to make up for them with the others, which is what destroys its content (docs/quality.md). ``"block"``: one
+scale per denoiser block and per text encoder, each from passes with only that block's layers applied. ``"layer"``:
+one scale per layer, ``‖B_s A_s x_s‖ / ‖B_t A_t x_t‖``, the layer's own output effect in the full passes.
 
-Every scale is clamped to ``[1 / MAX_SCALE, MAX_SCALE]``, and one within :data:`EXACT` of 1 is 1. The scale is folded
-into ``lora_B``, so a user's ``set_adapters`` weight multiplies on top of it. Between identical models a copied
-adapter gets scale 1 exactly: both sides compute the same numbers. (A projection loses part of the update even there,
-and calibration scales it back up, within the clamp.)
-Results are cached in the registry under a key of the LoRA, the transferred adapter, both models' weights, the
-prompts and the rule: a repeated call runs no forward pass.
+The scale is folded into ``lora_B``, so a user's ``set_adapters`` weight multiplies on top of it. Between identical
+models a copy gets scale 1 and cosine 1 exactly, without a pass (same fingerprints, same factors). Results are cached
+in the registry under a key of the LoRA, the transferred adapter, both models' weights, the prompts and the rule: a
+repeated call runs no forward pass.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ import torch
 import xxhash
 from diffusers.utils import logging
 
-from . import _version, architectures, probe
-from .held import execution_device, stored_tensor, unwrap_compiled
+from . import _version, architectures, estimate, probe
+from .errors import InvalidOptionsError
+from .estimate import Paired
+from .held import stored_tensor, unwrap_compiled
 from .lora import LoraLayer
 from .models import BaseModel
 from .options import TransferRequest
+from .probe_models import SourceDenoiser, source_text, target_side
 from .report import TransferReport
 from .transferred import TransferredAdapter
 from .weight_files import component_files
@@ -44,43 +49,52 @@ from .weights import file_identity, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
 
-#: Probe samples (latent, timestep, prompt) per model: 2 passes each (without and with the adapter).
-SAMPLES = 8
-#: Seed of the probe latents.
+#: Denoising steps of the probe run: every denoiser call of it is replayed (one sample per prompt per call).
+STEPS = 4
+#: Latent height and width of the probe run (the pixel size is this times the pipeline's VAE scale factor).
+LATENT_SIZE = 32
+#: Seed of the probe run's latents.
 SEED = 0
-#: Guard: no scale goes beyond this factor up or down.
-MAX_SCALE = 2.0
 #: Guard: on the source, apply only the LoRA layers that were transferred (benchmarks turn it off to show why).
 COVERAGE_GUARD = True
 #: Whether the text-encoder layers are rescaled too (benchmarks compare).
 SCALE_TEXT_ENCODERS = True
-#: A scale this close to 1 is 1 exactly: below the probe's resolution, and float rounding between identical models.
-EXACT = 1e-4
 #: At most this many trigger words / tags from the LoRA file's metadata become prompts.
 METADATA_PROMPTS = 8
+#: The components a model's fingerprint covers.
+FINGERPRINTED = ("unet", "transformer", "transformer_2", *probe.TEXT_COMPONENTS)
 
 
 def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, layers: list[LoraLayer],
               matched: dict[int, tuple[str, str]], adapter: TransferredAdapter, report: TransferReport,
               registry: Any, txn: Any) -> None:
-    """Rescale ``adapter`` (in place, through each module's alpha) by the calibration rule ``request.config.calibrate``; fill
-    ``report.calibration`` and each applied layer's ``scale``. Reads and stages the result through the registry.
+    """Rescale ``adapter`` (in place, through each module's alpha) by the calibration rule ``request.config.calibrate``;
+    fill ``report.calibration`` and each applied layer's ``scale``. Reads and stages the result through the registry.
     Raises :class:`SourceModelError` if a model cannot be loaded for the passes, :class:`InvalidOptionsError` if a
-    model is not a UNet model."""
+    pipeline cannot be run from prompts alone (the message says so and names ``calibrate=False``)."""
     config = request.config
     rule = "global" if config.calibrate is True else config.calibrate
+    for model in (source, target):
+        if model.kind == "weights":
+            raise InvalidOptionsError(f"calibration runs the {model.role}'s pipeline and denoiser; a weights reader has "
+                                      "none: pass calibrate=False, or a pipeline, folder or Hub id")
     prompts, origin = resolve_prompts(config.calibration_prompts, lora_metadata(request))
     prefixes = {_target_key(prefix): prefix for prefix in adapter.prefixes}
     applied = {i: prefixes[matched[i]] for i in matched if report.layers[i].applied and matched[i] in prefixes}
-    samples = probe.Samples(prompts, max(SAMPLES, len(prompts)), SEED)
-    device, dtype = _device_dtype(target)
+    on_source = applied if COVERAGE_GUARD else matched_or_not(layers)
+    fs = {layers[i].key: _source_factors(layers[i]) for i in on_source}
+    ft = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
     fps = (model_fingerprint(source), model_fingerprint(target))
-    key = calibration_key(rule, samples, dtype, fps, layers, applied, adapter)
+    key = calibration_key(rule, prompts, fps, layers, applied, adapter)
     result = registry.get_calibration(key)
     cached = result is not None
     if result is None:
         started = time.perf_counter()
-        result = _measure(rule, samples, device, dtype, source, target, layers, matched, applied, adapter)
+        if fps[0] == fps[1] and source.components == target.components and _same_factors(fs, ft, layers, matched, applied):
+            result = dict(rule=rule, scale=1.0, cosine=1.0, kept=None, passes=0, scales=dict.fromkeys(applied.values(), 1.0),
+                          matched_on="identical models and factors (same fingerprints): no pass needed")
+        else:
+            result = _measure(rule, prompts, source, target, layers, matched, applied, fs, ft)
         result.update(prompts=list(prompts), prompts_from=origin, seconds=round(time.perf_counter() - started, 3))
         txn.stage_calibration(key, result)
     for i, prefix in applied.items():
@@ -89,57 +103,97 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
         if s != 1.0:
             adapter.rescale(prefix, s)
     report.calibration = dict(result, cached=cached)
+    if result.get("kept"):
+        logger.warning(f"calibration: {result['kept']}")
 
 
-def _measure(rule, samples, device, dtype, source, target, layers, matched, applied, adapter) -> dict:
-    """Run the passes on both models and derive the scales (module docstring), keyed by target PEFT prefix."""
-    on_source = applied if COVERAGE_GUARD else matched_or_not(layers)
-    source_factors = {layers[i].key: _source_factors(layers[i]) for i in on_source}
-    target_factors = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
-    groups_s = groups_t = None
+def _same_factors(fs, ft, layers, matched, applied) -> bool:
+    """Whether the transferred factors are the LoRA's on every applied layer (a copy), and nothing else is applied."""
+    return len(fs) == len(ft) == len(applied) and all(
+        all(torch.equal(a, b) for a, b in zip(fs[layers[i].key], ft[matched[i]])) for i in applied)
+
+
+def _groups(rule: str, layers, matched, applied) -> dict[str, tuple[set, set]]:
+    """Layer keys applied together: ``"all"``, and for the ``"block"`` rule one group per block (source keys,
+    target keys)."""
+    groups = {"all": ({layers[i].key for i in applied}, {matched[i] for i in applied})}
     if rule == "block":
-        groups_s, groups_t = {}, {}
         for i in applied:
-            groups_s.setdefault(block_of(matched[i]), set()).add(layers[i].key)
-            groups_t.setdefault(block_of(matched[i]), set()).add(matched[i])
-    effect_s = probe.measure(source, source_factors, samples, device, dtype, groups_s)
-    effect_t = probe.measure(target, target_factors, samples, device, dtype, groups_t)
-    E_s, E_t = math.sqrt(effect_s.total), math.sqrt(effect_t.total)
+            group = groups.setdefault(block_of(matched[i]), (set(), set()))
+            group[0].add(layers[i].key)
+            group[1].add(matched[i])
+    return groups
+
+
+def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) -> dict:
+    """Run the passes (module docstring) and derive the scales, keyed by target PEFT prefix."""
+    groups = _groups(rule, layers, matched, applied)
+    if not COVERAGE_GUARD:
+        groups["all"] = (set(fs), groups["all"][1])
+    paired = {g: Paired() for g in groups}
+    local_s: dict = {}
+    local_t: dict = {}
+    denoisers = sorted({key[0] for key in ft if key[0] not in probe.TEXT_COMPONENTS})
+    passes, how, loaded = 0, [], []
+    with target_side(target) as side:
+        text_side, swaps, conditioning_from = source_text(source, side)
+        for component in denoisers:
+            calls = side.capture(component, prompts)
+            reference = calls[0]
+
+            def conditioning(on, text, swap=None, local=None):
+                text = {k: v for k, v in text.items() if k[0] in probe.TEXT_COMPONENTS}
+                if not text and not swap and on is side:
+                    return {}
+                return probe.conditioning(reference, on.first_call(component, prompts, text, swap, local))
+
+            module = unwrap_compiled(side.module(component))
+            device, _ = side.device_dtype(component)
+            targets = {}
+            for g, (_, keys) in groups.items():
+                replace = conditioning(side, {k: ft[k] for k in keys}, None, local_t if g == "all" else None)
+                targets[g] = [probe.run(module, call, replace, {k: ft[k] for k in keys}, component, device, None,
+                                        local_t if g == "all" else None) - call.output.double().cpu()
+                              for call in calls]
+            plain = conditioning(text_side, {}, swaps)
+            with SourceDenoiser(source, side, component) as other:
+                how.append(other.how)
+                loaded += [other.loaded] if other.loaded else []
+                for g, (keys, _) in groups.items():
+                    replace = conditioning(text_side, {k: fs[k] for k in keys}, swaps, local_s if g == "all" else None)
+                    for call, effect_t in zip(calls, targets[g]):
+                        without = other.run(call, plain, {})
+                        with_lora = other.run(call, replace, {k: fs[k] for k in keys}, local_s if g == "all" else None)
+                        paired[g].add(with_lora - without, effect_t)
+                        passes += 2 * len(without)
+            passes += sum(len(call.output) for call in calls) * (1 + len(groups))
+    return _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) | dict(
+        passes=passes, samples=len(paired["all"].st), steps=STEPS, latent_size=LATENT_SIZE,
+        source_denoiser="; ".join(dict.fromkeys(how)), source_loaded=loaded or None, conditioning=conditioning_from,
+        matched_on=f"Δε of the {'/'.join(denoisers)} on {len(paired['all'].st)} calls of a {STEPS}-step run at "
+        f"{LATENT_SIZE}×{LATENT_SIZE} latents, {len(applied)} transferred layers applied on both models")
+
+
+def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) -> dict:
+    """The report's figures and the scale of each applied layer by ``rule`` (module docstring)."""
+    whole = paired["all"]
+    scale, cosine, kept = estimate.decide(whole.scale, whole.cosine)
     if rule == "global":
-        scales = dict.fromkeys(applied.values(), _ratio(E_s, E_t))
+        scales = dict.fromkeys(applied.values(), scale)
     elif rule == "block":
-        per_block = {g: _ratio(math.sqrt(effect_s.groups[g]), math.sqrt(effect_t.groups[g])) for g in groups_s}
+        per_block = {g: estimate.decide(p.scale, p.cosine)[0] for g, p in paired.items()}
         scales = {prefix: per_block[block_of(matched[i])] for i, prefix in applied.items()}
     else:
-        scales = {prefix: _ratio(math.sqrt(effect_s.local[layers[i].key][0]), math.sqrt(effect_t.local[matched[i]][0]))
-                  for i, prefix in applied.items()}
+        scales = {}
+        for i, prefix in applied.items():
+            s, t = local_s.get(layers[i].key, [0.0])[0], local_t.get(matched[i], [0.0])[0]
+            scales[prefix] = estimate.decide(math.sqrt(s / t) if t > 0 else None, cosine)[0]
     if not SCALE_TEXT_ENCODERS:
         scales = {p: 1.0 if p.split(".", 1)[0] in probe.TEXT_COMPONENTS else v for p, v in scales.items()}
-    spread = scale_error(effect_s.per_sample, effect_t.per_sample)
-    return dict(rule=rule, global_scale=E_s / E_t if E_t > 0 else None, global_scale_se=spread,
-                matched_on=f"‖Δε‖ of the UNet over {samples.count} samples (latents N(0, I) at timesteps "
-                f"spread over the schedule), {len(applied)} transferred layers applied on both models",
-                source_effect=E_s / math.sqrt(samples.count), target_effect=E_t / math.sqrt(samples.count),
-                passes=effect_s.passes + effect_t.passes, scales=scales)
-
-
-def scale_error(source: list[float], target: list[float]) -> float | None:
-    """Standard error of ``sqrt(Σ a / Σ b)`` from paired per-sample ``a`` = ‖Δε_S‖², ``b`` = ‖Δε_T‖² (the ratio
-    estimator's variance ``S²(a − r b) / (n b̄²)``, Cochran, *Sampling Techniques*, 1977, §6.3, then the delta
-    method for the square root); ``None`` with fewer than two samples or no effect on the target."""
-    a, b = torch.tensor(source, dtype=torch.float64), torch.tensor(target, dtype=torch.float64)
-    if a.numel() < 2 or float(b.sum()) <= 0.0 or a.shape != b.shape:
-        return None
-    r = a.sum() / b.sum()
-    variance = (a - r * b).var() / (a.numel() * b.mean() ** 2)
-    return float(variance.sqrt() / (2 * r.sqrt()))
-
-
-def _ratio(source: float, target: float) -> float:
-    """``source / target`` clamped to ``[1/MAX_SCALE, MAX_SCALE]``; 1 when the target shows no effect at all."""
-    if target <= 0.0 or not math.isfinite(source / target) or abs(source / target - 1.0) <= EXACT:
-        return 1.0
-    return min(MAX_SCALE, max(1.0 / MAX_SCALE, source / target))
+    source_effect, target_effect = whole.effects()
+    return dict(rule=rule, scale=scale if rule == "global" else None, cosine=cosine, kept=kept,
+                global_scale=whole.scale, global_scale_se=whole.scale_error(), source_effect=source_effect,
+                target_effect=target_effect, scales=scales)
 
 
 def matched_or_not(layers: list[LoraLayer]) -> dict[int, str]:
@@ -175,16 +229,6 @@ def _target_factors(adapter: TransferredAdapter, prefix: str) -> tuple[torch.Ten
     return A, (B.float() * adapter.scaling(prefix)).to(B.dtype)
 
 
-def _device_dtype(target: BaseModel) -> tuple[torch.device, torch.dtype]:
-    """Where the passes run: the target pipeline's execution device (also under offload) and its UNet's dtype;
-    float32 on the CPU for a folder or Hub id."""
-    unet = getattr(target.model, "unet", None) if target.kind == "pipeline" else None
-    if isinstance(unet, torch.nn.Module):
-        weight = next(unet.parameters())
-        return execution_device(target.model) or weight.device, weight.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def resolve_prompts(given: tuple[str, ...] | None, metadata: dict[str, str]) -> tuple[tuple[str, ...], str]:
     """The prompts and where they came from: ``calibration_prompts`` when given; else the trigger phrase
     (``modelspec.trigger_phrase``) or the most frequent caption tags (kohya ``ss_tag_frequency``, summed over its
@@ -218,13 +262,13 @@ def lora_metadata(request: TransferRequest) -> dict[str, str]:
     return file_metadata(request.lora, request.weight_name, **request.lora_options.kwargs())
 
 
-def calibration_key(rule: str, samples: probe.Samples, dtype: torch.dtype, fps: tuple[str, str],
-                    layers: list[LoraLayer], applied: dict[int, str], adapter: TransferredAdapter) -> str:
-    """XXH3-128 of what a calibration depends on: this package's version, the rule and its constants, the samples
-    and prompts, the dtype, both models' fingerprints, the LoRA's layers applied on the source (factors and scale)
-    and the transferred adapter's tensors."""
-    head = [_version.__version__, rule, SAMPLES, MAX_SCALE, COVERAGE_GUARD, SCALE_TEXT_ENCODERS, EXACT,
-            list(samples.prompts), samples.count, samples.seed, str(dtype), *fps]
+def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], layers: list[LoraLayer],
+                    applied: dict[int, str], adapter: TransferredAdapter) -> str:
+    """XXH3-128 of what a calibration depends on: this package's version, the rule and the constants of the run and
+    the guards, the prompts, both models' fingerprints (which include their dtypes), the LoRA's layers applied on the
+    source (factors and scale) and the transferred adapter's tensors."""
+    head = [_version.__version__, rule, STEPS, LATENT_SIZE, SEED, estimate.MAX_SCALE, estimate.MIN_COSINE,
+            COVERAGE_GUARD, SCALE_TEXT_ENCODERS, estimate.EXACT, list(prompts), *fps]
     digest = xxhash.xxh3_128(json.dumps(head).encode())
     for i in sorted(applied, key=lambda i: layers[i].peft_key):
         layer = layers[i]
@@ -240,8 +284,9 @@ def calibration_key(rule: str, samples: probe.Samples, dtype: torch.dtype, fps: 
 _FILE_IDS: dict[tuple[str, int, int], str] = {}
 
 
-def model_fingerprint(model: BaseModel, components: tuple[str, ...] = ("unet", *probe.TEXT_COMPONENTS)) -> str:
-    """XXH3-128 over the UNet's and text encoders' configs and weights: for a pipeline, every parameter and buffer
+def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRINTED) -> str:
+    """XXH3-128 over the denoisers' and text encoders' configs and weights (as the pipeline holds them: a
+    pipeline attribute for each name, or the model's component folder): for a pipeline, every parameter and buffer
     (a PEFT layer's base weight, not its adapters; an offloaded one from its hook, a quantized one by its dequantized
     values; memoised on the tensor while it is unchanged, as :class:`~diffusers_lorax.weights.PipelineWeights`
     does); for a folder or Hub id, the weight files' contents (a Hub cache blob's SHA-256 name, else an XXH3 of the

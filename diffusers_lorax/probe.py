@@ -1,197 +1,100 @@
-"""Measure an adapter's effect on a base model with forward passes only: no data, no training.
+"""Measure an adapter's effect on a denoiser with forward passes only, on the denoiser's own calls: no data, no
+training.
 
-The effect is ‖ε(x_t, t, c; with the adapter) − ε(x_t, t, c; without)‖ of the denoiser (a ``UNet2DConditionModel``:
-SD 1.x/2.x and SDXL), on random latents ``x_t ~ N(0, I)`` at the model's native latent size and at timesteps spread
-evenly over the training schedule, with prompts ``c`` embedded by the model's own text encoder(s), with the adapter's
-text-encoder layers applied in the "with" passes. For a variance-preserving schedule (the DDPM/SD one), ``x_t =
-√ᾱ_t x_0 + √(1−ᾱ_t) ε`` with ``x_0, ε ~ N(0, I)`` is exactly ``N(0, I)`` at every t, so random latents stand for
-noised latents of unit variance at every timestep. The same latents, timesteps and prompts are used on both models.
+The calls come from a short run of the target pipeline itself (:mod:`~diffusers_lorax.probe_run`): its prompt
+encoding and conditioning, its scheduler's timesteps and noised latents, at a small latent size. A call is replayed
+on a denoiser with an adapter applied, and its effect is ``Δε = ε(call; with the adapter) − ε(call; without)``
+(float64, per batch row). Conditioning that the adapter's text-encoder layers (or another model's text encoders)
+change is put in place of the call's own (:func:`conditioning`): the tensors of a call's inputs that a second run,
+stopped at its first denoiser call, gives otherwise.
 
 The adapter is applied with forward hooks that add ``B (A x)`` to the output of each adapted ``Linear`` / ``Conv2d``
 (``A`` a convolution with the base layer's kernel, stride, padding and dilation, ``B`` a 1×1 convolution): the
 computation of PEFT's LoRA layer (``lora_B(lora_A(x)) · scaling``, scaling folded into ``B``), without injecting
 anything into the model; the hooks are removed, and any PEFT adapters the model already carries are re-enabled as
 they were, when a pass ends. Each hook also records ``‖B A x‖²`` and ``‖W x‖²`` (its layer's local effect).
-
-A model given as a pipeline object is run as it is (its device and dtype). One given as a folder or Hub id is loaded
-in two steps, each freed before the next: its tokenizers and text encoders (``pipeline_class.from_pretrained`` with
-every other component ``None``: nothing else is read or downloaded), then its UNet (``from_pretrained(...,
-subfolder="unet", low_cpu_mem_usage=True)``). So at most one extra UNet is in memory at a time.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .architectures import unet as unet_architecture
-from .errors import InvalidOptionsError, SourceModelError
+from .errors import SourceModelError
 from .held import unwrap_compiled
-from .models import BaseModel
+from .probe_run import Call
 from .weights import canonical_module
 
 #: ``(component, canonical module) -> (A (r, in[, kh, kw]), B (out, r[, 1, 1]))``, the scale folded into ``B``.
 Factors = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-_KEEP = {"tokenizer", "tokenizer_2", *TEXT_COMPONENTS, "scheduler"}
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: Inputs that are the sample or the timestep, never conditioning, by the names diffusers' denoisers give them.
+_NOT_CONDITIONING = {"sample", "hidden_states", "x", "timestep", "timesteps", "t"}
 
 
-@dataclass(frozen=True)
-class Samples:
-    """The probe inputs shared by both models: ``count`` latents ``N(0, I)`` from ``seed``, timesteps evenly spread
-    over the schedule (midpoints of ``count`` equal bins of ``[0, T)``), sample ``j`` with ``prompts[j % P]``."""
-
-    prompts: tuple[str, ...]
-    count: int
-    seed: int = 0
-    batch: int = 4
-
-
-@dataclass
-class Effect:
-    """What the passes measured on one model: ``total`` = Σ over samples of ‖Δε‖² (Δε = ε with − ε without the
-    adapter, float64 sums), ``groups`` the same with only one group's layers applied (groups asked for), ``local``
-    per hooked layer (Σ‖B A x‖², Σ‖W x‖²) in the pass with every layer applied, ``base`` = Σ‖ε without‖²,
-    ``per_sample`` the ‖Δε‖² of each sample (their sum is ``total``)."""
-
-    total: float = 0.0
-    per_sample: list[float] = field(default_factory=list)
-    base: float = 0.0
-    groups: dict[str, float] = field(default_factory=dict)
-    local: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    passes: int = 0
+def conditioning(reference: Call, other: Call) -> dict[Any, Any]:
+    """The inputs of ``other`` (a first call of a run with other text encoders or text-encoder layers) that differ
+    from ``reference`` (the same run's first call without them): position or keyword (a nested dict's key as a
+    tuple) → value. The sample (first positional input) and timestep are never taken."""
+    found: dict[Any, Any] = {}
+    for where, value in _entries(other):
+        if where == 0 or (isinstance(where, tuple) and where[0] in _NOT_CONDITIONING) or where in _NOT_CONDITIONING:
+            continue
+        mine = _get(reference, where)
+        if isinstance(value, torch.Tensor) and not (isinstance(mine, torch.Tensor) and mine.shape == value.shape
+                                                   and torch.equal(mine, value)):
+            found[where] = value
+    return found
 
 
-class Denoiser:
-    """One model's text encoders and UNet, borrowed from a pipeline or loaded from its files (see the module
-    docstring); use as a context manager so that what was loaded is freed."""
-
-    def __init__(self, model: BaseModel, device: torch.device, dtype: torch.dtype):
-        self.model, self.device, self.dtype = model, device, dtype
-        self.pipe = model.model if model.kind == "pipeline" else None
-        self.unet = getattr(self.pipe, "unet", None) if self.pipe is not None else None
-
-    def __enter__(self) -> Denoiser:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.model.kind != "pipeline":
-            self.pipe = self.unet = None
-            gc.collect()
-
-    def _from_pretrained(self, cls: type, **kwargs):
-        options = self.model.options
-        if self.model.kind == "hub" and options.subfolder:
-            raise InvalidOptionsError(
-                f"calibration loads the {self.model.role} {self.model.label!r} with diffusers' from_pretrained, which "
-                "cannot read a pipeline from a subfolder of a Hub repo: pass calibrate=False, or a local folder")
-        root = str(self.model.path) if self.model.kind == "folder" else self.model.hub_id
-        hub = {k: v for k, v in dict(revision=options.revision, variant=options.variant, token=options.token,
-                                     cache_dir=options.cache_dir).items() if v is not None}
-        try:
-            return cls.from_pretrained(root, dtype=self.dtype, **hub, **kwargs)
-        except Exception as err:  # missing files, offline cache misses, bad configs
-            raise SourceModelError(
-                f"calibration could not load {kwargs.get('subfolder', 'the text encoders')} of the {self.model.role} "
-                f"{self.model.label!r}: {type(err).__name__}: {err}") from err
-
-    def load_text(self) -> None:
-        if self.pipe is None:
-            index = self.model._required_model_index()
-            skip = {name: None for name in index if not name.startswith("_") and name not in _KEEP}
-            self.pipe = self._from_pretrained(self.model.pipeline_class, **skip).to(self.device)
-
-    def load_unet(self) -> None:
-        if self.unet is None:
-            self.pipe = None  # the text encoders go before the UNet comes
-            gc.collect()
-            library, name = self.model._required_model_index().get("unet", (None, None))
-            if name is None:
-                raise InvalidOptionsError(
-                    f"calibration needs a UNet; the {self.model.role} {self.model.label!r} has none")
-            cls = getattr(importlib.import_module(library), name)
-            self.unet = self._from_pretrained(cls, subfolder="unet", low_cpu_mem_usage=True).to(self.device).eval()
-
-    def encode(self, prompts: tuple[str, ...], factors: Factors, local: dict | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings ``(P, L, D)`` and, for SDXL, pooled embeddings ``(P, D2)`` (else ``None``), with the
-        text-encoder layers of ``factors`` applied (their local effects added to ``local``)."""
-        self.load_text()
-        encoders = {c: getattr(self.pipe, c) for c in TEXT_COMPONENTS if getattr(self.pipe, c, None) is not None}
-        with torch.no_grad(), hooked(encoders, factors, local if local is not None else {}):
-            out = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        return out[0], (out[2] if len(out) == 4 else None)
-
-    def timesteps(self, count: int) -> torch.Tensor:
-        scheduler = getattr(self.pipe, "scheduler", None)
-        total = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
-        return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).long()
-
-    def eps(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor | None):
-        return unet_architecture.denoise(self.unet, latents, t, embeds, pooled, self.model.role)
+def _entries(call: Call) -> Iterator[tuple[Any, Any]]:
+    yield from enumerate(call.args)
+    for key, value in call.kwargs.items():
+        if isinstance(value, dict):
+            yield from (((key, inner), v) for inner, v in value.items())
+        else:
+            yield key, value
 
 
-def measure(model: BaseModel, factors: Factors, samples: Samples, device: torch.device, dtype: torch.dtype,
-            groups: dict[str, set[tuple[str, str]]] | None = None) -> Effect:
-    """Run the passes on ``model`` (see the module docstring) with the adapter ``factors`` and return its
-    :class:`Effect`. ``groups`` (name → layer keys) asks for one extra pass per group, with only its layers applied.
-    Passes: ``2 · count`` (plus ``count`` per group), in batches of ``samples.batch``. Raises
-    :class:`SourceModelError` if the model cannot be loaded, :class:`InvalidOptionsError` if it is not a UNet model."""
-    effect = Effect()
-    groups = groups or {}
-    with Denoiser(model, device, dtype) as net:
-        text_keys = {key for key in factors if key[0] in TEXT_COMPONENTS}
-        plain = net.encode(samples.prompts, {})
-        styled = net.encode(samples.prompts, factors, effect.local) if text_keys else plain
-        per_group = {g: net.encode(samples.prompts, {k: factors[k] for k in keys & text_keys}) if keys & text_keys
-                     else plain for g, keys in groups.items()}
-        timesteps = net.timesteps(samples.count)
-        net.load_unet()
-        config = net.unet.config
-        size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)[0]
-        generator = torch.Generator().manual_seed(samples.seed)
-        latents = torch.randn((samples.count, config.in_channels, size, size), generator=generator)
-        unet_factors = {key: value for key, value in factors.items() if key[0] == "unet"}
-        for start in range(0, samples.count, samples.batch):
-            rows = list(range(start, min(start + samples.batch, samples.count)))
-            batch = _Batch(net, effect, latents[rows].to(device, dtype), timesteps[rows],
-                           [j % len(samples.prompts) for j in rows])
-            eps0 = batch.run(plain, {})
-            effect.base += float(eps0.pow(2).sum())
-            delta = (batch.run(styled, unet_factors, effect.local) - eps0).pow(2).flatten(1).sum(1)
-            effect.per_sample += delta.tolist()
-            effect.total += float(delta.sum())
-            for g, keys in groups.items():
-                layers = {k: unet_factors[k] for k in keys if k in unet_factors}
-                change = float((batch.run(per_group[g], layers) - eps0).pow(2).sum())
-                effect.groups[g] = effect.groups.get(g, 0.0) + change
-    return effect
+def _get(call: Call, where: Any) -> Any:
+    if isinstance(where, int):
+        return call.args[where] if where < len(call.args) else None
+    if isinstance(where, tuple):
+        return (call.kwargs.get(where[0]) or {}).get(where[1])
+    return call.kwargs.get(where)
 
 
-@dataclass
-class _Batch:
-    """One batch of probe samples: latents ``(b, C, H, W)``, timesteps ``(b,)``, the prompt index of each."""
+def inputs(call: Call, replace: dict[Any, Any], device: torch.device, dtype: torch.dtype | None
+           ) -> tuple[tuple, dict]:
+    """``call``'s inputs with ``replace`` (:func:`conditioning`) put in, floating tensors cast to ``dtype`` (when
+    given) and every tensor moved to ``device``."""
+    def put(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, dtype if dtype is not None and value.is_floating_point() else value.dtype)
+        if isinstance(value, dict):
+            return {k: put(v) for k, v in value.items()}
+        return value
 
-    net: Denoiser
-    effect: Effect
-    x: torch.Tensor
-    t: torch.Tensor
-    pick: list[int]
+    args = [replace.get(i, a) for i, a in enumerate(call.args)]
+    kwargs = {k: ({i: replace.get((k, i), v) for i, v in value.items()} if isinstance(value, dict)
+                  else replace.get(k, value)) for k, value in call.kwargs.items()}
+    return tuple(put(a) for a in args), {k: put(v) for k, v in kwargs.items()}
 
-    def run(self, embedded: tuple[torch.Tensor, torch.Tensor | None], layers: Factors, local: dict | None = None):
-        """ε ``(b, C, H, W)`` float64 with ``layers`` hooked on the UNet and these prompt embeddings."""
-        self.effect.passes += len(self.pick)
-        emb, pooled = embedded
-        with torch.no_grad(), hooked({"unet": self.net.unet}, layers, local if local is not None else {}):
-            pooled = pooled[self.pick] if pooled is not None else None
-            return self.net.eps(self.x, self.t, emb[self.pick], pooled).double()
+
+def run(denoiser: torch.nn.Module, call: Call, replace: dict[Any, Any], factors: Factors, component: str,
+        device: torch.device, dtype: torch.dtype | None, local: dict | None = None) -> torch.Tensor:
+    """ε ``(b, …)`` float64 on the CPU of ``denoiser`` (named ``component`` in ``factors``) for ``call``'s inputs
+    (:func:`inputs`), with ``factors``' layers of that component hooked (their local effects added to ``local``)."""
+    args, kwargs = inputs(call, replace, device, dtype)
+    layers = {key: value for key, value in factors.items() if key[0] == component}
+    with torch.no_grad(), hooked({component: denoiser}, layers, local if local is not None else {}):
+        out = denoiser(*args, **kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+    return out.detach().double().cpu()
 
 
 @contextmanager

@@ -1,0 +1,148 @@
+"""Run a loaded model with another model's weights, read one module at a time: how calibration runs a fine-tuned
+source's passes on the target's denoiser (or text encoder) without loading a second one.
+
+Within :func:`swapped`, every module of ``root`` that holds parameters or buffers found in the other model's
+safetensors files computes with those instead: when the module is called, its tensors are read from the files (one
+module's at a time, cast to the dtype its own tensors have, a quantized weight's to the model's compute dtype, on the
+device it computes on), put in place of its own for that call, and dropped after it. A ``Linear``/``Conv`` layer
+computes with torch's own forward (``F.linear``/``F.conv*``), so a quantized layer (bitsandbytes, GGUF, torchao)
+computes in float with the other model's weights; a module's offload hook (accelerate, diffusers' group offload) is
+bypassed for the call (the weights it would bring are not used). Peak memory: the loaded model plus one module's
+weights. Nothing of ``root`` changes: its forwards and tensors are put back on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import SourceModelError
+from .held import unwrap_compiled
+from .quantized import logical_shape
+from .weight_files import header_shapes
+
+_MISSING = object()
+#: Layers computed with torch's own forward, whatever subclass (quantized) holds them.
+_PLAIN = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+class FileState:
+    """One component's tensors in its safetensors files (a diffusers folder's, or Hub files in the cache), by
+    state-dict name, read one at a time; the files stay open while it is used as a context manager."""
+
+    def __init__(self, files: list[Path], label: str):
+        self.label = label
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, Path] = {}
+        for path in files:
+            index = header_shapes(path, label)
+            self.shapes.update(index)
+            self._where.update(dict.fromkeys(index, path))
+        self._open: ExitStack | None = None
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> FileState:
+        self._open = ExitStack()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+        self._open.close()
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (on the CPU, in its stored dtype)."""
+        path = self._where[name]
+        if path not in self._handles:
+            self._handles[path] = self._open.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path].get_tensor(name)
+
+
+def held_tensors(root: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, str, bool]]:
+    """``(module, local name, state-dict name, is a parameter)`` for every tensor a module of ``root`` holds itself,
+    as the model's files name it: a PEFT layer's base weights under the wrapper's name, its adapters' skipped."""
+    for path, module in unwrap_compiled(root).named_modules(remove_duplicate=False):
+        if ".lora_" in f".{path}" or "lora_magnitude" in path:
+            continue
+        for kind, table in ((True, module._parameters), (False, module._buffers)):
+            for local, tensor in table.items():
+                if tensor is not None:
+                    name = f"{path}.{local}" if path else local
+                    yield module, local, name.replace(".base_layer.", "."), kind
+
+
+def mismatch(root: torch.nn.Module, state: FileState) -> str | None:
+    """Why ``state`` cannot stand in for ``root``'s weights (a parameter it lacks, or of another shape), or ``None``
+    when every parameter of ``root`` has a namesake of the same shape (buffers it lacks keep ``root``'s: they are
+    computed from the config)."""
+    for module, local, name, is_parameter in held_tensors(root):
+        shape = _shape(module, local)
+        found = state.shapes.get(name)
+        if found is None and is_parameter:
+            return f"it has no {name}"
+        if found is not None and tuple(found) != shape:
+            return f"its {name} is {tuple(found)}, not {shape}"
+    return None
+
+
+def _shape(module: torch.nn.Module, local: str) -> tuple[int, ...]:
+    if local == "weight" and isinstance(module, _PLAIN):
+        return logical_shape(module) if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) else tuple(module.weight.shape)
+    return tuple(getattr(module, local).shape)
+
+
+@contextmanager
+def swapped(root: torch.nn.Module, state: FileState, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, ``root`` computes with ``state``'s tensors (module docstring). ``device``: where a module
+    whose tensors are on the meta device (sequential offload) computes; ``dtype``: the compute dtype given to a
+    quantized weight. Raises :class:`SourceModelError` when ``state`` does not fit ``root`` (:func:`mismatch`)."""
+    reason = mismatch(root, state)
+    if reason is not None:
+        raise SourceModelError(f"{state.label}'s weights do not fit the target's {type(root).__name__}: {reason}")
+    owned: dict[int, tuple[torch.nn.Module, list]] = {}
+    for module, local, name, is_parameter in held_tensors(root):
+        if name in state.shapes:
+            owned.setdefault(id(module), (module, []))[1].append((local, name, is_parameter))
+    saved = []
+    with state:
+        try:
+            for module, entries in owned.values():
+                saved.append((module, module.__dict__.get("forward", _MISSING)))
+                module.forward = _Swapped(module, entries, state, device, dtype)
+            yield
+        finally:
+            for module, forward in reversed(saved):
+                if forward is _MISSING:
+                    del module.forward
+                else:
+                    module.forward = forward
+
+
+class _Swapped:
+    """A module's forward for one call with the other model's tensors in place of its own."""
+
+    def __init__(self, module, entries, state: FileState, device: torch.device, dtype: torch.dtype):
+        self.module, self.entries, self.state, self.device, self.dtype = module, entries, state, device, dtype
+        plain = next((cls for cls in _PLAIN if isinstance(module, cls)), None)
+        self.forward = (plain or type(module)).forward
+
+    def __call__(self, *args, **kwargs):
+        module, put = self.module, []
+        try:
+            for local, name, is_parameter in self.entries:
+                table = module._parameters if is_parameter else module._buffers
+                own = table[local]
+                value = self.state.get(name)
+                if value.is_floating_point():
+                    plain = own.is_floating_point() and type(own) in (torch.Tensor, torch.nn.Parameter)
+                    value = value.to(own.dtype if plain else self.dtype)
+                value = value.to(own.device if own.device.type != "meta" else self.device)
+                put.append((table, local, own))
+                table[local] = torch.nn.Parameter(value, requires_grad=False) if is_parameter else value
+            return self.forward(module, *args, **kwargs)
+        finally:
+            for table, local, own in reversed(put):
+                table[local] = own
