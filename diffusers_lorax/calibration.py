@@ -139,7 +139,7 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
         text_side, swaps, conditioning_from = source_text(source, side)
         for component in denoisers:
             calls = side.capture(component, prompts)
-            reference = calls[0]
+            reference, size = calls[0], side.latent_size(component)
 
             def conditioning(on, text, swap=None, local=None):
                 text = {k: v for k, v in text.items() if k[0] in probe.TEXT_COMPONENTS}
@@ -168,10 +168,10 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
                         passes += 2 * len(without)
             passes += sum(len(call.output) for call in calls) * (1 + len(groups))
     return _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) | dict(
-        passes=passes, samples=len(paired["all"].st), steps=STEPS, latent_size=LATENT_SIZE,
+        passes=passes, samples=len(paired["all"].st), steps=STEPS, latent_size=size,
         source_denoiser="; ".join(dict.fromkeys(how)), source_loaded=loaded or None, conditioning=conditioning_from,
         matched_on=f"Δε of the {'/'.join(denoisers)} on {len(paired['all'].st)} calls of a {STEPS}-step run at "
-        f"{LATENT_SIZE}×{LATENT_SIZE} latents, {len(applied)} transferred layers applied on both models")
+        f"{size}×{size} latents, {len(applied)} transferred layers applied on both models")
 
 
 def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) -> dict:

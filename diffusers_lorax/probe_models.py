@@ -76,6 +76,17 @@ class Side:
                                       f"{self.attribute(component)}: pass calibrate=False")
         return found
 
+    def latent_size(self, component: str) -> int:
+        """The probe run's latent height and width: :data:`calibration.LATENT_SIZE`, or the pipeline's own default
+        where that is smaller (``default_sample_size``, else the denoiser's ``sample_size``: a small model trained at
+        a small size is probed at it)."""
+        from . import calibration
+
+        native = getattr(self.pipe, "default_sample_size", None)
+        if not isinstance(native, int):
+            native = getattr(getattr(unwrap_compiled(self.module(component)), "config", None), "sample_size", None)
+        return min(calibration.LATENT_SIZE, native) if isinstance(native, int) and native > 0 else calibration.LATENT_SIZE
+
     def device_dtype(self, component: str) -> tuple[torch.device, torch.dtype]:
         return _device_dtype(self.pipe, self.module(component))
 
@@ -104,7 +115,7 @@ class Side:
                  if (m := self.pipe_module(c)) is not None}
         with probe.hooked(owned, {}, {}):
             calls = probe_run.capture(self.pipe, (self.attribute(component),), list(prompts), calibration.STEPS,
-                                      calibration.LATENT_SIZE, calibration.SEED, first_only=first_only)
+                                      self.latent_size(component), calibration.SEED, first_only=first_only)
         if not calls:
             raise InvalidOptionsError(f"calibration: a run of {type(self.pipe).__name__} made no call of its "
                                       f"{self.attribute(component)} (too few steps for this expert?): pass "
