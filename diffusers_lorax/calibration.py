@@ -159,14 +159,15 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
             with SourceDenoiser(source, side, component) as other:
                 how.append(other.how)
                 loaded += [other.loaded] if other.loaded else []
-                for g, (keys, _) in groups.items():
-                    replace = conditioning(text_side, {k: fs[k] for k in keys}, swaps, local_s if g == "all" else None)
-                    for call, effect_t in zip(calls, targets[g]):
-                        without = other.run(call, plain, {})
-                        with_lora = other.run(call, replace, {k: fs[k] for k in keys}, local_s if g == "all" else None)
-                        paired[g].add(with_lora - without, effect_t)
-                        passes += 2 * len(without)
-            passes += sum(len(call.output) for call in calls) * (1 + len(groups))
+                replace = {g: conditioning(text_side, {k: fs[k] for k in keys}, swaps, local_s if g == "all" else None)
+                           for g, (keys, _) in groups.items()}
+                for j, call in enumerate(calls):
+                    without = other.run(call, plain, {})
+                    for g, (keys, _) in groups.items():
+                        with_lora = other.run(call, replace[g], {k: fs[k] for k in keys}, local_s if g == "all" else None)
+                        paired[g].add(with_lora - without, targets[g][j])
+            # denoiser rows at the probe size: the run, the target's and the source's passes per group, the source's plain
+            passes += sum(len(call.output) for call in calls) * (2 + 2 * len(groups))
     return _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) | dict(
         passes=passes, samples=len(paired["all"].st), steps=STEPS, latent_size=size,
         source_denoiser="; ".join(dict.fromkeys(how)), source_loaded=loaded or None, conditioning=conditioning_from,

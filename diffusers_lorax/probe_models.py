@@ -98,7 +98,7 @@ class Side:
         encoders = {c: self.pipe_module(c) for c in probe.TEXT_COMPONENTS if self.pipe_module(c) is not None}
         with ExitStack() as stack:
             for c, state in (swaps or {}).items():
-                stack.enter_context(swapped(encoders[c], state, *self.device_dtype(c)))
+                stack.enter_context(swapped(encoders[c], state, self.device_dtype(c)[1]))
             stack.enter_context(probe.hooked(encoders, text, local if local is not None else {}))
             return self.capture(component, prompts, first_only=True)[0]
 
@@ -157,7 +157,7 @@ class SourceDenoiser:
         state = FileState(source.weight_files(source.components.get(component, component)), source.label)
         reason = mismatch(self.module, state)
         if reason is None:
-            self.stack.enter_context(swapped(self.module, state, self.device, self.dtype))
+            self.stack.enter_context(swapped(self.module, state, self.dtype))
             self.how = "the target's, with the source's weights swapped in module by module"
             return
         library, name = source._required_model_index().get(source.components.get(component, component), (None, None))
@@ -178,7 +178,12 @@ class SourceDenoiser:
 
     def run(self, call: probe_run.Call, replace: dict, factors: Factors, local: dict | None = None) -> torch.Tensor:
         """ε of the source for ``call`` (:func:`probe.run`), in this denoiser's dtype and on its device."""
-        return probe.run(self.module, call, replace, factors, self.component, self.device, self.dtype, local)
+        try:
+            return probe.run(self.module, call, replace, factors, self.component, self.device, self.dtype, local)
+        except TypeError as err:  # a student whose denoiser takes other inputs than the target pipeline gives
+            raise InvalidOptionsError(
+                f"calibration replays the target pipeline's {self.component} calls on the source's "
+                f"{type(self.module).__name__}, which does not take them ({err}): pass calibrate=False") from err
 
 
 def source_text(source: BaseModel, target: Side) -> tuple[Side, dict, str]:

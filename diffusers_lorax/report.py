@@ -90,8 +90,10 @@ class TransferReport:
     adapter_cached: bool = False  # the whole transferred adapter came from the registry (same request seen before)
     #: The layer correspondence by similarity came from the registry (None: matched by name, no similarity needed).
     correspondence_cached: bool | None = None
-    #: With ``calibrate``: the rule, the scales by PEFT prefix, the source's and target's effects (RMS ‖Δε‖ per
-    #: sample), what they were matched on, prompts and where they came from, passes run, and ``cached``.
+    #: With ``calibrate``: ``rule``, ``scale`` (the one applied by the global rule), ``cosine`` between the LoRA's
+    #: effect on the source and the transfer's on the target, ``kept`` (why a scale was not applied, or None),
+    #: ``scales`` by PEFT prefix, the least-squares ``global_scale`` and its standard error, the effects (RMS ‖Δε‖
+    #: per sample), how the source ran, prompts and where they came from, passes, and ``cached`` (docs/calibration.md).
     calibration: dict | None = None
     #: What the user should know about the inputs (e.g. a source identical to the target), also logged as warnings.
     notes: list[str] = field(default_factory=list)
@@ -269,10 +271,12 @@ def _calibration(report: TransferReport) -> list[str]:
         return []
     cal = report.calibration or {}
     rule = cal.get("rule")
+    cosine = f", cosine {cal['cosine']:.3f}" if cal.get("cosine") is not None else ""
     matched = (f" (‖Δε‖ source {cal['source_effect']:.3g}, target {cal['target_effect']:.3g}; {cal.get('passes')} "
                f"passes, prompts: {cal.get('prompts_from')})" if cal.get("target_effect") else "")
-    return [f"  calibration{' (' + str(rule) + ')' if rule else ''}: scale {_span(scales) if scales else '-'}{matched}"
-            + ("; read from the registry" if cal.get("cached") else "")]
+    kept = f"; kept as transferred: {cal['kept']}" if cal.get("kept") else ""
+    return [f"  calibration{' (' + str(rule) + ')' if rule else ''}: scale {_span(scales) if scales else '-'}{cosine}"
+            f"{matched}{kept}" + ("; read from the registry" if cal.get("cached") else "")]
 
 
 class PhaseClock:

@@ -6,8 +6,9 @@ safetensors files computes with those instead: when the module is called, its te
 module's at a time, cast to the dtype its own tensors have, a quantized weight's to the model's compute dtype, on the
 device it computes on), put in place of its own for that call, and dropped after it. A ``Linear``/``Conv`` layer
 computes with torch's own forward (``F.linear``/``F.conv*``), so a quantized layer (bitsandbytes, GGUF, torchao)
-computes in float with the other model's weights; a module's offload hook (accelerate, diffusers' group offload) is
-bypassed for the call (the weights it would bring are not used). Peak memory: the loaded model plus one module's
+computes in float with the other model's weights; a layer's offload hook (accelerate, diffusers' group offload) is
+bypassed for the call (the weights it would bring are not used), a module with submodules keeps its hooks (they place
+the submodules). Peak memory: the loaded model plus one module's
 weights. Nothing of ``root`` changes: its forwards and tensors are put back on exit.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import SourceModelError
+from .errors import InvalidOptionsError, SourceModelError
 from .held import unwrap_compiled
 from .quantized import logical_shape
 from .weight_files import header_shapes
@@ -95,10 +96,11 @@ def _shape(module: torch.nn.Module, local: str) -> tuple[int, ...]:
 
 
 @contextmanager
-def swapped(root: torch.nn.Module, state: FileState, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, ``root`` computes with ``state``'s tensors (module docstring). ``device``: where a module
-    whose tensors are on the meta device (sequential offload) computes; ``dtype``: the compute dtype given to a
-    quantized weight. Raises :class:`SourceModelError` when ``state`` does not fit ``root`` (:func:`mismatch`)."""
+def swapped(root: torch.nn.Module, state: FileState, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, ``root`` computes with ``state``'s tensors (module docstring). ``dtype``: the compute dtype
+    given to a quantized weight. Raises :class:`SourceModelError` when ``state`` does not fit ``root``
+    (:func:`mismatch`), :class:`InvalidOptionsError` when a module with submodules keeps its own tensors in an offload
+    hook (sequential offload of a model with modulation tables: that hook would put them back during the call)."""
     reason = mismatch(root, state)
     if reason is not None:
         raise SourceModelError(f"{state.label}'s weights do not fit the target's {type(root).__name__}: {reason}")
@@ -106,12 +108,19 @@ def swapped(root: torch.nn.Module, state: FileState, device: torch.device, dtype
     for module, local, name, is_parameter in held_tensors(root):
         if name in state.shapes:
             owned.setdefault(id(module), (module, []))[1].append((local, name, is_parameter))
+    for module, entries in owned.values():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if next(module.children(), None) is not None and weights_map is not None:
+            raise InvalidOptionsError(
+                f"calibration cannot run the source's weights in the target's {type(module).__name__} under "
+                "sequential offload (its offload hook restores its own tensors at each call): pass the source as a "
+                "pipeline, or calibrate without sequential offload")
     saved = []
     with state:
         try:
             for module, entries in owned.values():
                 saved.append((module, module.__dict__.get("forward", _MISSING)))
-                module.forward = _Swapped(module, entries, state, device, dtype)
+                module.forward = _Swapped(module, entries, state, dtype)
             yield
         finally:
             for module, forward in reversed(saved):
@@ -122,15 +131,23 @@ def swapped(root: torch.nn.Module, state: FileState, device: torch.device, dtype
 
 
 class _Swapped:
-    """A module's forward for one call with the other model's tensors in place of its own."""
+    """A module's forward for one call with the other model's tensors in place of its own, on the device of the
+    call's first tensor input. A layer (no submodules) computes with torch's forward of its class (a quantized
+    ``Linear`` with ``nn.Linear.forward``), skipping its offload hook, whose weights it does not use; a module with
+    submodules calls its forward as it is (with its hooks, which place the submodules)."""
 
-    def __init__(self, module, entries, state: FileState, device: torch.device, dtype: torch.dtype):
-        self.module, self.entries, self.state, self.device, self.dtype = module, entries, state, device, dtype
-        plain = next((cls for cls in _PLAIN if isinstance(module, cls)), None)
-        self.forward = (plain or type(module)).forward
+    def __init__(self, module, entries, state: FileState, dtype: torch.dtype):
+        self.module, self.entries, self.state, self.dtype = module, entries, state, dtype
+        if next(module.children(), None) is None:
+            plain = next((cls for cls in _PLAIN if isinstance(module, cls)), type(module))
+            self.forward = lambda *args, **kwargs: plain.forward(module, *args, **kwargs)
+        else:
+            own = module.__dict__.get("forward")
+            self.forward = own if own is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
 
     def __call__(self, *args, **kwargs):
         module, put = self.module, []
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         try:
             for local, name, is_parameter in self.entries:
                 table = module._parameters if is_parameter else module._buffers
@@ -139,10 +156,10 @@ class _Swapped:
                 if value.is_floating_point():
                     plain = own.is_floating_point() and type(own) in (torch.Tensor, torch.nn.Parameter)
                     value = value.to(own.dtype if plain else self.dtype)
-                value = value.to(own.device if own.device.type != "meta" else self.device)
+                value = value.to(first.device if first is not None else own.device)
                 put.append((table, local, own))
                 table[local] = torch.nn.Parameter(value, requires_grad=False) if is_parameter else value
-            return self.forward(module, *args, **kwargs)
+            return self.forward(*args, **kwargs)
         finally:
             for table, local, own in reversed(put):
                 table[local] = own

@@ -82,12 +82,13 @@ def transfer_lora(
             projections (docs/quality.md, docs/lorax-adapters.md).
         rank: singular vectors k kept per layer, an int or a fraction of ``min(m, n)`` (default 0.5).
         threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
-        calibrate: rescale the transferred adapter so that its effect on the target's UNet output matches the LoRA's
-            effect on the source's, measured with forward passes of both models on random latents (no data, no
-            training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``, ``"layer"``, or
-            ``False`` (default). Costs ``2 × max(8, prompts)`` UNet passes per model on a first call (SD 1.5 at
-            64 × 64 on two CPU cores: 18 s per pass, 32 passes in 558 s) and loads the source's UNet and text
-            encoders; a warm call runs none; see docs/calibration.md.
+        calibrate: rescale the transferred adapter so that its effect on the target's denoiser output matches the
+            LoRA's effect on the source's (least-squares scale, with the cosine between the two effects as a guard),
+            measured by replaying the denoiser calls of a short latent-only run of the target pipeline on both models
+            (no data, no training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``,
+            ``"layer"``, or ``False`` (default). Reads the source's denoiser and text-encoder weights (a fine-tune's
+            are swapped into the target's modules one at a time: no second model in memory); see
+            docs/calibration.md for what a first call costs.
         match: how layers find their target module: ``"auto"`` (by name on a fine-tune, by subspace similarity on
             a distilled or renamed target: SSD-1B, Vega, BK-SDM), ``"name"``, ``"similarity"``, ``"fold"`` (method.md).
         calibration_prompts: prompts for the passes; default: the LoRA file's trigger words or tags
