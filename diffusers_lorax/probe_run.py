@@ -1,0 +1,142 @@
+"""Run a diffusers pipeline briefly and capture its denoiser's calls (inputs and prediction), for calibration.
+
+The pipeline runs as the user would run it — its own prompt encoding, latents, scheduler and conditioning — for a few
+steps on small latents with ``output_type="latent"`` (no VAE decode). Forward hooks on each denoiser it calls
+(``unet``, ``transformer``, Wan 2.2's ``transformer_2``) record every call's positional and keyword arguments and its
+output, so that the calls can be replayed bit for bit on the same module (with or without an adapter) later:
+``getattr(pipe, call.component)(*call.args, **call.kwargs)`` gives ``call.output`` again.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidOptionsError
+
+#: Attributes pipelines keep their VAE's spatial down-sampling factor in (video pipelines name it differently).
+_SCALE_FACTORS = ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor",
+                  "vae_scale_factor")
+#: Exceptions by which a pipeline's ``__call__`` says it cannot be called this way (a missing input, a component it
+#: needs, a size it refuses); anything else (out of memory, a dtype clash inside a model) is left as it is.
+_REFUSALS = (TypeError, ValueError, AttributeError, NotImplementedError)
+
+
+@dataclass
+class Call:
+    """One call of a denoiser: ``component`` (``"unet"``, ``"transformer"`` or ``"transformer_2"``), its ``args`` and
+    ``kwargs`` as the pipeline passed them (tensors detached, on the device and in the dtype they were passed; nested
+    dicts, lists and tuples kept), and ``output``: its prediction (the first element of its output, or ``.sample``),
+    detached, of the shape of its latent input — ``None`` for a run stopped at the call (``first_only``)."""
+
+    component: str
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor | None = None
+
+
+class Aborted(Exception):
+    """Raised by the pre-hook of a ``first_only`` capture to stop the run at its first denoiser call."""
+
+
+def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments for ``pipe(...)`` giving a short run that ends at the latents: ``prompt=prompts``,
+    ``num_inference_steps=steps``, ``output_type="latent"``, a CPU ``torch.Generator`` seeded with ``seed`` (the same
+    noise on every device), ``height = width = latent_size ×`` the pipeline's VAE scale factor (``latent_size`` rounded
+    up to even for a transformer pipeline: Flux-style packing and patch size 2 need it) and ``max_area`` their product
+    (Flux Kontext resizes to ``max_area``, 1024² by default), ``num_frames=1`` for a video pipeline, and
+    ``guidance_scale=1.0`` for a pipeline with classifier-free guidance (a ``do_classifier_free_guidance`` property;
+    Wan 2.2's ``guidance_scale_2`` defaults to it), so that one denoiser call is one sample per prompt — Flux's
+    embedded guidance is left at its default, being an input of the model rather than a second call. Only parameters
+    of ``pipe.__call__``'s signature are given."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    scale = next((getattr(pipe, a) for a in _SCALE_FACTORS if isinstance(getattr(pipe, a, None), int)), 8)
+    if getattr(pipe, "transformer", None) is not None:
+        latent_size += latent_size % 2
+    wanted = dict(prompt=list(prompts), num_inference_steps=steps, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(seed), height=latent_size * scale,
+                  width=latent_size * scale, num_frames=1, max_area=(latent_size * scale) ** 2)
+    if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        wanted["guidance_scale"] = 1.0  # Wan 2.2's guidance_scale_2 follows it (a Wan 2.1 pipeline refuses one)
+    return {name: value for name, value in wanted.items() if name in parameters}
+
+
+def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: int, latent_size: int, seed: int,
+            first_only: bool = False) -> list[Call]:
+    """Run ``pipe(**call_kwargs(pipe, prompts, steps, latent_size, seed))`` without gradients and return every call
+    of the denoisers named in ``components`` (those the pipeline has; each hooked as ``getattr(pipe, name)``, the
+    module the pipeline calls, compiled or offloaded as it is), in call order. Tensors stay on their device and dtype;
+    a tensor the pipeline changes in place after a call is recorded as it was at the call.
+
+    ``first_only``: stop the run at the first denoiser call, before it computes anything (only the prompts are
+    encoded and the first inputs prepared); one :class:`Call` with ``output=None`` is returned.
+
+    The hooks are removed whatever happens. Raises :class:`~diffusers_lorax.errors.InvalidOptionsError` naming the
+    pipeline class when none of ``components`` is on the pipeline, when its ``__call__`` needs an input this run does
+    not give (an image, a video: a ``TypeError``) or refuses the call (``TypeError``, ``ValueError``, ``AttributeError``,
+    ``NotImplementedError`` from the pipeline, chained), or when it makes no denoiser call."""
+    name = type(pipe).__name__
+    modules = {c: getattr(pipe, c) for c in components if getattr(pipe, c, None) is not None}
+    if not modules:
+        raise InvalidOptionsError(f"{name} has none of the denoisers {list(components)} to calibrate on; "
+                                  "pass calibrate=False")
+    kwargs = call_kwargs(pipe, prompts, steps, latent_size, seed)
+    calls: list[Call] = []
+    kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            # one copy per tensor object and version: shared inputs (prompt embeddings) are stored once, and a
+            # later in-place change does not reach the copy
+            # (an inference tensor has no version counter: copied at every call)
+            key = (id(value), -len(kept) if value.is_inference() else value._version)
+            if key not in kept:
+                kept[key] = (value, value.detach().clone())
+            return kept[key][1]
+        if isinstance(value, (list, tuple)):
+            return type(value)(keep(v) for v in value)
+        if isinstance(value, dict):
+            return {k: keep(v) for k, v in value.items()}
+        return value
+
+    def pre_hook(component):
+        def hook(module, args, kwargs):
+            calls.append(Call(component, keep(args), keep(kwargs)))
+            if first_only:
+                raise Aborted
+        return hook
+
+    def post_hook(module, args, kwargs, output):
+        calls[-1].output = keep(_prediction(output))
+
+    handles = []
+    try:
+        for component, module in modules.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(component), with_kwargs=True))
+            handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+        with torch.no_grad():
+            pipe(**kwargs)
+    except Aborted:
+        pipe.maybe_free_model_hooks()  # offloaded models back where the pipeline's own end of run puts them
+    except _REFUSALS as err:
+        raise InvalidOptionsError(f"{name} could not be run for calibration ({type(err).__name__}: {err}); "
+                                  "pass calibrate=False") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls:
+        raise InvalidOptionsError(f"{name} made no call of {list(modules)} in a {steps}-step run; "
+                                  "pass calibrate=False")
+    return calls
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    """The prediction in a denoiser's output: a tensor, the first element of a tuple, or ``.sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
