@@ -169,3 +169,13 @@ def test_a_pipeline_that_cannot_run_from_prompts_is_refused_and_keeps_no_hook():
     with pytest.raises(InvalidOptionsError, match="SanaPipeline could not be run.*calibrate=False"):
         probe_run.capture(pipe, DENOISERS, PROMPTS, STEPS, LATENT, SEED)
     assert _hooks(pipe) == before
+
+
+def test_a_stopped_run_ends_as_the_pipeline_ends_its_own_runs():
+    """After a first-call capture the pipeline's end-of-run step runs once (model offload puts its models back and
+    stateful caches are reset) — the pipeline itself never reaches it."""
+    pipe = runnable.build("sd")
+    ended = []
+    pipe.maybe_free_model_hooks = lambda: ended.append(1)
+    probe_run.capture(pipe, DENOISERS, PROMPTS, STEPS, LATENT, SEED, first_only=True)
+    assert ended == [1]

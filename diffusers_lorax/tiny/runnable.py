@@ -3,8 +3,9 @@ tokenizers, the text encoders no LoRA adapts and the scheduler it lacks, all bui
 character-level tokenizers, random text encoders of the width the denoiser reads, seeded). The VAE stays ``None``:
 these pipelines are run with ``output_type="latent"``.
 
-:data:`RUNNABLE` lists the families this completes; any other family's pipeline still needs a text encoder built
-here (Gemma, Llama, GLM, Mistral, Qwen 3 …) and is not run by the tests.
+:data:`RUNNABLE` lists the families this completes. Of the others, CogVideoX's tiny transformer refuses small latents
+(its positional embedding is for its ``sample_height``/``sample_width``), SkyReels-V2's pipeline needs ``ftfy``, and the
+rest need a text encoder not built here (Llama, Gemma, GLM, Mistral, Qwen 3, …).
 """
 
 from __future__ import annotations
