@@ -46,20 +46,21 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
     """Keyword arguments for ``pipe(...)`` giving a short run that ends at the latents: ``prompt=prompts``,
     ``num_inference_steps=steps``, ``output_type="latent"``, a CPU ``torch.Generator`` seeded with ``seed`` (the same
     noise on every device), ``height = width = latent_size ×`` the pipeline's VAE scale factor (``latent_size`` rounded
-    up to even for a transformer pipeline: Flux-style packing and patch size 2 need it), ``num_frames=1`` for a video
-    pipeline, and ``guidance_scale=1.0`` (and ``guidance_scale_2=1.0``) for a pipeline with classifier-free guidance
-    (a ``do_classifier_free_guidance`` property), so that one denoiser call is one sample per prompt — Flux's embedded
-    guidance is left at its default, being an input of the model rather than a second call. Only parameters of
-    ``pipe.__call__``'s signature are given."""
+    up to even for a transformer pipeline: Flux-style packing and patch size 2 need it) and ``max_area`` their product
+    (Flux Kontext resizes to ``max_area``, 1024² by default), ``num_frames=1`` for a video pipeline, and
+    ``guidance_scale=1.0`` for a pipeline with classifier-free guidance (a ``do_classifier_free_guidance`` property;
+    Wan 2.2's ``guidance_scale_2`` defaults to it), so that one denoiser call is one sample per prompt — Flux's
+    embedded guidance is left at its default, being an input of the model rather than a second call. Only parameters
+    of ``pipe.__call__``'s signature are given."""
     parameters = inspect.signature(pipe.__call__).parameters
     scale = next((getattr(pipe, a) for a in _SCALE_FACTORS if isinstance(getattr(pipe, a, None), int)), 8)
     if getattr(pipe, "transformer", None) is not None:
         latent_size += latent_size % 2
     wanted = dict(prompt=list(prompts), num_inference_steps=steps, output_type="latent",
                   generator=torch.Generator("cpu").manual_seed(seed), height=latent_size * scale,
-                  width=latent_size * scale, num_frames=1)
+                  width=latent_size * scale, num_frames=1, max_area=(latent_size * scale) ** 2)
     if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-        wanted.update(guidance_scale=1.0, guidance_scale_2=1.0)
+        wanted["guidance_scale"] = 1.0  # Wan 2.2's guidance_scale_2 follows it (a Wan 2.1 pipeline refuses one)
     return {name: value for name, value in wanted.items() if name in parameters}
 
 
@@ -75,7 +76,7 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
 
     The hooks are removed whatever happens. Raises :class:`~diffusers_lorax.errors.InvalidOptionsError` naming the
     pipeline class when none of ``components`` is on the pipeline, when its ``__call__`` needs an input this run does
-    not give (an image, a video) or refuses the call (``TypeError``, ``ValueError``, ``AttributeError``,
+    not give (an image, a video: a ``TypeError``) or refuses the call (``TypeError``, ``ValueError``, ``AttributeError``,
     ``NotImplementedError`` from the pipeline, chained), or when it makes no denoiser call."""
     name = type(pipe).__name__
     modules = {c: getattr(pipe, c) for c in components if getattr(pipe, c, None) is not None}
@@ -83,11 +84,6 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
         raise InvalidOptionsError(f"{name} has none of the denoisers {list(components)} to calibrate on; "
                                   "pass calibrate=False")
     kwargs = call_kwargs(pipe, prompts, steps, latent_size, seed)
-    missing = [p.name for p in inspect.signature(pipe.__call__).parameters.values()
-               if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in kwargs]
-    if missing:
-        raise InvalidOptionsError(f"{name} needs {missing} to run, which calibration cannot give (it runs the "
-                                  "pipeline from prompts alone); pass calibrate=False")
     calls: list[Call] = []
     kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -95,7 +91,8 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
         if isinstance(value, torch.Tensor):
             # one copy per tensor object and version: shared inputs (prompt embeddings) are stored once, and a
             # later in-place change does not reach the copy
-            key = (id(value), value._version)
+            # (an inference tensor has no version counter: copied at every call)
+            key = (id(value), -len(kept) if value.is_inference() else value._version)
             if key not in kept:
                 kept[key] = (value, value.detach().clone())
             return kept[key][1]

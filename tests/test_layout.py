@@ -18,11 +18,11 @@ LAYERS = {
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya",
         "architectures", "architectures.layout", "architectures.unet", "architectures.blocks", "architectures.mmdit",
         "architectures.dit"],
-    2: ["models", "matching", "projection", "correspondence", "probe", "calibration",
+    2: ["models", "matching", "projection", "correspondence", "probe", "probe_run", "calibration",
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.saving", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection", "inspect_reading", "injection", "snapshot"],
-    4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "quality",
+    4: ["mixin", "_install", "cli", "demo", "__main__", "__init__", "toy", "tiny", "tiny.loras", "tiny.runnable", "quality",
         "quality.data", "quality.classifiers", "quality.evaluate", "quality.dit"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
