@@ -135,7 +135,7 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
     local_t: dict = {}
     denoisers = sorted({key[0] for key in ft if key[0] not in probe.TEXT_COMPONENTS})
     passes, how, loaded = 0, [], []
-    with target_side(target) as side:
+    with target_side(target, STEPS, LATENT_SIZE, SEED) as side:
         text_side, swaps, conditioning_from = source_text(source, side)
         for component in denoisers:
             calls = side.capture(component, prompts)

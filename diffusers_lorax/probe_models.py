@@ -60,10 +60,11 @@ def _device_dtype(pipe: Any, module: torch.nn.Module) -> tuple[torch.device, tor
 
 
 class Side:
-    """One model's pipeline for the passes; a context manager that frees what it loaded."""
+    """One model's pipeline for the passes, and the probe run's ``steps``, ``latent_size`` (at most) and ``seed``."""
 
-    def __init__(self, model: BaseModel, pipe: Any):
+    def __init__(self, model: BaseModel, pipe: Any, steps: int, latent_size: int, seed: int):
         self.model, self.pipe = model, pipe
+        self.steps, self.size, self.seed = steps, latent_size, seed
 
     def attribute(self, component: str) -> str:
         """The pipeline attribute that holds the LoRA's ``component`` (Wan 2.2's ``transformer_2``)."""
@@ -77,15 +78,13 @@ class Side:
         return found
 
     def latent_size(self, component: str) -> int:
-        """The probe run's latent height and width: :data:`calibration.LATENT_SIZE`, or the pipeline's own default
-        where that is smaller (``default_sample_size``, else the denoiser's ``sample_size``: a small model trained at
-        a small size is probed at it)."""
-        from . import calibration
-
+        """The probe run's latent height and width: ``latent_size``, or the pipeline's own default where that is
+        smaller (``default_sample_size``, else the denoiser's ``sample_size``: a small model trained at a small size
+        is probed at it)."""
         native = getattr(self.pipe, "default_sample_size", None)
         if not isinstance(native, int):
             native = getattr(getattr(unwrap_compiled(self.module(component)), "config", None), "sample_size", None)
-        return min(calibration.LATENT_SIZE, native) if isinstance(native, int) and native > 0 else calibration.LATENT_SIZE
+        return min(self.size, native) if isinstance(native, int) and native > 0 else self.size
 
     def device_dtype(self, component: str) -> tuple[torch.device, torch.dtype]:
         return _device_dtype(self.pipe, self.module(component))
@@ -109,13 +108,11 @@ class Side:
     def capture(self, component: str, prompts: tuple[str, ...], first_only: bool = False) -> list[probe_run.Call]:
         """The calls of ``component``'s pipeline attribute in a short run (:func:`probe_run.capture`), with every
         PEFT adapter the pipeline already holds switched off."""
-        from . import calibration
-
         owned = {c: m for c in (*probe.TEXT_COMPONENTS, "unet", "transformer", "transformer_2")
                  if (m := self.pipe_module(c)) is not None}
         with probe.hooked(owned, {}, {}):
-            calls = probe_run.capture(self.pipe, (self.attribute(component),), list(prompts), calibration.STEPS,
-                                      self.latent_size(component), calibration.SEED, first_only=first_only)
+            calls = probe_run.capture(self.pipe, (self.attribute(component),), list(prompts), self.steps,
+                                      self.latent_size(component), self.seed, first_only=first_only)
         if not calls:
             raise InvalidOptionsError(f"calibration: a run of {type(self.pipe).__name__} made no call of its "
                                       f"{self.attribute(component)} (too few steps for this expert?): pass "
@@ -124,16 +121,16 @@ class Side:
 
 
 @contextmanager
-def target_side(target: BaseModel):
+def target_side(target: BaseModel, steps: int, latent_size: int, seed: int):
     """The target's :class:`Side`: its pipeline, or one loaded from its files (see the module docstring)."""
     if target.kind == "pipeline":
-        yield Side(target, target.model)
+        yield Side(target, target.model, steps, latent_size, seed)
         return
     index = target._required_model_index()
     skip = {name: None for name in index if not name.startswith("_") and name not in _KEEP}
     pipe = _from_pretrained(target, target.pipeline_class, torch.float32, **skip)
     try:
-        yield Side(target, pipe)
+        yield Side(target, pipe, steps, latent_size, seed)
     finally:
         del pipe
         gc.collect()
@@ -148,7 +145,7 @@ class SourceDenoiser:
         self.stack = ExitStack()
         self.loaded: dict | None = None
         if source.kind == "pipeline":
-            side = Side(source, source.model)
+            side = Side(source, source.model, target.steps, target.size, target.seed)
             self.module, (self.device, self.dtype) = unwrap_compiled(side.module(component)), side.device_dtype(component)
             self.how = "the source pipeline's own"
             return
@@ -190,7 +187,7 @@ def source_text(source: BaseModel, target: Side) -> tuple[Side, dict, str]:
     """Where the source's conditioning comes from: the :class:`Side` whose runs give it, the text encoders to swap
     in (component → :class:`FileState`) and a phrase for the report."""
     if source.kind == "pipeline":
-        return Side(source, source.model), {}, "the source pipeline's text encoders"
+        return Side(source, source.model, target.steps, target.size, target.seed), {}, "the source pipeline's text encoders"
     swaps, kept = {}, []
     for component in probe.TEXT_COMPONENTS:
         encoder = target.pipe_module(component)

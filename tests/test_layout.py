@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusers_lorax"
 #: Layer of each module (a module imports only from its own layer or below). Unlisted modules fail the test.
 LAYERS = {
     0: ["_version", "_lazy", "progress", "umask", "threads", "errors", "subspace", "report", "plot", "held", "quantized",
-        "weights", "weight_files", "formats.safetensors_check", "hub_access"],
+        "weights", "weight_files", "formats.safetensors_check", "hub_access", "estimate"],
     1: ["methods", "options", "lora", "lora_config", "transferred", "registry", "registry.location", "registry.database",
         "registry.blobs", "registry.families",
         "registry.maintenance", "registry.transaction", "registry.store",
@@ -18,7 +18,8 @@ LAYERS = {
         "formats.lycoris", "formats.lora_diffusion", "formats.kohya",
         "architectures", "architectures.layout", "architectures.unet", "architectures.blocks", "architectures.mmdit",
         "architectures.dit"],
-    2: ["models", "matching", "projection", "correspondence", "probe", "probe_run", "calibration",
+    2: ["models", "matching", "projection", "correspondence", "probe", "probe_run", "swap", "probe_models",
+        "calibration",
         "adapters", "adapters.config", "adapters.bases", "adapters.layers", "adapters.files", "adapters.saving", "adapters.loading",
         "adapters.hub"],
     3: ["transfer", "inspection", "inspect_reading", "injection", "snapshot"],
