@@ -1,5 +1,5 @@
 """The UNet (``UNet2DConditionModel``: SD 1.x/2.x, SDXL and their students): its stages, positional containers and
-calibration blocks, the forward call the probe runs, and the configs ``lorax inspect`` reads a LoRA against.
+calibration blocks, and the configs ``lorax inspect`` reads a LoRA against.
 
 Stages are ``down_blocks`` / ``up_blocks`` at one resolution level, ``mid_block``, or the rest (``""``); up blocks
 are counted from the end, so that a student that dropped the teacher's lowest up stage (BK-SDM tiny) still pairs its
@@ -10,11 +10,7 @@ too: stage ``""`` and the containers of :data:`POSITIONAL`.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-import torch
-
-from ..errors import InvalidOptionsError
 from .layout import Layout, Slot
 
 #: Containers whose next name part is a position (a block index), masked in a module's kind.
@@ -102,22 +98,3 @@ def reader() -> type:
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline
-
-
-def denoise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-            pooled: torch.Tensor | None, role: str) -> torch.Tensor:
-    """ε ``(b, C, H, W)`` of ``unet`` for latents ``(b, C, H, W)``, timesteps ``(b,)`` (on the latents' device) and
-    prompt embeddings ``(b, L, D)`` (SDXL: with pooled embeddings ``(b, D2)`` and the time ids of an uncropped
-    square image of the latents' size). Raises :class:`InvalidOptionsError` for a UNet with another added
-    conditioning (``role`` names the model)."""
-    config = unet.config
-    extra: dict[str, Any] = {}
-    if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: (original size, crop, target size)
-        side = latents.shape[-1] * 8
-        ids = torch.tensor([side, side, 0, 0, side, side], device=latents.device, dtype=embeds.dtype)
-        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.expand(latents.shape[0], 6)}
-    elif getattr(config, "addition_embed_type", None) is not None or getattr(config, "class_embed_type", None):
-        raise InvalidOptionsError(
-            f"calibration runs SD 1.x/2.x and SDXL UNets; the {role}'s UNet has addition_embed_type="
-            f"{config.addition_embed_type!r}, class_embed_type={config.class_embed_type!r}: pass calibrate=False")
-    return unet(latents, t.to(latents.device), encoder_hidden_states=embeds, return_dict=False, **extra)[0]
