@@ -47,7 +47,7 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
     ``num_inference_steps=steps``, ``output_type="latent"``, a CPU ``torch.Generator`` seeded with ``seed`` (the same
     noise on every device), ``height = width = latent_size ×`` the pipeline's VAE scale factor (``latent_size`` rounded
     up to even for a transformer pipeline: Flux-style packing and patch size 2 need it), ``num_frames=1`` for a video
-    pipeline, and ``guidance_scale=1.0`` (and ``guidance_scale_2=1.0``) for a pipeline with classifier-free guidance
+    pipeline, and ``guidance_scale=1.0`` for a pipeline with classifier-free guidance
     (a ``do_classifier_free_guidance`` property), so that one denoiser call is one sample per prompt — Flux's embedded
     guidance is left at its default, being an input of the model rather than a second call. Only parameters of
     ``pipe.__call__``'s signature are given."""
@@ -59,7 +59,8 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
                   generator=torch.Generator("cpu").manual_seed(seed), height=latent_size * scale,
                   width=latent_size * scale, num_frames=1)
     if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-        wanted.update(guidance_scale=1.0, guidance_scale_2=1.0)
+        # not guidance_scale_2: Wan 2.2 takes guidance_scale for it when it is None, Wan 2.1 refuses it
+        wanted.update(guidance_scale=1.0)
     return {name: value for name, value in wanted.items() if name in parameters}
 
 
