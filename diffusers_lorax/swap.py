@@ -75,11 +75,20 @@ def held_tensors(root: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, 
                     yield module, local, name.replace(".base_layer.", "."), kind
 
 
+def _as_stored(root: torch.nn.Module, state: FileState) -> list[tuple[torch.nn.Module, str, str, bool]]:
+    """:func:`held_tensors`, a tied tensor (T5's ``encoder.embed_tokens.weight``, which is ``shared.weight``) named as
+    ``state`` stores it: tied weights are saved once, under one of their names."""
+    held = list(held_tensors(root))
+    stored = {id(getattr(module, local)): name for module, local, name, _ in held if name in state.shapes}
+    return [(module, local, name if name in state.shapes else stored.get(id(getattr(module, local)), name), is_parameter)
+            for module, local, name, is_parameter in held]
+
+
 def mismatch(root: torch.nn.Module, state: FileState) -> str | None:
     """Why ``state`` cannot stand in for ``root``'s weights (a parameter it lacks, or of another shape), or ``None``
     when every parameter of ``root`` has a namesake of the same shape (buffers it lacks keep ``root``'s: they are
     computed from the config)."""
-    for module, local, name, is_parameter in held_tensors(root):
+    for module, local, name, is_parameter in _as_stored(root, state):
         shape = _shape(module, local)
         found = state.shapes.get(name)
         if found is None and is_parameter:
@@ -105,7 +114,7 @@ def swapped(root: torch.nn.Module, state: FileState, dtype: torch.dtype) -> Iter
     if reason is not None:
         raise SourceModelError(f"{state.label}'s weights do not fit the target's {type(root).__name__}: {reason}")
     owned: dict[int, tuple[torch.nn.Module, list]] = {}
-    for module, local, name, is_parameter in held_tensors(root):
+    for module, local, name, is_parameter in _as_stored(root, state):
         if name in state.shapes:
             owned.setdefault(id(module), (module, []))[1].append((local, name, is_parameter))
     for module, entries in owned.values():
