@@ -314,7 +314,7 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRIN
             if not isinstance(module, torch.nn.Module):
                 continue
             module = unwrap_compiled(module)
-            digest.update(f"|{component}|{getattr(module, 'config', '')}".encode())
+            digest.update(f"|{component}|{_config_text(module)}".encode())
             # every parameter, then every buffer (named_parameters() then named_buffers(): the keys of calibrations
             # already stored), each with the module that holds it: an offloaded value is in that module's hook
             owned = [(path, owner, local) for kind in ("named_parameters", "named_buffers")
@@ -334,6 +334,22 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRIN
         for path in component_files(component, model.options.variant, model.resolve, model.label):
             digest.update(f"|{_file_id(path)}".encode())
     return digest.hexdigest()
+
+
+#: Config entries that say where a model was loaded from or how it was saved, not what it computes: transformers'
+#: ``save_pretrained`` adds ``architectures`` and ``dtype`` to the live config, ``from_pretrained`` sets ``_name_or_path``.
+_BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version"}
+
+
+def _config_text(module: torch.nn.Module) -> str:
+    """``module``'s config as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`): the same for
+    the same model loaded from two folders, or before and after it was saved."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return ""
+    entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.dumps({k: v for k, v in entries.items() if not k.startswith("_") and k not in _BOOKKEEPING},
+                      sort_keys=True, default=str)
 
 
 def _file_id(path: Path) -> str:
