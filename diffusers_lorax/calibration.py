@@ -336,17 +336,14 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRIN
     return digest.hexdigest()
 
 
-#: Config entries that say where a model was loaded from or how it was saved, not what it computes: transformers'
-#: ``save_pretrained`` adds ``architectures`` and ``dtype`` to the live config, ``from_pretrained`` sets ``_name_or_path``.
+#: Config entries that say where a model came from, not what it computes (``from_pretrained`` sets ``_name_or_path``;
+#: transformers' ``save_pretrained`` adds ``architectures`` and ``dtype`` to the live config).
 _BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version"}
 
 
 def _config_text(module: torch.nn.Module) -> str:
-    """``module``'s config as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`): the same for
-    the same model loaded from two folders, or before and after it was saved."""
-    config = getattr(module, "config", None)
-    if config is None:
-        return ""
+    """``module``'s config as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`)."""
+    config = getattr(module, "config", None) or {}
     entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.dumps({k: v for k, v in entries.items() if not k.startswith("_") and k not in _BOOKKEEPING},
                       sort_keys=True, default=str)
