@@ -45,7 +45,7 @@ from .probe_models import SourceDenoiser, source_text, target_side
 from .report import TransferReport
 from .transferred import TransferredAdapter
 from .weight_files import component_files
-from .weights import file_identity, fingerprint, memoised_fingerprint
+from .weights import config_text, file_identity, fingerprint, memoised_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -314,7 +314,7 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRIN
             if not isinstance(module, torch.nn.Module):
                 continue
             module = unwrap_compiled(module)
-            digest.update(f"|{component}|{_config_text(module)}".encode())
+            digest.update(f"|{component}|{config_text(module)}".encode())
             # every parameter, then every buffer (named_parameters() then named_buffers(): the keys of calibrations
             # already stored), each with the module that holds it: an offloaded value is in that module's hook
             owned = [(path, owner, local) for kind in ("named_parameters", "named_buffers")
@@ -334,19 +334,6 @@ def model_fingerprint(model: BaseModel, components: tuple[str, ...] = FINGERPRIN
         for path in component_files(component, model.options.variant, model.resolve, model.label):
             digest.update(f"|{_file_id(path)}".encode())
     return digest.hexdigest()
-
-
-#: Config entries that say where a model came from, not what it computes (``from_pretrained`` sets ``_name_or_path``;
-#: transformers' ``save_pretrained`` adds ``architectures`` and ``dtype`` to the live config).
-_BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version"}
-
-
-def _config_text(module: torch.nn.Module) -> str:
-    """``module``'s config as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`)."""
-    config = getattr(module, "config", None) or {}
-    entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.dumps({k: v for k, v in entries.items() if not k.startswith("_") and k not in _BOOKKEEPING},
-                      sort_keys=True, default=str)
 
 
 def _file_id(path: Path) -> str:

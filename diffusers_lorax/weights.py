@@ -10,6 +10,7 @@ Weights are returned in their stored float dtype (a quantized one dequantized); 
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -78,6 +79,19 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() and flat.stride(0) != 1:
         flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8).numpy().data
+
+
+#: Config entries that say where a model came from, not what it computes (``from_pretrained`` sets ``_name_or_path``;
+#: transformers' ``save_pretrained`` adds ``architectures`` and ``dtype`` to the live config).
+_BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version"}
+
+
+def config_text(module: torch.nn.Module) -> str:
+    """``module``'s config (diffusers' or transformers') as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`)."""
+    config = getattr(module, "config", None) or {}
+    entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.dumps({k: v for k, v in entries.items() if not k.startswith("_") and k not in _BOOKKEEPING},
+                      sort_keys=True, default=str)
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
