@@ -347,7 +347,7 @@ def test_probe_matches_a_float64_run_with_the_adapter_merged_into_the_weights(lo
 
 def test_the_pipelines_own_adapters_are_off_during_the_passes_and_restored(lora):
     target = toy.finetune(toy.sd_pipeline(seed=0), seed=1)
-    side = Side(BaseModel(target, role="target"), target)
+    side = Side(BaseModel(target, role="target"), target, calibration.STEPS, calibration.LATENT_SIZE, calibration.SEED)
     alone = side.capture("unet", ("",))
     target.load_lora_weights(lora, adapter_name="mine")
     before = state_of(target)
