@@ -337,11 +337,12 @@ def test_calibration_reads_an_offloaded_or_compiled_pipeline_as_the_plain_one():
     pipeline computes, in its dtype, and a calibration is keyed by the values the hooks hold; a compiled UNet is
     keyed as the model inside. (diffusers' own pipeline call fails under sequential offload on the CPU here, in
     accelerate's hooks: the passes themselves cannot run.)"""
-    from diffusers_lorax.calibration import _device_dtype, model_fingerprint
+    from diffusers_lorax.calibration import model_fingerprint
+    from diffusers_lorax.probe_models import _device_dtype
 
     expected = model_fingerprint(BaseModel(toy.sd_pipeline(seed=0)))
     pipe = offloaded(toy.sd_pipeline(seed=0), "sequential")
-    assert _device_dtype(BaseModel(pipe, role="target")) == (pipe._execution_device, torch.float32)
+    assert _device_dtype(pipe, pipe.unet) == (pipe._execution_device, torch.float32)
     assert model_fingerprint(BaseModel(pipe)) == expected
     compiled = toy.sd_pipeline(seed=0)
     compiled.unet = torch.compile(compiled.unet)
