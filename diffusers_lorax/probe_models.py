@@ -195,14 +195,14 @@ def source_text(source: BaseModel, target: Side) -> tuple[Side, dict, str]:
             continue
         try:
             state = FileState(source.weight_files(component), source.label)
-        except SourceModelError:
-            kept.append(component)
-            continue
-        if mismatch(encoder, state) is None:
+            reason = mismatch(encoder, state)
+        except SourceModelError as err:
+            reason = str(err)
+        if reason is None:
             swaps[component] = state
         else:
-            kept.append(component)
+            kept.append(f"{component}: {reason}")
     how = "the source's text encoders, swapped into the target's" if swaps else "the target's text encoders"
-    if swaps and kept:
-        how += f" (the target's own {', '.join(kept)}: the source's does not fit)"
+    if kept:
+        how += f" (the target's own where the source's does not fit: {'; '.join(kept)})"
     return target, swaps, how
