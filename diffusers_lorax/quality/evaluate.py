@@ -58,11 +58,16 @@ def quiet_logging() -> None:
 def load_pipeline(name: str, assets: Path = ASSETS) -> Any:
     """A testbed pipeline in float32 on the CPU: ``source``, ``target-…`` of ``assets`` (the UNet testbed's
     ``StableDiffusionPipeline`` folders, or the DiT testbed's ``FluxPipeline`` / ``ChromaPipeline`` ones; the class
-    is the one the folder's ``model_index.json`` names)."""
+    is the one the folder's ``model_index.json`` names). A pipeline with a ``default_sample_size`` (Flux's and
+    Chroma's: 128, a constant of the class) gets the testbed's latent size, ``data.SIZE`` over its VAE scale factor,
+    as a user of a small model sets it: its default call, and calibration's probe run, are then at the size the
+    model was trained at (the UNet testbed's pipelines read theirs from the UNet's ``sample_size``, 8 already)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(assets / name, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = data.SIZE // pipe.vae_scale_factor
     return pipe
 
 
