@@ -7,8 +7,8 @@ on the source, measured with forward passes only on the pipeline's own denoiser 
 2. Each call is replayed on the target with the transferred adapter (``Δε_T``), and on the source without and with
    the LoRA (``Δε_S``), the source's text encoders giving its conditioning (:mod:`~diffusers_lorax.probe_models`: one
    denoiser in memory for a fine-tune).
-3. The least-squares scale ``⟨Δε_S, Δε_T⟩ / ‖Δε_T‖²`` and the cosine between the two effects decide the scale, with
-   the guards of :mod:`~diffusers_lorax.estimate`.
+3. The strength ratio ``(Σ‖Δε_S‖² / Σ‖Δε_T‖²)^½`` is the scale, the cosine between the two effects its guard, the
+   least-squares scale reported beside them (:mod:`~diffusers_lorax.estimate`, which says why it is not applied).
 
 Rules: ``"global"`` (the default): one scale for every layer. On the source the LoRA is applied only on the layers
 that were transferred (the coverage guard): a target that lacks some of the LoRA's layers (a distilled model) is not
@@ -193,11 +193,11 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
 def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) -> dict:
     """The report's figures and the scale of each applied layer by ``rule`` (module docstring)."""
     whole = paired["all"]
-    scale, cosine, kept = estimate.decide(whole.scale, whole.cosine)
+    scale, cosine, kept = estimate.decide(whole.ratio, whole.cosine)
     if rule == "global":
         scales = dict.fromkeys(applied.values(), scale)
     elif rule == "block":
-        per_block = {g: estimate.decide(p.scale, p.cosine)[0] for g, p in paired.items()}
+        per_block = {g: estimate.decide(p.ratio, p.cosine)[0] for g, p in paired.items()}
         scales = {prefix: per_block[block_of(matched[i])] for i, prefix in applied.items()}
     else:
         scales = {}
@@ -208,7 +208,8 @@ def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) ->
         scales = {p: 1.0 if p.split(".", 1)[0] in probe.TEXT_COMPONENTS else v for p, v in scales.items()}
     source_effect, target_effect = whole.effects()
     return dict(rule=rule, scale=scale if rule == "global" else None, cosine=cosine, kept=kept,
-                global_scale=whole.scale, global_scale_se=whole.scale_error(), source_effect=source_effect,
+                global_scale=whole.ratio, global_scale_se=whole.scale_error(), least_squares=whole.least_squares,
+                source_effect=source_effect,
                 target_effect=target_effect, scales=scales)
 
 

@@ -85,10 +85,15 @@ def _as_stored(root: torch.nn.Module, state: FileState) -> list[tuple[torch.nn.M
 
 
 def mismatch(root: torch.nn.Module, state: FileState) -> str | None:
-    """Why ``state`` cannot stand in for ``root``'s weights (a parameter it lacks, or of another shape), or ``None``
-    when every parameter of ``root`` has a namesake of the same shape (buffers it lacks keep ``root``'s: they are
+    """Why ``state`` cannot stand in for ``root``'s weights (a parameter it lacks or has of another shape, or tensors
+    ``root`` has no place for: a pruned student such as Flex.1 against FLUX.1 holds a subset of its teacher's), or
+    ``None`` when both hold the same parameters with the same shapes (buffers it lacks keep ``root``'s: they are
     computed from the config)."""
-    for module, local, name, is_parameter in _as_stored(root, state):
+    held = _as_stored(root, state)
+    extra = sorted(set(state.shapes) - {name for _, _, name, _ in held})
+    if extra:
+        return f"it has {len(extra)} tensors the target has no place for ({extra[0]}, …)"
+    for module, local, name, is_parameter in held:
         shape = _shape(module, local)
         found = state.shapes.get(name)
         if found is None and is_parameter:

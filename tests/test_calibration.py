@@ -122,15 +122,17 @@ def test_identical_weights_in_a_folder_and_a_pipeline_measure_exactly_one(source
 def test_output_layer_scaled_by_a_power_of_two_gives_that_scale_exactly(source, source_folder, lora, registry, factor):
     """conv_out's weight and bias times 2⁻ᵏ make every ε of the target exactly 2⁻ᵏ times the source's (a power of two
     scales every product and partial sum exactly; the layers before it compute the same bits on both, the source's
-    weights being swapped into the target's UNet): Σ⟨Δε_S, Δε_T⟩ / Σ‖Δε_T‖² is 2ᵏ exactly. ¼ is beyond the clamp:
-    the least-squares scale says 4, the scale applied is MAX_SCALE."""
+    weights being swapped into the target's UNet): the strength ratio (Σ‖Δε_S‖² / Σ‖Δε_T‖²)^½ and the least-squares
+    scale Σ⟨Δε_S, Δε_T⟩ / Σ‖Δε_T‖² are 2ᵏ exactly. ¼ is beyond the clamp: the ratio says 4, the scale applied is
+    MAX_SCALE."""
     target = scaled_output(toy.sd_pipeline(seed=0), 1 / factor)
     plain, _ = transfer_lora(source, target, lora)
     state_dict, report = transfer_lora(source_folder, target, lora, calibrate=True, calibration_prompts=STYLED,
                                        registry=registry)
     cal = report.calibration
     assert cal["rule"] == "global" and cal["prompts"] == STYLED and cal["prompts_from"] == "calibration_prompts"
-    assert cal["global_scale"] == factor and cal["cosine"] == 1.0 and cal["global_scale_se"] == 0.0
+    assert cal["global_scale"] == cal["least_squares"] == factor and cal["cosine"] == 1.0
+    assert cal["global_scale_se"] == 0.0
     assert cal["source_effect"] == factor * cal["target_effect"]
     expected = min(factor, estimate.MAX_SCALE)
     assert cal["scale"] == only_scale(report) == expected and cal["kept"] is None
@@ -150,7 +152,8 @@ def test_output_layer_scaled_by_two_thirds_gives_a_scale_of_one_and_a_half(sourc
     γ_{n+4} m of its exact value, m = |W| * |h| + |b| (n = fan-in, h = conv_out's input, collected by a hook; the 4
     roundings: 1/1.5, the weight and bias products, the bias add), each Δε within that of both ε and one rounding of
     the difference. So ‖Δε_S − 1.5 Δε_T‖ ≤ 2 · 2.5 γ_{n+4} M + u (‖Δε_S‖ + 1.5 ‖Δε_T‖) = R, M ≥ ‖m‖ of every
-    conv_out call, and |s* − 1.5| = |⟨Δε_S − 1.5 Δε_T, Δε_T⟩| / ‖Δε_T‖² ≤ R / ‖Δε_T‖."""
+    conv_out call, and both |s* − 1.5| = |⟨Δε_S − 1.5 Δε_T, Δε_T⟩| / ‖Δε_T‖² and, by the triangle inequality, the
+    strength ratio's |‖Δε_S‖ / ‖Δε_T‖ − 1.5| are ≤ R / ‖Δε_T‖."""
     target = scaled_output(toy.sd_pipeline(seed=0), 1 / 1.5)
     W, b = source.unet.conv_out.weight.detach().double().abs(), source.unet.conv_out.bias.detach().double().abs()
     squares = []
@@ -170,6 +173,7 @@ def test_output_layer_scaled_by_two_thirds_gives_a_scale_of_one_and_a_half(sourc
     tolerance = (5 * gamma(n + 4) * math.sqrt(sum(squares)) + U32 * (norm_s + 1.5 * norm_t)) / norm_t
     assert squares and 0 < tolerance < 0.05
     assert cal["global_scale"] == pytest.approx(1.5, abs=tolerance)
+    assert cal["least_squares"] == pytest.approx(1.5, abs=tolerance)
     assert cal["scale"] == only_scale(report) == cal["global_scale"] and cal["cosine"] == 1.0
 
 
@@ -213,7 +217,7 @@ def test_coverage_guard_applies_only_the_transferred_layers_on_the_source(source
 
 
 def test_decide_and_the_paired_sums_against_a_float64_reference():
-    """Paired's s*, cosine and effects against the dense formulas on fresh random tensors (float64, one matrix); the
+    """Paired's strength ratio, s*, cosine and effects against the dense formulas on fresh random tensors (float64, one matrix); the
     guards of decide in their order."""
     g = torch.Generator().manual_seed(1)
     pairs = [(torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64),
@@ -224,7 +228,8 @@ def test_decide_and_the_paired_sums_against_a_float64_reference():
     S = torch.cat([0.8 * t + 0.3 * s for s, t in pairs]).flatten()
     T = torch.cat([t for _, t in pairs]).flatten()
     assert len(paired.st) == 12
-    assert paired.scale == pytest.approx(float(S @ T / (T @ T)), rel=1e-12)
+    assert paired.least_squares == pytest.approx(float(S @ T / (T @ T)), rel=1e-12)
+    assert paired.ratio == pytest.approx(float(S.norm() / T.norm()), rel=1e-12)
     assert paired.cosine == pytest.approx(float(S @ T / (S.norm() * T.norm())), rel=1e-12)
     assert paired.effects() == pytest.approx((float(S.norm()) / 12**0.5, float(T.norm()) / 12**0.5), rel=1e-12)
     eps, top = estimate.EXACT, estimate.MAX_SCALE
@@ -236,23 +241,23 @@ def test_decide_and_the_paired_sums_against_a_float64_reference():
     assert estimate.decide(None, None)[0] == 1.0 and "no effect" in estimate.decide(None, None)[2]
     empty = estimate.Paired()
     empty.add(torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
-    assert empty.scale is None and empty.cosine is None
+    assert empty.ratio is None and empty.least_squares is None and empty.cosine is None
 
 
 def test_reported_standard_error_matches_the_spread_of_the_scale_over_draws():
-    """Cochran's ratio-estimator error, against the spread of s* over 400 independent draws of 16 paired samples
-    (Δε_S = 1.2 Δε_T plus independent noise)."""
+    """Cochran's ratio-estimator error with the delta method, against the spread of the strength ratio over 400
+    independent draws of 16 paired samples (Δε_S = 1.2 (1 + 0.2 z) Δε_T, z ~ N(0, 1) per sample)."""
     gen = torch.Generator().manual_seed(0)
     estimates, errors = [], []
     for _ in range(400):
         paired = estimate.Paired()
         t = torch.randn(16, 50, generator=gen, dtype=torch.float64) * (torch.rand(16, 1, generator=gen) + 0.5)
-        paired.add(1.2 * t + 0.5 * torch.randn(16, 50, generator=gen, dtype=torch.float64), t)
-        estimates.append(paired.scale)
+        paired.add(1.2 * (1 + 0.2 * torch.randn(16, 1, generator=gen, dtype=torch.float64)) * t, t)
+        estimates.append(paired.ratio)
         errors.append(paired.scale_error())
-    assert statistics.fmean(estimates) == pytest.approx(1.2, rel=0.01)
+    assert statistics.fmean(estimates) == pytest.approx(1.2, rel=0.02)
     assert statistics.fmean(errors) == pytest.approx(statistics.stdev(estimates), rel=0.15)
-    exact = estimate.Paired(st=[4.0, 8.0, 2.0], ss=[16.0, 64.0, 4.0], tt=[2.0, 4.0, 1.0])
+    exact = estimate.Paired(st=[8.0, 16.0, 4.0], ss=[16.0, 64.0, 4.0], tt=[4.0, 16.0, 1.0])
     assert exact.scale_error() == pytest.approx(0.0, abs=1e-12)
     assert estimate.Paired(st=[1.0], ss=[1.0], tt=[1.0]).scale_error() is None
     assert estimate.Paired(st=[1.0, 2.0], ss=[1.0, 1.0], tt=[0.0, 0.0]).scale_error() is None

@@ -79,6 +79,8 @@ def test_a_model_with_the_other_models_weights_swapped_in_computes_the_other_mod
 @pytest.mark.parametrize("change, message", [
     (lambda state: state.pop("conv_in.weight"), "it has no conv_in.weight"),
     (lambda state: state.update({"conv_out.bias": torch.zeros(5)}), r"its conv_out.bias is \(5,\), not \(4,\)"),
+    # a teacher's file against its pruned student: tensors the student has no place for
+    (lambda state: state.update({"extra_blocks.0.weight": torch.zeros(2)}), "1 tensors the target has no place for"),
 ])
 def test_files_that_do_not_fit_are_refused_naming_the_tensor(other, tmp_path, change, message):
     _, folder = other
