@@ -284,8 +284,8 @@ def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], l
     """XXH3-128 of what a calibration depends on: this package's version, the rule and the constants of the run and
     the guards, the prompts, both models' fingerprints (which include their dtypes), the LoRA's layers applied on the
     source (factors and scale) and the transferred adapter's tensors."""
-    head = [_version.__version__, rule, STEPS, LATENT_SIZE, SEED, estimate.MAX_SCALE, estimate.MIN_COSINE,
-            COVERAGE_GUARD, SCALE_TEXT_ENCODERS, estimate.EXACT, list(prompts), *fps]
+    head = [_version.__version__, rule, STEPS, LATENT_SIZE, SEED, estimate.MAX_SCALE, estimate.MIN_SCALE,
+            estimate.MIN_COSINE, COVERAGE_GUARD, SCALE_TEXT_ENCODERS, estimate.EXACT, list(prompts), *fps]
     digest = xxhash.xxh3_128(json.dumps(head).encode())
     for i in sorted(applied, key=lambda i: layers[i].peft_key):
         layer = layers[i]
