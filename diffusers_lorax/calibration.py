@@ -82,7 +82,7 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
     prompts, origin = resolve_prompts(config.calibration_prompts, lora_metadata(request))
     prefixes = {_target_key(prefix): prefix for prefix in adapter.prefixes}
     applied = {i: prefixes[matched[i]] for i in matched if report.layers[i].applied and matched[i] in prefixes}
-    on_source = applied if COVERAGE_GUARD else matched_or_not(layers)
+    on_source = applied if COVERAGE_GUARD else dict.fromkeys(range(len(layers)))  # without: every LoRA layer
     fs = {layers[i].key: _source_factors(layers[i]) for i in on_source}
     ft = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
     fps = (model_fingerprint(source), model_fingerprint(target))
@@ -211,11 +211,6 @@ def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) ->
                 global_scale=whole.ratio, global_scale_se=whole.scale_error(), least_squares=whole.least_squares,
                 source_effect=source_effect,
                 target_effect=target_effect, scales=scales)
-
-
-def matched_or_not(layers: list[LoraLayer]) -> dict[int, str]:
-    """Every LoRA layer (no coverage guard)."""
-    return {i: layer.peft_key for i, layer in enumerate(layers)}
 
 
 def block_of(key: tuple[str, str], shapes: dict[str, tuple[int, ...]] | None = None) -> str:
