@@ -11,19 +11,24 @@ call and 1 after it: the median of the 4).
 
 ``--family flux``: a full-width Flux-shaped pair — ``FluxTransformer2DModel`` with FLUX.1 [dev]'s config
 (../shared/realcases/configs/flux1_dev: width 3072, 24 heads, joint_attention_dim 4096, pooled_projection_dim 768,
-guidance embedding) but REDUCED DEPTH (``--double`` double and ``--single`` single blocks instead of 19 and 38, printed),
-random weights, bfloat16 (as Flux is distributed; twice float32's speed on this CPU); text encoders of the right
-output widths but one layer each (CLIP hidden 768, T5 d_model 4096) with the DiT testbed's tokenizers, no VAE (the
+guidance embedding) but REDUCED DEPTH (``--double`` double and ``--single`` single blocks instead of 19 and 38,
+printed), random weights, bfloat16 (as Flux is distributed; twice float32's speed on this CPU); text encoders of the
+right output widths but one layer each (CLIP hidden 768, T5 d_model 4096) with the DiT testbed's tokenizers, no VAE (the
 runs end at the latents). Source saved as a folder; target = source after ``toy.finetune``; the LoRA: random rank 16
 on every attention projection of the transformer (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out). Baselines: one
-transformer forward at the probe's latent size (2 before the cold call, 1 after: median of 3) and at the native 1024 px (128 × 128 latents = 4096
-image tokens; once; ``--no-native`` skips it), both with 512 T5 tokens as FluxPipeline pads to.
+transformer forward at the probe's latent size (2 before the cold call, 1 after: median of 3) and one at the native
+1024 px (128 × 128 latents = 4096 image tokens; ``--no-native`` skips it), both with 512 T5 tokens as FluxPipeline
+pads to.
 
 Measured for both: the cold first ``load_lora_weights_cross(source_folder, lora, calibrate=True)`` on an empty
 registry — seconds, seconds / one pass, what ``report.calibration`` says (passes at the probe size, samples, steps,
-latent size, how the source's denoiser ran, what was loaded for it), and the peak resident memory above the resident
-memory just before the call (Linux VmHWM, reset before it) against the target pipeline's size; then the warm call
-(the same call again: served from the registry, no pass) and an uncalibrated copy, in seconds.
+latent size, how the source's denoiser ran, what was loaded for it), the peak resident memory above the resident
+memory just before the call (Linux VmHWM, reset before it; and the sampled peaks of its anonymous and file-backed
+parts) against the target pipeline's size, and where the call's time went (fingerprints, pipeline runs, replays,
+reads of the source's weights); then the warm call (the same call again: served from the registry, no pass) and an
+uncalibrated copy, in seconds.
+
+In a git worktree, pass ``--configs /work/shared/realcases/configs`` (the default is found beside the checkout).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_lorax import calibration, toy
+from diffusers_lorax import calibration, probe, probe_models, swap, toy
 
 
 def _performance():
@@ -65,6 +70,67 @@ def timed(fn, repeat: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - started)
     return times
+
+
+def instrumented() -> tuple[dict[str, float], list]:
+    """Where a call's time goes: the calibration steps below are wrapped to add their seconds to the returned dict
+    (a step called inside another is counted in the outer one, except the reads of the source's weights, which are
+    taken out of the pass they happen in); the second value undoes the wrapping (:func:`restore`)."""
+    steps = {"fingerprints of both models": (calibration, "model_fingerprint"),
+             "target pipeline runs (capture, conditioning)": (probe_models.Side, "capture"),
+             "target replays with the adapter": (probe, "run"),
+             "source replays (swapped or loaded denoiser)": (probe_models.SourceDenoiser, "run"),
+             "reads of the source's weights (safetensors)": (swap.FileState, "get")}
+    own = {"reads of the source's weights (safetensors)"}
+    spent, stack, undo = dict.fromkeys(steps, 0.0), [], []
+    for label, (owner, name) in steps.items():
+        original = getattr(owner, name)
+        undo.append((owner, name, original))
+
+        def wrapper(*args, _original=original, _label=label, **kwargs):
+            if stack and _label not in own:
+                return _original(*args, **kwargs)
+            stack.append(0.0)
+            started = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                total = time.perf_counter() - started
+                spent[_label] += total - stack.pop()
+                if stack:
+                    stack[-1] += total
+        setattr(owner, name, wrapper)
+    return spent, undo
+
+
+def restore(undo: list) -> None:
+    for owner, name, original in undo:
+        setattr(owner, name, original)
+
+
+class PeakRss:
+    """The largest anonymous and file-backed resident memory (``RssAnon``, ``RssFile`` of /proc/self/status, kB)
+    seen while in the block, sampled every 20 ms: a read-only memory map of the source's files (page cache) counts in
+    VmHWM as well as what the call allocates."""
+
+    def __enter__(self) -> PeakRss:
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.is_set():
+                for field in self.peak:
+                    self.peak[field] = max(self.peak[field], memory_kb(field))
+                self.stop.wait(0.02)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def gigabytes(*modules: torch.nn.Module) -> float:
@@ -123,9 +189,9 @@ def flux(args, work: Path):
                       txt_ids=torch.zeros(512, 3, dtype=torch.bfloat16))
         return lambda: target.transformer(**inputs, return_dict=False)
 
-    probe = calibration.LATENT_SIZE
-    baselines = {f"transformer forward, {probe}×{probe} latents (the probe's size), {(probe // 2) ** 2} image + 512 text "
-                 "tokens": (forward(probe), 2)}
+    size = calibration.LATENT_SIZE
+    baselines = {f"transformer forward, {size}×{size} latents (the probe's size), {(size // 2) ** 2} image + 512 text "
+                 "tokens": (forward(size), 2)}
     if not args.no_native:
         baselines["transformer forward, 128×128 latents (1024 px, native), 4096 image + 512 text tokens"] = (
             forward(128), 1)
@@ -171,12 +237,15 @@ def main() -> None:
 
     copy_s = timed(cross, 1)[0]  # also the first-call imports and PEFT set-up, kept out of the cold call
     gc.collect()
-    rss_before = memory_kb("VmRSS")
+    before = {field: memory_kb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
+    spent, undo = instrumented()
     reset_peak()
     t = time.perf_counter()
-    cold = cross(calibrate=True)
+    with PeakRss() as rss:
+        cold = cross(calibrate=True)
     cold_s = time.perf_counter() - t
-    peak_gb = (memory_kb("VmHWM") - rss_before) / 2**20
+    peak_gb = (memory_kb("VmHWM") - before["VmRSS"]) / 2**20
+    restore(undo)
     with torch.no_grad():  # the repeated baselines once more after the cold call: the machine's load drifts
         for label, (fn, repeat) in baselines.items():
             passes[label] += timed(fn, 1) if repeat > 1 else []
@@ -188,8 +257,13 @@ def main() -> None:
     print(f"  passes {cal['passes']} (denoiser calls at the probe size, per batch row), samples {cal['samples']}, "
           f"steps {cal['steps']}, latent_size {cal['latent_size']}, prompts {cal['prompts']} ({cal['prompts_from']})")
     print(f"  source_denoiser: {cal['source_denoiser']}; source_loaded: {cal['source_loaded']}")
-    print(f"  peak resident memory: +{peak_gb:.2f} GB above the {rss_before / 2**20:.2f} GB before the call "
-          f"(target pipeline {target_gb:.2f} GB)")
+    print(f"  peak resident memory: +{peak_gb:.2f} GB above the {before['VmRSS'] / 2**20:.2f} GB before the call "
+          f"(target pipeline {target_gb:.2f} GB); sampled peaks above before: anonymous +"
+          f"{(rss.peak['RssAnon'] - before['RssAnon']) / 2**20:.2f} GB, file-backed (memory-mapped files) +"
+          f"{(rss.peak['RssFile'] - before['RssFile']) / 2**20:.2f} GB")
+    print("  where the cold call's time went: "
+          + "; ".join(f"{label} {seconds:.1f} s" for label, seconds in spent.items())
+          + f"; the rest {cold_s - sum(spent.values()):.1f} s")
     print(f"warm call (registry hit, cached={cross(calibrate=True).calibration['cached']}): {warm_s:.2f} s; "
           f"uncalibrated copy: {copy_s:.2f} s\n")
     print("| baseline pass | s (median) | timings before, after the cold call | first calibrated call = N passes |\n"

@@ -6,12 +6,12 @@ the cheapest whose scale stays within the seed-to-seed spread of the most expens
 
 For each testbed target (UNet testbed: ``target-finetune``, ``target-distilled``; DiT testbed: ``target-finetune``,
 ``target-flex``, ``target-chroma``), each prompt choice (the empty prompt; the ten ``STYLED`` prompts, as
-``benchmarks/quality/calibration.py`` passes them), each setting and each probe seed (``calibration.SEED`` 0 … seeds-1)
-it runs ``transfer_lora(assets/"source", target_pipeline, loras/slant-source.safetensors, calibrate=True, ...)`` on a
-fresh registry, and prints per setting: the mean ± sd over seeds of ``report.calibration['global_scale']`` (the
-unclamped least-squares scale) and of its ``cosine``, the passes per call (denoiser calls at the probe size, per batch
-row, both models), the cost in native-size pass equivalents (passes × (size / native)², what a pass costs when it is
-proportional to the latent pixels) and the seconds per call here.
+``benchmarks/quality/calibration.py`` passes them), each setting and each probe seed (``calibration.SEED`` 0 …
+seeds-1) it runs ``transfer_lora(assets/"source", target_pipeline, loras/slant-source.safetensors,
+calibrate=True, ...)`` on a fresh registry, and prints per setting: the mean ± sd over seeds of
+``report.calibration['global_scale']`` (the unclamped least-squares scale) and of its ``cosine``, the passes per call
+(denoiser calls at the probe size, per batch row, both models), the cost in native-size pass equivalents (passes ×
+(size / native)², what a pass costs when it is proportional to the latent pixels) and the seconds per call here.
 
 Both testbeds are trained at 16 px: the UNet testbed's latents are 8 × 8 (``default_sample_size`` 8); the DiT
 testbed's VAE scale factor is 2, so its native latent is 8 × 8 too (16 packed tokens), but ``FluxPipeline`` and
@@ -86,10 +86,10 @@ def sweep(testbed: str, targets: list[str], steps: list[int], sizes: list[int], 
                 passing[setting] &= ok
                 st, sz = setting
                 passes = runs[0]["passes"]
+                verdict = "ref" if setting == reference else ("yes" if ok else "no")
                 print(f"| {target} | {label} | {st} | {sz} | {passes} | {passes * (sz / NATIVE) ** 2:.1f} | "
                       f"{statistics.fmean(r['seconds'] for r in runs):.2f} | {scale:.3f} ± {scale_sd:.3f} | "
-                      f"{cosine:.3f} ± {cosine_sd:.3f} | {'ref' if setting == reference else ('yes' if ok else 'no')} |",
-                      flush=True)
+                      f"{cosine:.3f} ± {cosine_sd:.3f} | {verdict} |", flush=True)
         del pipe
     cheapest = next(s for s in settings if passing[s])
     print(f"\n{testbed}: reference (most expensive) STEPS={reference[0]}, LATENT_SIZE={reference[1]}; cheapest setting "
