@@ -6,8 +6,8 @@ above the target pipeline; and what a repeated (registry-served) call costs.
 ``--family sd15`` (default): the pair of ``benchmarks/performance.py`` — random weights from the real SD 1.5 configs
 (../shared/realcases/configs/sd15), the source saved as a diffusers folder, the target pipeline in memory (the source
 after ``toy.finetune``), float32 on the CPU; the LoRA is its ``attn128`` (128 UNet attention projections, rank 16).
-The baseline is one UNet forward at the native latent size, 64 × 64, batch 1, 77 text tokens (3 before the cold
-call and 1 after it: the median of the 4).
+The baselines: one UNet forward at the native latent size, 64 × 64, and one at the probe's, batch 1, 77 text tokens
+(3 before the cold call and 1 after it: the median of the 4).
 
 ``--family flux``: a full-width Flux-shaped pair — ``FluxTransformer2DModel`` with FLUX.1 [dev]'s config
 (../shared/realcases/configs/flux1_dev: width 3072, 24 heads, joint_attention_dim 4096, pooled_projection_dim 768,
@@ -26,7 +26,9 @@ latent size, how the source's denoiser ran, what was loaded for it), the peak re
 memory just before the call (Linux VmHWM, reset before it; and the sampled peaks of its anonymous and file-backed
 parts) against the target pipeline's size, and where the call's time went (fingerprints, pipeline runs, replays,
 reads of the source's weights); then the warm call (the same call again: served from the registry, no pass) and an
-uncalibrated copy, in seconds.
+uncalibrated copy, in seconds. Times are wall-clock and process CPU seconds (all threads): on a shared machine the
+other users' load changes a pass's wall time several-fold within minutes, its CPU time much less, so the ratios are
+printed in both.
 
 In a git worktree, pass ``--configs /work/shared/realcases/configs`` (the default is found beside the checkout).
 """
@@ -63,12 +65,13 @@ DIT_TOKENIZERS = Path(__file__).resolve().parents[1] / "diffusers_lorax" / "qual
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def timed(fn, repeat: int) -> list[float]:
+def timed(fn, repeat: int) -> list[tuple[float, float]]:
+    """Wall-clock and process CPU seconds of each of ``repeat`` calls of ``fn``."""
     times = []
     for _ in range(repeat):
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - started)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
@@ -142,8 +145,12 @@ def sd15(args, work: Path):
     target = performance.build_pair("sd15", args.configs, work)
     lora = performance.loras(target)["attn128"]
     latents, embeds = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768)
+    size = calibration.LATENT_SIZE
+    small = torch.randn(1, 4, size, size)
     baselines = {"UNet forward, 64×64 latents (native), batch 1": (
-        lambda: target.unet(latents, torch.tensor([500]), embeds), 3)}
+        lambda: target.unet(latents, torch.tensor([500]), embeds), 3),
+        f"UNet forward, {size}×{size} latents (the probe's size), batch 1": (
+        lambda: target.unet(small, torch.tensor([500]), embeds), 3)}
     return target, lora, baselines, (target.unet, target.text_encoder, target.vae), "UNet"
 
 
@@ -228,32 +235,31 @@ def main() -> None:
     with torch.no_grad():
         for label, (fn, repeat) in baselines.items():
             passes[label] = timed(fn, repeat)
-            print(f"{label}: {', '.join(f'{t:.1f}' for t in passes[label])} s", flush=True)
+            print(f"{label}: {', '.join(f'{w:.1f} s ({c:.1f} CPU s)' for w, c in passes[label])}", flush=True)
 
     def cross(**options):
         report = target.load_lora_weights_cross(source, lora, adapter_name="x", registry=registry, **options)
         target.delete_adapters("x")
         return report
 
-    copy_s = timed(cross, 1)[0]  # also the first-call imports and PEFT set-up, kept out of the cold call
+    copy_s = timed(cross, 1)[0][0]  # also the first-call imports and PEFT set-up, kept out of the cold call
     gc.collect()
     before = {field: memory_kb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
-    spent, undo = instrumented()
+    spent, undo, calls = *instrumented(), []
     reset_peak()
-    t = time.perf_counter()
     with PeakRss() as rss:
-        cold = cross(calibrate=True)
-    cold_s = time.perf_counter() - t
+        (cold_s, cold_cpu), = timed(lambda: calls.append(cross(calibrate=True)), 1)
+    cold = calls.pop()
     peak_gb = (memory_kb("VmHWM") - before["VmRSS"]) / 2**20
     restore(undo)
     with torch.no_grad():  # the repeated baselines once more after the cold call: the machine's load drifts
         for label, (fn, repeat) in baselines.items():
             passes[label] += timed(fn, 1) if repeat > 1 else []
-    warm_s = timed(lambda: cross(calibrate=True), 1)[0]
-    copy_s = min(copy_s, timed(cross, 1)[0])
+    warm_s = timed(lambda: cross(calibrate=True), 1)[0][0]
+    copy_s = min(copy_s, timed(cross, 1)[0][0])
     cal = cold.calibration
-    print(f"\ncold first calibrated call: {cold_s:.1f} s (calibration itself {cal['seconds']:.1f} s); scale "
-          f"{cal['scale']}, cosine {cal['cosine']:.3f}, kept {cal['kept']!r}")
+    print(f"\ncold first calibrated call: {cold_s:.1f} s, {cold_cpu:.1f} CPU s (calibration itself "
+          f"{cal['seconds']:.1f} s); scale {cal['scale']}, cosine {cal['cosine']:.3f}, kept {cal['kept']!r}")
     print(f"  passes {cal['passes']} (denoiser calls at the probe size, per batch row), samples {cal['samples']}, "
           f"steps {cal['steps']}, latent_size {cal['latent_size']}, prompts {cal['prompts']} ({cal['prompts_from']})")
     print(f"  source_denoiser: {cal['source_denoiser']}; source_loaded: {cal['source_loaded']}")
@@ -266,11 +272,12 @@ def main() -> None:
           + f"; the rest {cold_s - sum(spent.values()):.1f} s")
     print(f"warm call (registry hit, cached={cross(calibrate=True).calibration['cached']}): {warm_s:.2f} s; "
           f"uncalibrated copy: {copy_s:.2f} s\n")
-    print("| baseline pass | s (median) | timings before, after the cold call | first calibrated call = N passes |\n"
-          "|---|---|---|---|")
+    print("| baseline pass | s (median) | CPU s (median) | wall s before, after the cold call | first calibrated call "
+          "= N passes, wall | = N passes, CPU |\n|---|---|---|---|---|---|")
     for label, times in passes.items():
-        seconds = statistics.median(times)
-        print(f"| {label} | {seconds:.2f} | {', '.join(f'{t:.1f}' for t in times)} | {cold_s / seconds:.1f} |")
+        wall, cpu = (statistics.median(column) for column in zip(*times))
+        print(f"| {label} | {wall:.2f} | {cpu:.2f} | {', '.join(f'{w:.1f}' for w, _ in times)} | {cold_s / wall:.1f} | "
+              f"{cold_cpu / cpu:.1f} |")
     print(f"\nfirst calibrated call: {cold_s:.1f} s; peak +{peak_gb:.2f} GB above the target ({target_gb:.2f} GB); "
           f"targets (issue 22): ≤ 4 native passes, ≤ target + 1 GB")
 
