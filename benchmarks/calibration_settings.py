@@ -9,7 +9,7 @@ For each testbed target (UNet testbed: ``target-finetune``, ``target-distilled``
 ``benchmarks/quality/calibration.py`` passes them), each setting and each probe seed (``calibration.SEED`` 0 …
 seeds-1) it runs ``transfer_lora(assets/"source", target_pipeline, loras/slant-source.safetensors,
 calibrate=True, ...)`` on a fresh registry, and prints per setting: the mean ± sd over seeds of
-``report.calibration['global_scale']`` (the unclamped least-squares scale) and of its ``cosine``, the passes per call
+``report.calibration['global_scale']`` (the strength ratio before the guards) and of its ``cosine``, the passes per call
 (denoiser calls at the probe size, per batch row, both models), the cost in native-size pass equivalents (passes ×
 (size / native)², what a pass costs when it is proportional to the latent pixels) and the seconds per call here.
 

@@ -15,7 +15,7 @@ weights. Nothing of ``root`` changes: its forwards and tensors are put back on e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,7 +33,9 @@ _PLAIN = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 class FileState:
     """One component's tensors in its safetensors files (a diffusers folder's, or Hub files in the cache), by
-    state-dict name, read one at a time; the files stay open while it is used as a context manager."""
+    state-dict name. :meth:`read` opens the files it needs and closes them again, so that no more of the files stays
+    mapped in memory than one module's tensors (a file kept open for the whole run counts every page read in the
+    process's resident memory)."""
 
     def __init__(self, files: list[Path], label: str):
         self.label = label
@@ -43,23 +45,14 @@ class FileState:
             index = header_shapes(path, label)
             self.shapes.update(index)
             self._where.update(dict.fromkeys(index, path))
-        self._open: ExitStack | None = None
-        self._handles: dict[Path, object] = {}
 
-    def __enter__(self) -> FileState:
-        self._open = ExitStack()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handles.clear()
-        self._open.close()
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (on the CPU, in its stored dtype)."""
-        path = self._where[name]
-        if path not in self._handles:
-            self._handles[path] = self._open.enter_context(safe_open(str(path), framework="pt"))
-        return self._handles[path].get_tensor(name)
+    def read(self, names: list[str]) -> list[torch.Tensor]:
+        """The tensors ``names`` (on the CPU, in their stored dtype), in that order."""
+        out: dict[str, torch.Tensor] = {}
+        for path in dict.fromkeys(self._where[name] for name in names):
+            with safe_open(str(path), framework="pt") as f:
+                out.update((name, f.get_tensor(name)) for name in names if self._where[name] == path)
+        return [out[name] for name in names]
 
 
 def held_tensors(root: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, str, bool]]:
@@ -130,18 +123,17 @@ def swapped(root: torch.nn.Module, state: FileState, dtype: torch.dtype) -> Iter
                 "sequential offload (its offload hook restores its own tensors at each call): pass the source as a "
                 "pipeline, or calibrate without sequential offload")
     saved = []
-    with state:
-        try:
-            for module, entries in owned.values():
-                saved.append((module, module.__dict__.get("forward", _MISSING)))
-                module.forward = _Swapped(module, entries, state, dtype)
-            yield
-        finally:
-            for module, forward in reversed(saved):
-                if forward is _MISSING:
-                    del module.forward
-                else:
-                    module.forward = forward
+    try:
+        for module, entries in owned.values():
+            saved.append((module, module.__dict__.get("forward", _MISSING)))
+            module.forward = _Swapped(module, entries, state, dtype)
+        yield
+    finally:
+        for module, forward in reversed(saved):
+            if forward is _MISSING:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class _Swapped:
@@ -163,10 +155,10 @@ class _Swapped:
         module, put = self.module, []
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         try:
-            for local, name, is_parameter in self.entries:
+            values = self.state.read([name for _, name, _ in self.entries])
+            for (local, name, is_parameter), value in zip(self.entries, values):
                 table = module._parameters if is_parameter else module._buffers
                 own = table[local]
-                value = self.state.get(name)
                 if value.is_floating_point():
                     plain = own.is_floating_point() and type(own) in (torch.Tensor, torch.nn.Parameter)
                     value = value.to(own.dtype if plain else self.dtype)

@@ -2,6 +2,8 @@
 that model's outputs exactly (float32 and float64, also under accelerate's CPU offload and with a PEFT adapter
 injected), puts every forward and tensor back, and refuses files that do not fit, naming the tensor."""
 
+import os
+
 import accelerate
 import pytest
 import torch
@@ -128,3 +130,24 @@ def test_swapping_into_a_model_with_an_injected_peft_adapter(other):
     expected = run(with_adapter)
     assert torch.equal(out, expected) and not torch.equal(expected, run(reference))
     assert_restored(model, before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux /proc)")
+def test_no_weight_file_stays_mapped_between_modules(other):
+    """Each module reads its tensors and closes the file again: while a later module runs, the source's file is not
+    mapped into the process (kept open, every page read would count in its resident memory: the whole model's
+    weights by the end of a pass)."""
+    _, folder = other
+    path = (folder / WEIGHTS).resolve()
+    model, mapped = unet(0), []
+
+    def check(module, args, output):
+        mapped.append(str(path) in open("/proc/self/maps").read())
+
+    handle = model.conv_out.register_forward_hook(check)
+    try:
+        with swapped(model, FileState([folder / WEIGHTS], "other"), torch.float32):
+            run(model)
+    finally:
+        handle.remove()
+    assert mapped == [False]
