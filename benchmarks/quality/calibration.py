@@ -7,11 +7,11 @@ renamed students; DiT: the source, the fine-tune, the Flex-style student and the
 the ten styled prompts × ``--seeds`` seeds with no LoRA, with the source's style LoRA transferred by copy, by copy
 with each calibration rule and prompt choice, by the projections with calibration (UNet), and with the LoRA trained
 on that target; prints the scores, the gaps closed (``diffusers_lorax/quality/evaluate.py``), and what calibration
-chose: the scale, the least-squares scale before the guards with its standard error, the cosine between the source's
+chose: the scale, the strength ratio before the guards with its standard error (and the least-squares scale), the cosine between the source's
 and the target's effects, and why the transfer was kept as it is where it was. Variants that differ only in a guard
 switch the module constants of ``diffusers_lorax.calibration`` for their row. A row whose adapter is another row's
 (a calibration that kept the copy: scale 1) reuses that row's images. ``--stability`` prints the
-least-squares scale and the cosine on the targets for each prompt choice, probe length (``calibration.STEPS``) and
+strength ratio and the cosine on the targets for each prompt choice, probe length (``calibration.STEPS``) and
 probe seed (``calibration.SEED`` 0–4). A calibration that cannot run on a target (a typed ``LoraxError``) is
 printed in place of its row.
 """
@@ -75,13 +75,16 @@ def scales_of(report) -> str:
 
 
 def figures(report) -> tuple[str, str, str]:
-    """The least-squares scale ± its standard error, the cosine and the guard that kept the copy (``—`` for none)."""
+    """The strength ratio ± its standard error (and the least-squares scale), the cosine and the guard that kept the
+    copy (``—`` for none)."""
     cal = report.calibration if report is not None else None
     if not cal:
         return "—", "—", "—"
     ls = "—" if cal.get("global_scale") is None else f"{cal['global_scale']:.3f}"
     if cal.get("global_scale_se") is not None:
         ls += f" ± {cal['global_scale_se']:.3f}"
+    if cal.get("least_squares") is not None:
+        ls += f" (LS {cal['least_squares']:.3f})"
     cosine = "—" if cal.get("cosine") is None else f"{cal['cosine']:.3f}"
     kept = cal.get("kept") or "—"
     return ls, cosine, kept.split(":")[0]
@@ -133,7 +136,7 @@ def evaluate(target: str, variants: list, seeds: list[int], scorers: Scorers, re
         pipe.delete_adapters("x")
         cal = reports[label].calibration
         print(f"  {target} | {label}: {scales_of(reports[label])}"
-              + (f", LS {figures(reports[label])[0]}, cosine {figures(reports[label])[1]}, kept: "
+              + (f", ratio {figures(reports[label])[0]}, cosine {figures(reports[label])[1]}, kept: "
                  f"{cal.get('kept') or '—'}; effect source {cal.get('source_effect')}, target "
                  f"{cal.get('target_effect')}, {cal['passes']} passes at {cal.get('latent_size')}² latents, prompts "
                  f"from {cal['prompts_from']}" if cal else "") + f", load {seconds:.1f} s"
@@ -149,7 +152,7 @@ def table(rows: list[Row]) -> str:
     def pct(value: float | None) -> str:
         return "—" if value is None else f"{round(value, 2) + 0.0:.0%}"  # + 0.0: no "-0%"
 
-    lines = ["| target | method | scale | least squares ± SE | cosine | kept | style P(slanted) | content acc. "
+    lines = ["| target | method | scale | ratio ± SE (least squares) | cosine | kept | style P(slanted) | content acc. "
              "| distance to trained | gap closed: style | distance |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ls, cosine, kept = figures(r.report)
@@ -159,11 +162,11 @@ def table(rows: list[Row]) -> str:
 
 
 def stability(targets: list[str], assets: Path, steps: list[int], seeds: int) -> None:
-    """The least-squares global scale (before the guards) and the cosine on ``targets`` for each prompt choice and
+    """The strength ratio (the global scale before the guards) and the cosine on ``targets`` for each prompt choice and
     probe length ``calibration.STEPS`` in ``steps``, over the probe seeds ``calibration.SEED`` = 0 … ``seeds`` − 1,
     with the mean of the standard errors the report gives for one call."""
     print(f"\n## Stability of the global scale (probe seeds 0–{seeds - 1})\n")
-    print("| target | prompts | steps | samples | least-squares scale (mean ± sd) | cosine (mean ± sd) "
+    print("| target | prompts | steps | samples | strength ratio (mean ± sd) | cosine (mean ± sd) "
           "| mean reported SE | per seed |\n|---|---|---|---|---|---|---|---|")
     saved = calibration.STEPS, calibration.SEED
     try:
