@@ -83,7 +83,7 @@ def instrumented() -> tuple[dict[str, float], list]:
              "target pipeline runs (capture, conditioning)": (probe_models.Side, "capture"),
              "target replays with the adapter": (probe, "run"),
              "source replays (swapped or loaded denoiser)": (probe_models.SourceDenoiser, "run"),
-             "reads of the source's weights (safetensors)": (swap.FileState, "get")}
+             "reads of the source's weights (safetensors)": (swap.FileState, "read")}
     own = {"reads of the source's weights (safetensors)"}
     spent, stack, undo = dict.fromkeys(steps, 0.0), [], []
     for label, (owner, name) in steps.items():
