@@ -87,10 +87,10 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
     ft = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
     fps = (model_fingerprint(source), model_fingerprint(target))
     key = calibration_key(rule, prompts, fps, layers, applied, adapter)
+    started = time.perf_counter()
     result = registry.get_calibration(key)
     cached = result is not None
     if result is None:
-        started = time.perf_counter()
         if fps[0] == fps[1] and source.components == target.components and _same_factors(fs, ft, layers, matched, applied):
             result = dict(rule=rule, scale=1.0, cosine=1.0, kept=None, passes=0, scales=dict.fromkeys(applied.values(), 1.0),
                           matched_on="identical models and factors (same fingerprints): no pass needed")
@@ -103,8 +103,11 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
         report.layers[i].scale = s
         if s != 1.0:
             adapter.rescale(prefix, s)
-    report.calibration = dict(result, cached=cached)
-    if result.get("kept"):
+    # a cached result ran no pass now: its passes and seconds are those of the call that measured it
+    report.calibration = dict(result, cached=cached) | (dict(passes=0, seconds=round(time.perf_counter() - started, 3),
+                                                             measured=dict(passes=result.get("passes"),
+                                                                           seconds=result.get("seconds"))) if cached else {})
+    if result.get("kept") and not cached:
         logger.warning(f"calibration: {result['kept']}")
 
 

@@ -101,6 +101,6 @@ def decide(scale: float | None, cosine: float | None) -> tuple[float, float | No
                              "output in another direction than the LoRA changes the source's, so their strengths are "
                              "not comparable; kept as transferred")
     if scale < MIN_SCALE:
-        return MIN_SCALE, cosine, (f"the target responds {1 / scale:.2f}× as strongly as the source; a transfer is not "
+        return MIN_SCALE, cosine, (f"the target responds {1 / scale:.4g}× as strongly as the source; a transfer is not "
                                    f"weakened below ×{MIN_SCALE} (docs/calibration.md); kept as transferred")
     return min(MAX_SCALE, scale), cosine, None

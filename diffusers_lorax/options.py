@@ -94,7 +94,7 @@ class TransferConfig:
                 f"calibration_prompts must hold 1 to {MAX_CALIBRATION_PROMPTS} strings (\"\" is the unconditional "
                 f"prompt), got {prompts!r:.80}; leave it None for the LoRA's trigger words or an empty prompt")
         if not self.calibrate:
-            raise InvalidOptionsError("calibration_prompts were given but calibrate is False: pass calibrate=True")
+            raise InvalidOptionsError("calibration_prompts were given but calibrate is False: pass calibrate=True (on the command line: --calibrate)")
         object.__setattr__(self, "calibration_prompts", tuple(prompts))
 
     @property

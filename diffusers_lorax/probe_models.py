@@ -44,7 +44,7 @@ def _from_pretrained(model: BaseModel, cls: type, dtype: torch.dtype, **kwargs):
     hub = {k: v for k, v in dict(revision=options.revision, variant=options.variant, token=options.token,
                                  cache_dir=options.cache_dir).items() if v is not None}
     try:
-        return cls.from_pretrained(root, torch_dtype=dtype, **hub, **kwargs)
+        return cls.from_pretrained(root, dtype=dtype, **hub, **kwargs)
     except Exception as err:  # missing files, offline cache misses, bad configs
         raise SourceModelError(f"calibration could not load {kwargs.get('subfolder', 'the pipeline')} of the "
                                f"{model.role} {model.label!r}: {type(err).__name__}: {err}") from err
@@ -162,7 +162,7 @@ class SourceDenoiser:
         self.module = _from_pretrained(source, cls, self.dtype, subfolder=source.components.get(component, component),
                                        low_cpu_mem_usage=True).to(self.device).eval()
         size = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        self.how = f"loaded from its files ({reason} of the target's)"
+        self.how = f"loaded from its files (they do not fit the target's: {reason})"
         self.loaded = {"component": component, "bytes": size, "dtype": str(self.dtype).removeprefix("torch.")}
 
     def __enter__(self) -> SourceDenoiser:

@@ -113,6 +113,11 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
         calls[-1].output = keep(_prediction(output))
 
     handles = []
+    # the run's progress bar is the calibration's business, not the user's: off for it, the user's setting put back
+    # (DiffusionPipeline keeps it in _progress_bar_config, which set_progress_bar_config only updates)
+    bar = getattr(pipe, "_progress_bar_config", None)
+    if callable(getattr(pipe, "set_progress_bar_config", None)):
+        pipe.set_progress_bar_config(disable=True)
     try:
         for component, module in modules.items():
             handles.append(module.register_forward_pre_hook(pre_hook(component), with_kwargs=True))
@@ -127,6 +132,10 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
     finally:
         for handle in handles:
             handle.remove()
+        if bar is None:
+            delattr(pipe, "_progress_bar_config")
+        else:
+            pipe._progress_bar_config = bar
     if not calls:
         raise InvalidOptionsError(f"{name} made no call of {list(modules)} in a {steps}-step run; "
                                   "pass calibrate=False")

@@ -274,7 +274,7 @@ def _calibration(report: TransferReport) -> list[str]:
     cosine = f", cosine {cal['cosine']:.3f}" if cal.get("cosine") is not None else ""
     matched = (f" (‖Δε‖ source {cal['source_effect']:.3g}, target {cal['target_effect']:.3g}; {cal.get('passes')} "
                f"passes, prompts: {cal.get('prompts_from')})" if cal.get("target_effect") else "")
-    kept = f"; kept as transferred: {cal['kept']}" if cal.get("kept") else ""
+    kept = f"; {cal['kept']}" if cal.get("kept") else ""
     return [f"  calibration{' (' + str(rule) + ')' if rule else ''}: scale {_span(scales) if scales else '-'}{cosine}"
             f"{matched}{kept}" + ("; read from the registry" if cal.get("cached") else "")]
 

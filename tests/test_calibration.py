@@ -275,6 +275,7 @@ def test_warm_call_runs_no_forward_pass_and_gives_the_same_adapter(source_folder
     count_unet_calls.clear()
     second = target.load_lora_weights_cross(source_folder, lora, adapter_name="b", calibrate=True, registry=registry)
     assert count_unet_calls == [] and second.calibration["cached"]
+    assert second.calibration["passes"] == 0 and second.calibration["measured"]["passes"] == first.calibration["passes"]
     assert second.calibration["scales"] == first.calibration["scales"] and "calibrate" in second.seconds
     a, b = delta_weights(target, "a"), delta_weights(target, "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -179,3 +179,18 @@ def test_a_stopped_run_ends_as_the_pipeline_ends_its_own_runs():
     pipe.maybe_free_model_hooks = lambda: ended.append(1)
     probe_run.capture(pipe, DENOISERS, PROMPTS, STEPS, LATENT, SEED, first_only=True)
     assert ended == [1]
+
+
+@pytest.mark.parametrize("setting", [None, {"desc": "mine", "leave": False}])
+def test_the_runs_show_no_progress_bar_and_keep_the_users_setting(setting, capsys):
+    """The calibration's runs print no progress bar; the pipeline's own setting (none, or the user's) is as before."""
+    pipe = runnable.build("sd")
+    if setting is None:
+        pipe.__dict__.pop("_progress_bar_config", None)
+    else:
+        pipe.set_progress_bar_config(**setting)
+    capsys.readouterr()
+    probe_run.capture(pipe, ("unet",), ["a"], 2, 4, 0)
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err
+    assert getattr(pipe, "_progress_bar_config", None) == setting
