@@ -10,6 +10,8 @@ output, so that the calls can be replayed bit for bit on the same module (with o
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,16 +115,11 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
         calls[-1].output = keep(_prediction(output))
 
     handles = []
-    # the run's progress bar is the calibration's business, not the user's: off for it, the user's setting put back
-    # (DiffusionPipeline keeps it in _progress_bar_config, which set_progress_bar_config only updates)
-    bar = getattr(pipe, "_progress_bar_config", None)
-    if callable(getattr(pipe, "set_progress_bar_config", None)):
-        pipe.set_progress_bar_config(disable=True)
     try:
         for component, module in modules.items():
             handles.append(module.register_forward_pre_hook(pre_hook(component), with_kwargs=True))
             handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
-        with torch.no_grad():
+        with torch.no_grad(), _no_progress_bar(pipe):
             pipe(**kwargs)
     except Aborted:
         pipe.maybe_free_model_hooks()  # offloaded models back where the pipeline's own end of run puts them
@@ -132,14 +129,27 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
     finally:
         for handle in handles:
             handle.remove()
-        if bar is None:
-            delattr(pipe, "_progress_bar_config")
-        else:
-            pipe._progress_bar_config = bar
     if not calls:
         raise InvalidOptionsError(f"{name} made no call of {list(modules)} in a {steps}-step run; "
                                   "pass calibrate=False")
     return calls
+
+
+@contextmanager
+def _no_progress_bar(pipe: Any) -> Iterator[None]:
+    """The run's progress bar is the calibration's business, not the user's: off for it, the pipeline's setting put
+    back after (DiffusionPipeline keeps it in ``_progress_bar_config``, which ``set_progress_bar_config`` only
+    updates)."""
+    bar = getattr(pipe, "_progress_bar_config", None)
+    if callable(getattr(pipe, "set_progress_bar_config", None)):
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        if bar is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = bar
 
 
 def _prediction(output: Any) -> torch.Tensor:
