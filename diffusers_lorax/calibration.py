@@ -78,7 +78,6 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
         if model.kind == "weights":
             raise InvalidOptionsError(f"calibration runs the {model.role}'s pipeline and denoiser; a weights reader has "
                                       "none: pass calibrate=False, or a pipeline, folder or Hub id")
-    source = same_experts(source, target)
     prompts, origin = resolve_prompts(config.calibration_prompts, lora_metadata(request))
     prefixes = {_target_key(prefix): prefix for prefix in adapter.prefixes}
     applied = {i: prefixes[matched[i]] for i in matched if report.layers[i].applied and matched[i] in prefixes}
@@ -109,20 +108,6 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
                                                                            seconds=result.get("seconds"))) if cached else {})
     if result.get("kept") and not cached:
         logger.warning(f"calibration: {result['kept']}")
-
-
-def same_experts(source: BaseModel, target: BaseModel) -> BaseModel:
-    """``source`` with the target's ``components`` (Wan 2.2's ``{"transformer": "transformer_2"}``) where it has
-    each of those components too (a Wan 2.2 source): the LoRA's effect on the second expert is compared with the
-    source's second expert, on the calls made to it; a source with one transformer (Wan 2.1) is taken as it is."""
-    def has(component: str) -> bool:
-        if source.kind == "pipeline":
-            return isinstance(getattr(source.model, component, None), torch.nn.Module)
-        return source.resolve(f"{component}/config.json") is not None
-
-    if not target.components or source.components or not all(map(has, target.components.values())):
-        return source
-    return BaseModel(source.model, source.options, source.role, target.components)
 
 
 def _same_factors(fs, ft, layers, matched, applied) -> bool:

@@ -306,3 +306,21 @@ class BaseModel:
             hub_access.unavailable(err) or "the Hugging Face Hub cannot be asked", f"the {self.role} {self.hub_id!r}",
             f"its {filename} (revision={self.options.revision!r}, subfolder={self.options.subfolder!r})",
             self.options.cache_dir, self.hub_id, "a local diffusers folder")
+
+
+def same_experts(source: BaseModel, target: BaseModel) -> BaseModel:
+    """``source`` with the target's ``components`` (Wan 2.2's ``{"transformer": "transformer_2"}``) where it has
+    each of those components too (a Wan 2.2 source): a LoRA for the second expert is read, projected and calibrated
+    against the source's second expert; a source with one transformer (Wan 2.1), or whose config for it cannot be had
+    without its weights, is taken as it is."""
+    def has(component: str) -> bool:
+        if source.kind == "pipeline":
+            return isinstance(getattr(source.model, component, None), torch.nn.Module)
+        try:
+            return source.kind in ("folder", "hub") and source.resolve(f"{component}/config.json") is not None
+        except SourceModelError:  # offline without it in the cache: as before, the source's first expert
+            return False
+
+    if not target.components or source.components or not all(map(has, target.components.values())):
+        return source
+    return BaseModel(source.model, source.options, source.role, target.components)

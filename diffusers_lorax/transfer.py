@@ -28,7 +28,7 @@ from .correspondence import correspond
 from .errors import NothingTransferredError
 from .lora import describe_origin
 from .matching import check_known_hub_ids, match_layers, read_for_target
-from .models import BaseModel
+from .models import BaseModel, same_experts
 from .options import (DEFAULT_CALIBRATE, DEFAULT_MATCH, DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_THRESHOLD, HubOptions,
                       TransferRequest)
 from .projection import record_dtypes, transfer_layers
@@ -160,6 +160,7 @@ def transferring(request: TransferRequest) -> Iterator[TransferResult]:
     request = lorax.request if lorax is not None else request.with_default_method(DEFAULT_METHOD)
     source = BaseModel(request.source, request.source_options, "source")
     target = BaseModel(request.target, request.target_options, "target", request.target_components)
+    source = same_experts(source, target)  # a Wan 2.2 source: the second expert's LoRA against its second expert
     layers = lorax.layers() if lorax is not None else read_for_target(
         target, source, request.lora, unet_config=source.unet_config or target.unet_config,  # the LoRA's base
         weight_name=request.weight_name, **request.lora_options.kwargs())

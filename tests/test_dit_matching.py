@@ -409,6 +409,27 @@ def test_both_wan22_experts_receive_the_transfer_each_on_its_own_weights(tmp_pat
     assert phis[0] != phis[1]  # each expert's own bases
 
 
+def test_a_second_expert_lora_is_projected_against_the_wan22_sources_second_expert(tmp_path):
+    """A Wan 2.2 A14B source (two experts, other weights each) and a LoRA for its second expert
+    (``load_into_transformer_2=True``): the source's side is read from its ``transformer_2`` too, so a LoRA-X
+    transfer onto the same pipeline is, bit for bit, the transfer between two single-transformer pipelines that hold
+    that second expert (the source's first expert would give other bases)."""
+    pipe = FAMILIES["wan22"].build(seed=9)
+    pipe.transformer_2.load_state_dict(toy.finetune(FAMILIES["wan"].build(seed=0), seed=2,
+                                                    components=("transformer",)).transformer.state_dict())
+    expert2 = FAMILIES["wan"].build(seed=0)
+    expert2.transformer.load_state_dict(pipe.transformer_2.state_dict())
+    lora = str(loras.save_random_lora(tmp_path, "wan", "wan_original", seed=3))
+    report = pipe.load_lora_weights_cross(pipe, lora, adapter_name="low", method="lorax", registry=tmp_path,
+                                          load_into_transformer_2=True)
+    alone, _ = transfer_lora(expert2, expert2, lora, method="lorax", registry=tmp_path / "alone")
+    adapted = _adapted(pipe, "low", "transformer_2")
+    assert adapted and all(r.applied for r in report.layers)
+    for module, (A, B, scaling) in adapted.items():
+        assert scaling == 1.0 and torch.equal(A, alone[f"transformer.{module}.lora_A.weight"]), module
+        assert torch.equal(B, alone[f"transformer.{module}.lora_B.weight"]), module
+
+
 
 def test_inspect_reads_a_students_published_map_as_a_transfer_does():
     """``lorax inspect`` against BK-SDM v1 base (catalogued with BK-SDM's published copy map; real shapes, meta
