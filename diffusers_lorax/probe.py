@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import SourceModelError
 from .held import unwrap_compiled
-from .probe_run import Call
+from .probe_run import Call, prediction
 from .weights import canonical_module
 
 #: ``(component, canonical module) -> (A (r, in[, kh, kw]), B (out, r[, 1, 1]))``, the scale folded into ``B``.
@@ -93,8 +93,7 @@ def run(denoiser: torch.nn.Module, call: Call, replace: dict[Any, Any], factors:
     layers = {key: value for key, value in factors.items() if key[0] == component}
     with torch.no_grad(), hooked({component: denoiser}, layers, local if local is not None else {}):
         out = denoiser(*args, **kwargs)
-    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-    return out.detach().double().cpu()
+    return prediction(out).detach().double().cpu()
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from .errors import InvalidOptionsError, SourceModelError
 from .held import execution_device, unwrap_compiled
 from .models import BaseModel
 from .probe import Factors
+from .quantized import plain_float
 from .swap import FileState, mismatch, swapped
 
 #: A pipeline's components the passes use; the others are not loaded for a folder or Hub model.
@@ -54,7 +55,7 @@ def _device_dtype(pipe: Any, module: torch.nn.Module) -> tuple[torch.device, tor
     """Where ``module`` of ``pipe`` computes (``pipe._execution_device``, also under offload) and in which dtype
     (its first floating parameter's that is not quantized storage)."""
     module = unwrap_compiled(module)
-    params = [p for p in module.parameters() if p.is_floating_point() and type(p) in (torch.Tensor, torch.nn.Parameter)]
+    params = [p for p in module.parameters() if plain_float(p)]
     device = execution_device(pipe) or next(module.parameters()).device
     return device, (params[0].dtype if params else torch.float32)
 
@@ -151,15 +152,16 @@ class SourceDenoiser:
             return
         self.module = unwrap_compiled(target.module(component))
         self.device, self.dtype = target.device_dtype(component)
-        state = FileState(source.weight_files(source.components.get(component, component)), source.label)
+        held_as = source.components.get(component, component)  # Wan 2.2's transformer_2
+        state = FileState(source.weight_files(held_as), source.label)
         reason = mismatch(self.module, state)
         if reason is None:
             self.stack.enter_context(swapped(self.module, state, self.dtype))
             self.how = "the target's, with the source's weights swapped in module by module"
             return
-        library, name = source._required_model_index().get(source.components.get(component, component), (None, None))
+        library, name = source._required_model_index().get(held_as, (None, None))
         cls = getattr(importlib.import_module(library), name)
-        self.module = _from_pretrained(source, cls, self.dtype, subfolder=source.components.get(component, component),
+        self.module = _from_pretrained(source, cls, self.dtype, subfolder=held_as,
                                        low_cpu_mem_usage=True).to(self.device).eval()
         size = sum(p.numel() * p.element_size() for p in self.module.parameters())
         self.how = f"loaded from its files (they do not fit the target's: {reason})"

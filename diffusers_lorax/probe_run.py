@@ -112,7 +112,7 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
         return hook
 
     def post_hook(module, args, kwargs, output):
-        calls[-1].output = keep(_prediction(output))
+        calls[-1].output = keep(prediction(output))
 
     handles = []
     try:
@@ -152,7 +152,7 @@ def _no_progress_bar(pipe: Any) -> Iterator[None]:
             pipe._progress_bar_config = bar
 
 
-def _prediction(output: Any) -> torch.Tensor:
+def prediction(output: Any) -> torch.Tensor:
     """The prediction in a denoiser's output: a tensor, the first element of a tuple, or ``.sample``."""
     if isinstance(output, torch.Tensor):
         return output

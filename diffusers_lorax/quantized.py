@@ -73,6 +73,12 @@ def dequantize(weight: torch.Tensor, module: torch.nn.Module | None = None) -> t
     return weight.detach()
 
 
+def plain_float(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a float tensor held as itself (a ``Tensor`` or ``Parameter``, not a quantized or other
+    tensor-subclass weight): its dtype is the one its layer computes in."""
+    return tensor.is_floating_point() and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
 def _kind(weight: torch.Tensor) -> str | None:
     cls = type(weight)
     # bitsandbytes quantizes a weight when it is first moved to a device: until then it is a plain float tensor

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .errors import InvalidOptionsError, SourceModelError
 from .held import unwrap_compiled
-from .quantized import logical_shape
+from .quantized import logical_shape, plain_float
 from .weight_files import header_shapes
 
 _MISSING = object()
@@ -160,8 +160,7 @@ class _Swapped:
                 table = module._parameters if is_parameter else module._buffers
                 own = table[local]
                 if value.is_floating_point():
-                    plain = own.is_floating_point() and type(own) in (torch.Tensor, torch.nn.Parameter)
-                    value = value.to(own.dtype if plain else self.dtype)
+                    value = value.to(own.dtype if plain_float(own) else self.dtype)
                 value = value.to(first.device if first is not None else own.device)
                 put.append((table, local, own))
                 table[local] = torch.nn.Parameter(value, requires_grad=False) if is_parameter else value
