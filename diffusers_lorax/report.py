@@ -92,8 +92,9 @@ class TransferReport:
     correspondence_cached: bool | None = None
     #: With ``calibrate``: ``rule``, ``scale`` (the one applied by the global rule), ``cosine`` between the LoRA's
     #: effect on the source and the transfer's on the target, ``kept`` (why a scale was not applied, or None),
-    #: ``scales`` by PEFT prefix, the least-squares ``global_scale`` and its standard error, the effects (RMS ‖Δε‖
-    #: per sample), how the source ran, prompts and where they came from, passes, and ``cached`` (docs/calibration.md).
+    #: ``scales`` by PEFT prefix, ``global_scale`` (the strength ratio before the guards) and its standard error,
+    #: ``least_squares``, the effects (RMS ‖Δε‖ per sample), how the source ran, prompts and where they came from,
+    #: passes, and ``cached`` (docs/calibration.md).
     calibration: dict | None = None
     #: What the user should know about the inputs (e.g. a source identical to the target), also logged as warnings.
     notes: list[str] = field(default_factory=list)
