@@ -24,7 +24,7 @@ Measured for both: the cold first ``load_lora_weights_cross(source_folder, lora,
 registry — seconds, seconds / one pass, what ``report.calibration`` says (passes at the probe size, samples, steps,
 latent size, how the source's denoiser ran, what was loaded for it), the peak resident memory above the resident
 memory just before the call (Linux VmHWM, reset before it; and the sampled peaks of its anonymous and file-backed
-parts) against the target pipeline's size, and where the call's time went (fingerprints, pipeline runs, replays,
+parts) against the target pipeline's size, and where the call's time went (fingerprints, pipeline runs,
 reads of the source's weights); then the warm call (the same call again: served from the registry, no pass) and an
 uncalibrated copy, in seconds. Times are wall-clock and process CPU seconds (all threads): on a shared machine the
 other users' load changes a pass's wall time several-fold within minutes, its CPU time much less, so the ratios are
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_lorax import calibration, probe, probe_models, swap, toy
+from diffusers_lorax import calibration, probe_models, swap, toy
 
 
 def _performance():
@@ -80,9 +80,7 @@ def instrumented() -> tuple[dict[str, float], list]:
     (a step called inside another is counted in the outer one, except the reads of the source's weights, which are
     taken out of the pass they happen in); the second value undoes the wrapping (:func:`restore`)."""
     steps = {"fingerprints of both models": (calibration, "model_fingerprint"),
-             "target pipeline runs (capture, conditioning)": (probe_models.Side, "capture"),
-             "target replays with the adapter": (probe, "run"),
-             "source replays (swapped or loaded denoiser)": (probe_models.SourceDenoiser, "run"),
+             "pipeline runs (both models, with and without the adapter)": (probe_models.Side, "run"),
              "reads of the source's weights (safetensors)": (swap.FileState, "read")}
     own = {"reads of the source's weights (safetensors)"}
     spent, stack, undo = dict.fromkeys(steps, 0.0), [], []

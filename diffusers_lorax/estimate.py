@@ -1,16 +1,17 @@
 """The calibration scale from paired effects: how strongly the LoRA changes the source's output against how strongly
 the transferred adapter changes the target's, on the same inputs, and whether the two changes are comparable.
 
-With ``Δε_S``, ``Δε_T`` the two effects (per batch row, float64) and sums over the samples:
+With ``Δx_S``, ``Δx_T`` the two effects (the change of a run's final latents, per prompt, float64) and sums over
+the samples:
 
-- the **strength ratio** ``m = (Σ ‖Δε_S‖² / Σ ‖Δε_T‖²)^½``: the scale that gives the target's effect the source's
+- the **strength ratio** ``m = (Σ ‖Δx_S‖² / Σ ‖Δx_T‖²)^½``: the scale that gives the target's effect the source's
   RMS magnitude. It is the scale applied;
-- the **cosine** ``c = Σ ⟨Δε_S, Δε_T⟩ / (Σ ‖Δε_S‖² · Σ ‖Δε_T‖²)^½``: whether the two effects point the same way;
-- the **least-squares scale** ``s* = Σ ⟨Δε_S, Δε_T⟩ / Σ ‖Δε_T‖² = c · m``, which minimises ‖Δε_S − s Δε_T‖² (the
+- the **cosine** ``c = Σ ⟨Δx_S, Δx_T⟩ / (Σ ‖Δx_S‖² · Σ ‖Δx_T‖²)^½``: whether the two effects point the same way;
+- the **least-squares scale** ``s* = Σ ⟨Δx_S, Δx_T⟩ / Σ ‖Δx_T‖² = c · m``, which minimises ‖Δx_S − s Δx_T‖² (the
   normal equation of a one-parameter fit, Golub & Van Loan, *Matrix Computations*, 4th ed., §5.3): reported, not
-  applied. On the UNet testbed's fine-tune (cosine 0.56) it is ×0.57, which took the style from 64 % of the gap (the
-  copy) to 3 %; the strength ratio ×1.03 gave 70 % (docs/calibration.md): fitting the whole ε-change removes the
-  style along with the part of the change that points elsewhere.
+  applied. On the UNet testbed's fine-tune (cosine 0.68) it is ×0.84, a weakening (per-call effects gave ×0.57,
+  which took the style from 64 % of the gap, the copy, to 3 %); the strength ratio ×1.23 gives 93 %
+  (docs/calibration.md): fitting the whole change removes the style along with the part that points elsewhere.
 
 Guards, in this order (each pinned by a test): no effect on either side, or ``m`` within :data:`EXACT` of 1 → 1;
 ``c <`` :data:`MIN_COSINE` → 1 (kept as transferred, and the reason); ``m <`` :data:`MIN_SCALE` → 1 (kept, and the
@@ -31,7 +32,7 @@ MAX_SCALE = 2.0
 #: 0.72–0.80 over five seeds, cosine 0.76–0.85) 63 % → 8 % of the gap, ×0.57 on the fine-tune 64 % → 3 %.
 MIN_SCALE = 1.0
 #: Guard: below this cosine between the two effects the transfer is kept as it is. At 0.5 a transfer scaled to the
-#: source's magnitude is as far from the source's effect as no adapter at all (‖Δε_S‖² (2 − 2c) = ‖Δε_S‖²).
+#: source's magnitude is as far from the source's effect as no adapter at all (‖Δx_S‖² (2 − 2c) = ‖Δx_S‖²).
 MIN_COSINE = 0.5
 #: A scale or cosine this close to 1 is 1 exactly: below the probe's resolution, and float rounding between
 #: identical models.
@@ -40,15 +41,15 @@ EXACT = 1e-4
 
 @dataclass
 class Paired:
-    """Per-sample sums of the paired effects: ``st`` = ⟨Δε_S, Δε_T⟩, ``ss`` = ‖Δε_S‖², ``tt`` = ‖Δε_T‖² (one
-    entry per batch row of each replayed call)."""
+    """Per-sample sums of the paired effects: ``st`` = ⟨Δx_S, Δx_T⟩, ``ss`` = ‖Δx_S‖², ``tt`` = ‖Δx_T‖² (one
+    entry per batch row: per prompt)."""
 
     st: list[float] = field(default_factory=list)
     ss: list[float] = field(default_factory=list)
     tt: list[float] = field(default_factory=list)
 
     def add(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        """Add the rows of ``source`` = Δε_S and ``target`` = Δε_T, both ``(b, …)`` float64 of the same shape."""
+        """Add the rows of ``source`` = Δx_S and ``target`` = Δx_T, both ``(b, …)`` float64 of the same shape."""
         s, t = source.flatten(1), target.flatten(1)
         self.st += (s * t).sum(1).tolist()
         self.ss += s.pow(2).sum(1).tolist()
@@ -71,7 +72,7 @@ class Paired:
         return min(1.0, max(-1.0, math.fsum(self.st) / norm)) if norm > 0 else None
 
     def effects(self) -> tuple[float, float]:
-        """RMS ‖Δε_S‖ and ‖Δε_T‖ per sample."""
+        """RMS ‖Δx_S‖ and ‖Δx_T‖ per sample."""
         n = max(len(self.ss), 1)
         return math.sqrt(math.fsum(self.ss) / n), math.sqrt(math.fsum(self.tt) / n)
 

@@ -1,99 +1,27 @@
-"""Measure an adapter's effect on a denoiser with forward passes only, on the denoiser's own calls: no data, no
-training.
-
-The calls come from a short run of the target pipeline itself (:mod:`~diffusers_lorax.probe_run`): its prompt
-encoding and conditioning, its scheduler's timesteps and noised latents, at a small latent size. A call is replayed
-on a denoiser with an adapter applied, and its effect is ``Δε = ε(call; with the adapter) − ε(call; without)``
-(float64, per batch row). Conditioning that the adapter's text-encoder layers (or another model's text encoders)
-change is put in place of the call's own (:func:`conditioning`): the tensors of a call's inputs that a second run,
-stopped at its first denoiser call, gives otherwise.
+"""Apply an adapter to a pipeline's models for a calibration run, without injecting anything into them.
 
 The adapter is applied with forward hooks that add ``B (A x)`` to the output of each adapted ``Linear`` / ``Conv2d``
 (``A`` a convolution with the base layer's kernel, stride, padding and dilation, ``B`` a 1×1 convolution): the
-computation of PEFT's LoRA layer (``lora_B(lora_A(x)) · scaling``, scaling folded into ``B``), without injecting
-anything into the model; the hooks are removed, and any PEFT adapters the model already carries are re-enabled as
-they were, when a pass ends. Each hook also records ``‖B A x‖²`` and ``‖W x‖²`` (its layer's local effect).
+computation of PEFT's LoRA layer (``lora_B(lora_A(x)) · scaling``, scaling folded into ``B``); the hooks are removed,
+and any PEFT adapters the models already carry are re-enabled as they were, when the block ends. Each hook also
+records ``‖B A x‖²`` and ``‖W x‖²`` (its layer's local effect, summed over the calls).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .errors import SourceModelError
 from .held import unwrap_compiled
-from .probe_run import Call, prediction
 from .weights import canonical_module
 
 #: ``(component, canonical module) -> (A (r, in[, kh, kw]), B (out, r[, 1, 1]))``, the scale folded into ``B``.
 Factors = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-#: Inputs that are the sample or the timestep, never conditioning, by the names diffusers' denoisers give them.
-_NOT_CONDITIONING = {"sample", "hidden_states", "x", "timestep", "timesteps", "t"}
-
-
-def conditioning(reference: Call, other: Call) -> dict[Any, Any]:
-    """The inputs of ``other`` (a first call of a run with other text encoders or text-encoder layers) that differ
-    from ``reference`` (the same run's first call without them): position or keyword (a nested dict's key as a
-    tuple) → value. The sample (first positional input) and timestep are never taken."""
-    found: dict[Any, Any] = {}
-    for where, value in _entries(other):
-        if where == 0 or (isinstance(where, tuple) and where[0] in _NOT_CONDITIONING) or where in _NOT_CONDITIONING:
-            continue
-        mine = _get(reference, where)
-        if isinstance(value, torch.Tensor) and not (isinstance(mine, torch.Tensor) and mine.shape == value.shape
-                                                   and torch.equal(mine, value)):
-            found[where] = value
-    return found
-
-
-def _entries(call: Call) -> Iterator[tuple[Any, Any]]:
-    yield from enumerate(call.args)
-    for key, value in call.kwargs.items():
-        if isinstance(value, dict):
-            yield from (((key, inner), v) for inner, v in value.items())
-        else:
-            yield key, value
-
-
-def _get(call: Call, where: Any) -> Any:
-    if isinstance(where, int):
-        return call.args[where] if where < len(call.args) else None
-    if isinstance(where, tuple):
-        return (call.kwargs.get(where[0]) or {}).get(where[1])
-    return call.kwargs.get(where)
-
-
-def inputs(call: Call, replace: dict[Any, Any], device: torch.device, dtype: torch.dtype | None
-           ) -> tuple[tuple, dict]:
-    """``call``'s inputs with ``replace`` (:func:`conditioning`) put in, floating tensors cast to ``dtype`` (when
-    given) and every tensor moved to ``device``."""
-    def put(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device, dtype if dtype is not None and value.is_floating_point() else value.dtype)
-        if isinstance(value, dict):
-            return {k: put(v) for k, v in value.items()}
-        return value
-
-    args = [replace.get(i, a) for i, a in enumerate(call.args)]
-    kwargs = {k: ({i: replace.get((k, i), v) for i, v in value.items()} if isinstance(value, dict)
-                  else replace.get(k, value)) for k, value in call.kwargs.items()}
-    return tuple(put(a) for a in args), {k: put(v) for k, v in kwargs.items()}
-
-
-def run(denoiser: torch.nn.Module, call: Call, replace: dict[Any, Any], factors: Factors, component: str,
-        device: torch.device, dtype: torch.dtype | None, local: dict | None = None) -> torch.Tensor:
-    """ε ``(b, …)`` float64 on the CPU of ``denoiser`` (named ``component`` in ``factors``) for ``call``'s inputs
-    (:func:`inputs`), with ``factors``' layers of that component hooked (their local effects added to ``local``)."""
-    args, kwargs = inputs(call, replace, device, dtype)
-    layers = {key: value for key, value in factors.items() if key[0] == component}
-    with torch.no_grad(), hooked({component: denoiser}, layers, local if local is not None else {}):
-        out = denoiser(*args, **kwargs)
-    return prediction(out).detach().double().cpu()
 
 
 @contextmanager

@@ -1,21 +1,19 @@
-"""The two models of a calibration as the passes run them, with one denoiser in memory where the models share it.
+"""The two models of a calibration as its runs compute them, with one denoiser in memory where the models share it.
 
 - The **target**: its pipeline as the user holds it (its device, dtype, offload hooks, quantized layers), or loaded
-  from its folder or Hub id for the passes (every component but the tokenizers, text encoders, scheduler and
+  from its folder or Hub id for the runs (every component but the tokenizers, text encoders, scheduler and
   denoisers left out: no VAE is read).
-- The **source**'s denoiser: its own pipeline's when the source is a pipeline; else, where its files fit the
-  target's denoiser (a fine-tune: every parameter has a namesake of the same shape), the target's denoiser with the
-  source's weights swapped in one module at a time (:mod:`~diffusers_lorax.swap`): nothing more is loaded; else (a
-  student) its denoiser loaded from its files, in the target's dtype, on the target's device (reported with its size).
-- The source's text encoders, likewise: its pipeline's, or the target's with the source's weights swapped in where
-  they fit (else the target's own, reported).
+- The **source**: its own pipeline when it is one; else, where its files fit the target's denoisers (a fine-tune:
+  every parameter has a namesake of the same shape), the target's pipeline with the source's denoiser and text
+  encoder weights swapped in one module at a time (:mod:`~diffusers_lorax.swap`): nothing more is loaded; else (a
+  student) its pipeline loaded from its files, in the target's dtype, on the target's device, without its VAE
+  (reported with its size).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,8 +27,8 @@ from .quantized import plain_float
 from .swap import FileState, mismatch, swapped
 
 #: A pipeline's components the passes use; the others are not loaded for a folder or Hub model.
-_KEEP = {"tokenizer", "tokenizer_2", "tokenizer_3", *probe.TEXT_COMPONENTS, "scheduler", "unet", "transformer",
-         "transformer_2"}
+DENOISERS = ("unet", "transformer", "transformer_2")
+_KEEP = {"tokenizer", "tokenizer_2", "tokenizer_3", *probe.TEXT_COMPONENTS, "scheduler", *DENOISERS}
 
 
 def _from_pretrained(model: BaseModel, cls: type, dtype: torch.dtype, **kwargs):
@@ -90,35 +88,33 @@ class Side:
     def device_dtype(self, component: str) -> tuple[torch.device, torch.dtype]:
         return _device_dtype(self.pipe, self.module(component))
 
-    def first_call(self, component: str, prompts: tuple[str, ...], text: Factors, swaps: dict | None = None,
-                   local: dict | None = None) -> probe_run.Call:
-        """The first ``component`` call of a run stopped there, with the text-encoder layers ``text`` applied (their
-        local effects added to ``local``) and the text encoders of ``swaps`` (component → :class:`FileState`)
-        computing with those weights."""
-        encoders = {c: self.pipe_module(c) for c in probe.TEXT_COMPONENTS if self.pipe_module(c) is not None}
-        with ExitStack() as stack:
-            for c, state in (swaps or {}).items():
-                stack.enter_context(swapped(encoders[c], state, self.device_dtype(c)[1]))
-            stack.enter_context(probe.hooked(encoders, text, local if local is not None else {}))
-            return self.capture(component, prompts, first_only=True)[0]
-
     def pipe_module(self, component: str) -> torch.nn.Module | None:
         found = getattr(self.pipe, component, None)
         return found if isinstance(found, torch.nn.Module) else None
 
-    def capture(self, component: str, prompts: tuple[str, ...], first_only: bool = False) -> list[probe_run.Call]:
-        """The calls of ``component``'s pipeline attribute in a short run (:func:`probe_run.capture`), with every
-        PEFT adapter the pipeline already holds switched off."""
-        owned = {c: m for c in (*probe.TEXT_COMPONENTS, "unet", "transformer", "transformer_2")
-                 if (m := self.pipe_module(c)) is not None}
-        with probe.hooked(owned, {}, {}):
-            calls = probe_run.capture(self.pipe, (self.attribute(component),), list(prompts), self.steps,
-                                      self.latent_size(component), self.seed, first_only=first_only)
-        if not calls:
-            raise InvalidOptionsError(f"calibration: a run of {type(self.pipe).__name__} made no call of its "
-                                      f"{self.attribute(component)} (too few steps for this expert?): pass "
-                                      "calibrate=False")
-        return calls
+    def run(self, denoisers: list[str], prompts: tuple[str, ...], factors: Factors, local: dict | None,
+            size: int) -> probe_run.Run:
+        """A short run of the pipeline (:func:`probe_run.run`, every denoiser's calls counted) at ``size`` latents,
+        with ``factors`` applied by hooks to the LoRA's ``denoisers`` (LoRA component names: :meth:`attribute`) and to
+        the text encoders, their local effects added to ``local``, and every PEFT adapter the pipeline already holds
+        switched off. Raises :class:`InvalidOptionsError` when one of ``denoisers`` is never called."""
+        owned = {c: m for c in (*probe.TEXT_COMPONENTS, *DENOISERS) if (m := self.pipe_module(c)) is not None}
+        lora = {c: self.module(c) for c in denoisers} | {c: m for c, m in owned.items() if c in probe.TEXT_COMPONENTS}
+        with probe.hooked(owned, {}, {}), probe.hooked(lora, factors, local if local is not None else {}), _eager():
+            run = probe_run.run(self.pipe, DENOISERS, list(prompts), self.steps, size, self.seed)
+        for component in denoisers:  # else the LoRA's layers there have no effect to measure
+            if not run.calls.get(self.attribute(component)):
+                raise InvalidOptionsError(f"calibration: a run of {type(self.pipe).__name__} made no call of its "
+                                          f"{self.attribute(component)} (too few steps for this expert?): pass "
+                                          "calibrate=False")
+        return run
+
+
+def _eager():
+    """A compiled denoiser runs eagerly in the runs: the hooks would make dynamo recompile the user's model (torch
+    ≥ 2.6's ``torch.compiler.set_stance``; older versions trace the hooks)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else nullcontext()
 
 
 @contextmanager
@@ -137,74 +133,79 @@ def target_side(target: BaseModel, steps: int, latent_size: int, seed: int):
         gc.collect()
 
 
-class SourceDenoiser:
-    """How the source's ``component`` runs: :meth:`run` one captured call with or without the LoRA's layers.
-    ``how`` says which way (module docstring) and ``loaded`` what was loaded for it (bytes), for the report."""
+class SourceRuns:
+    """The source's side of the runs (module docstring): :attr:`side`, whose runs compute the source; ``how`` its
+    denoisers ran, ``conditioning`` where its text encoders came from, ``loaded`` what was loaded (bytes), for the
+    report. A context manager: swapped weights are put back, a loaded pipeline dropped, on exit."""
 
-    def __init__(self, source: BaseModel, target: Side, component: str):
-        self.component = component
+    def __init__(self, source: BaseModel, target: Side, denoisers: list[str]):
         self.stack = ExitStack()
         self.loaded: dict | None = None
         if source.kind == "pipeline":
-            side = Side(source, source.model, target.steps, target.size, target.seed)
-            self.module, (self.device, self.dtype) = unwrap_compiled(side.module(component)), side.device_dtype(component)
-            self.how = "the source pipeline's own"
+            self.side = Side(source, source.model, target.steps, target.size, target.seed)
+            self.how, self.conditioning = "the source pipeline's own", "the source pipeline's text encoders"
             return
-        self.module = unwrap_compiled(target.module(component))
-        self.device, self.dtype = target.device_dtype(component)
-        held_as = source.components.get(component, component)  # Wan 2.2's transformer_2
-        state = FileState(source.weight_files(held_as), source.label)
-        reason = mismatch(self.module, state)
-        if reason is None:
-            self.stack.enter_context(swapped(self.module, state, self.dtype))
-            self.how = "the target's, with the source's weights swapped in module by module"
+        states, reasons = {}, []
+        for component in denoisers:  # Wan 2.2's transformer_2 where the source holds it so (models.same_experts)
+            state = FileState(source.weight_files(source.components.get(component, component)), source.label)
+            reason = mismatch(unwrap_compiled(target.module(component)), state)
+            if reason is None:
+                states[component] = state
+            else:
+                reasons.append(reason)
+        if reasons:
+            self._load(source, target, "; ".join(reasons))
             return
-        library, name = source._required_model_index().get(held_as, (None, None))
-        cls = getattr(importlib.import_module(library), name)
-        self.module = _from_pretrained(source, cls, self.dtype, subfolder=held_as,
-                                       low_cpu_mem_usage=True).to(self.device).eval()
-        size = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        self.how = f"loaded from its files (they do not fit the target's: {reason})"
-        self.loaded = {"component": component, "bytes": size, "dtype": str(self.dtype).removeprefix("torch.")}
+        try:
+            for component, state in states.items():
+                self.stack.enter_context(swapped(unwrap_compiled(target.module(component)), state,
+                                                 target.device_dtype(component)[1]))
+            self.conditioning = self._swap_text(source, target)
+        except BaseException:
+            self.stack.close()
+            raise
+        self.side = target
+        self.how = "the target's, with the source's weights swapped in module by module"
 
-    def __enter__(self) -> SourceDenoiser:
+    def _load(self, source: BaseModel, target: Side, reason: str) -> None:
+        """A student: its pipeline loaded from its files (every component but the tokenizers, text encoders,
+        scheduler and denoisers left out), in the target denoiser's dtype, on the target's device."""
+        device, dtype = target.device_dtype(next(c for c in DENOISERS if target.pipe_module(c) is not None))
+        index = source._required_model_index()
+        skip = {name: None for name in index if not name.startswith("_") and name not in _KEEP}
+        pipe = _from_pretrained(source, source.pipeline_class, dtype, **skip).to(device)
+        self.stack.callback(gc.collect)
+        self.side = Side(source, pipe, target.steps, target.size, target.seed)
+        modules = [m for name in index if (m := self.side.pipe_module(name)) is not None]
+        size = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+        self.how = f"loaded from its files (they do not fit the target's: {reason})"
+        self.conditioning = "the source's text encoders, loaded with it"
+        self.loaded = {"components": sorted(name for name in index if self.side.pipe_module(name) is not None),
+                       "bytes": size, "dtype": str(dtype).removeprefix("torch.")}
+
+    def _swap_text(self, source: BaseModel, target: Side) -> str:
+        """Swap the source's text encoders into the target's where they fit; the report's phrase."""
+        swaps, kept = 0, []
+        for component in probe.TEXT_COMPONENTS:
+            encoder = target.pipe_module(component)
+            if encoder is None:
+                continue
+            try:
+                state = FileState(source.weight_files(component), source.label)
+                reason = mismatch(encoder, state)
+            except SourceModelError as err:
+                reason = str(err)
+            if reason is None:
+                self.stack.enter_context(swapped(encoder, state, target.device_dtype(component)[1]))
+                swaps += 1
+            else:
+                kept.append(f"{component}: {reason}")
+        how = "the source's text encoders, swapped into the target's" if swaps else "the target's text encoders"
+        return how + (f" (the target's own where the source's does not fit: {'; '.join(kept)})" if kept else "")
+
+    def __enter__(self) -> SourceRuns:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.side = None
         self.stack.close()
-        self.module = None
-        gc.collect()
-
-    def run(self, call: probe_run.Call, replace: dict, factors: Factors, local: dict | None = None) -> torch.Tensor:
-        """ε of the source for ``call`` (:func:`probe.run`), in this denoiser's dtype and on its device."""
-        try:
-            return probe.run(self.module, call, replace, factors, self.component, self.device, self.dtype, local)
-        except TypeError as err:  # a student whose denoiser takes other inputs than the target pipeline gives
-            raise InvalidOptionsError(
-                f"calibration replays the target pipeline's {self.component} calls on the source's "
-                f"{type(self.module).__name__}, which does not take them ({err}): pass calibrate=False") from err
-
-
-def source_text(source: BaseModel, target: Side) -> tuple[Side, dict, str]:
-    """Where the source's conditioning comes from: the :class:`Side` whose runs give it, the text encoders to swap
-    in (component → :class:`FileState`) and a phrase for the report."""
-    if source.kind == "pipeline":
-        return Side(source, source.model, target.steps, target.size, target.seed), {}, "the source pipeline's text encoders"
-    swaps, kept = {}, []
-    for component in probe.TEXT_COMPONENTS:
-        encoder = target.pipe_module(component)
-        if encoder is None:
-            continue
-        try:
-            state = FileState(source.weight_files(component), source.label)
-            reason = mismatch(encoder, state)
-        except SourceModelError as err:
-            reason = str(err)
-        if reason is None:
-            swaps[component] = state
-        else:
-            kept.append(f"{component}: {reason}")
-    how = "the source's text encoders, swapped into the target's" if swaps else "the target's text encoders"
-    if kept:
-        how += f" (the target's own where the source's does not fit: {'; '.join(kept)})"
-    return target, swaps, how

@@ -1,10 +1,9 @@
-"""Run a diffusers pipeline briefly and capture its denoiser's calls (inputs and prediction), for calibration.
+"""Run a diffusers pipeline briefly, as the user would run it, for calibration.
 
-The pipeline runs as the user would run it — its own prompt encoding, latents, scheduler and conditioning — for a few
-steps on small latents with ``output_type="latent"`` (no VAE decode). Forward hooks on each denoiser it calls
-(``unet``, ``transformer``, Wan 2.2's ``transformer_2``) record every call's positional and keyword arguments and its
-output, so that the calls can be replayed bit for bit on the same module (with or without an adapter) later:
-``getattr(pipe, call.component)(*call.args, **call.kwargs)`` gives ``call.output`` again.
+The pipeline runs with its own prompt encoding, latents, scheduler and conditioning for a few steps on small latents
+with ``output_type="latent"`` (no VAE decode), from a seeded CPU generator: two runs whose models differ only by an
+adapter end at latents that differ only by the adapter's effect, compounded over the steps as in a real generation.
+A forward pre-hook on each denoiser it calls (``unet``, ``transformer``, Wan 2.2's ``transformer_2``) counts the calls.
 """
 
 from __future__ import annotations
@@ -28,20 +27,13 @@ _REFUSALS = (TypeError, ValueError, AttributeError, NotImplementedError)
 
 
 @dataclass
-class Call:
-    """One call of a denoiser: ``component`` (``"unet"``, ``"transformer"`` or ``"transformer_2"``), its ``args`` and
-    ``kwargs`` as the pipeline passed them (tensors detached, on the device and in the dtype they were passed; nested
-    dicts, lists and tuples kept), and ``output``: its prediction (the first element of its output, or ``.sample``),
-    detached, of the shape of its latent input — ``None`` for a run stopped at the call (``first_only``)."""
+class Run:
+    """A short run's result: ``latents``, the pipeline's output before decoding (the first element of its output:
+    ``images`` or ``frames`` with ``output_type="latent"``, in the pipeline's dtype and on its device), and ``calls``,
+    how many times each hooked denoiser was called (component → count; one call is one batch row per prompt)."""
 
-    component: str
-    args: tuple
-    kwargs: dict
-    output: torch.Tensor | None = None
-
-
-class Aborted(Exception):
-    """Raised by the pre-hook of a ``first_only`` capture to stop the run at its first denoiser call."""
+    latents: torch.Tensor
+    calls: dict[str, int]
 
 
 def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, seed: int) -> dict[str, Any]:
@@ -66,15 +58,12 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
     return {name: value for name, value in wanted.items() if name in parameters}
 
 
-def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: int, latent_size: int, seed: int,
-            first_only: bool = False) -> list[Call]:
-    """Run ``pipe(**call_kwargs(pipe, prompts, steps, latent_size, seed))`` without gradients and return every call
-    of the denoisers named in ``components`` (those the pipeline has; each hooked as ``getattr(pipe, name)``, the
-    module the pipeline calls, compiled or offloaded as it is), in call order. Tensors stay on their device and dtype;
-    a tensor the pipeline changes in place after a call is recorded as it was at the call.
-
-    ``first_only``: stop the run at the first denoiser call, before it computes anything (only the prompts are
-    encoded and the first inputs prepared); one :class:`Call` with ``output=None`` is returned.
+def run(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: int, latent_size: int,
+        seed: int) -> Run:
+    """Run ``pipe(**call_kwargs(pipe, prompts, steps, latent_size, seed))`` without gradients, counting the calls of
+    the denoisers named in ``components`` (those the pipeline has; each hooked as ``getattr(pipe, name)``, the module
+    the pipeline calls, compiled or offloaded as it is). Two runs with the same arguments start from the same noise
+    (a CPU generator), so their latents differ only by what differs between the runs' models.
 
     The hooks are removed whatever happens. Raises :class:`~diffusers_lorax.errors.InvalidOptionsError` naming the
     pipeline class when none of ``components`` is on the pipeline, when its ``__call__`` needs an input this run does
@@ -85,54 +74,29 @@ def capture(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: i
     if not modules:
         raise InvalidOptionsError(f"{name} has none of the denoisers {list(components)} to calibrate on; "
                                   "pass calibrate=False")
-    kwargs = call_kwargs(pipe, prompts, steps, latent_size, seed)
-    calls: list[Call] = []
-    kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    calls = dict.fromkeys(modules, 0)
 
-    def keep(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            # one copy per tensor object and version: shared inputs (prompt embeddings) are stored once, and a
-            # later in-place change does not reach the copy
-            # (an inference tensor has no version counter: copied at every call)
-            key = (id(value), -len(kept) if value.is_inference() else value._version)
-            if key not in kept:
-                kept[key] = (value, value.detach().clone())
-            return kept[key][1]
-        if isinstance(value, (list, tuple)):
-            return type(value)(keep(v) for v in value)
-        if isinstance(value, dict):
-            return {k: keep(v) for k, v in value.items()}
-        return value
-
-    def pre_hook(component):
-        def hook(module, args, kwargs):
-            calls.append(Call(component, keep(args), keep(kwargs)))
-            if first_only:
-                raise Aborted
+    def counter(component):
+        def hook(module, args):
+            calls[component] += 1
         return hook
-
-    def post_hook(module, args, kwargs, output):
-        calls[-1].output = keep(prediction(output))
 
     handles = []
     try:
         for component, module in modules.items():
-            handles.append(module.register_forward_pre_hook(pre_hook(component), with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(counter(component)))
         with torch.no_grad(), _no_progress_bar(pipe):
-            pipe(**kwargs)
-    except Aborted:
-        pipe.maybe_free_model_hooks()  # offloaded models back where the pipeline's own end of run puts them
+            out = pipe(**call_kwargs(pipe, prompts, steps, latent_size, seed))
     except _REFUSALS as err:
         raise InvalidOptionsError(f"{name} could not be run for calibration ({type(err).__name__}: {err}); "
                                   "pass calibrate=False") from err
     finally:
         for handle in handles:
             handle.remove()
-    if not calls:
+    if not any(calls.values()):
         raise InvalidOptionsError(f"{name} made no call of {list(modules)} in a {steps}-step run; "
                                   "pass calibrate=False")
-    return calls
+    return Run(out[0].detach(), calls)
 
 
 @contextmanager
@@ -150,12 +114,3 @@ def _no_progress_bar(pipe: Any) -> Iterator[None]:
             pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = bar
-
-
-def prediction(output: Any) -> torch.Tensor:
-    """The prediction in a denoiser's output: a tensor, the first element of a tuple, or ``.sample``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.sample

@@ -82,11 +82,11 @@ def transfer_lora(
             projections (docs/quality.md, docs/lorax-adapters.md).
         rank: singular vectors k kept per layer, an int or a fraction of ``min(m, n)`` (default 0.5).
         threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
-        calibrate: rescale the transferred adapter so that its effect on the target's denoiser output is as strong
+        calibrate: rescale the transferred adapter so that its effect on the target's generations is as strong
             as the LoRA's effect on the source's (the RMS ratio of the two effects; kept as transferred where their
             cosine is below 0.5 or the ratio below 1),
-            measured by replaying the denoiser calls of a short latent-only run of the target pipeline on both models
-            (no data, no training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``,
+            measured on the final latents of short latent-only runs of both pipelines from the same noise, with and
+            without the adapters (no data, no training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``,
             ``"layer"``, or ``False`` (default). Reads the source's denoiser and text-encoder weights (a fine-tune's
             are swapped into the target's modules one at a time: no second model in memory); see
             docs/calibration.md for what a first call costs.

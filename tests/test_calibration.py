@@ -5,7 +5,6 @@ call), prompts from the LoRA file's metadata, typed errors, and nothing changed 
 
 import copy
 import json
-import math
 import statistics
 
 import pytest
@@ -24,9 +23,23 @@ STYLED = ["a handwritten digit seven in lrx style", "a handwritten digit two in 
 CPU = torch.device("cpu")
 
 
+#: Relative tolerance of a relation that is exact in exact arithmetic, in these float64 runs: at most 10⁴ float64
+#: operations per latent element (u = 2⁻⁵³ each), amplified by the cancellation of the scheduler's step (DDIM from
+#: t = 999 divides by √ᾱ ≈ 0.07) and by ‖x‖ / ‖Δx‖ ≤ 10³: 10⁴ · 15 · 10³ · u < 2e-8 (measured: 7e-15).
+REL = 2e-8
+#: The same for a target folder, which the runs load in float32 (u = 2⁻²⁴), with independent roundings adding as
+#: √10⁴ (the worst case above would exceed 1): 10² · 15 · 10³ · 2⁻²⁴ < 0.1 (measured: 6e-6).
+REL32 = 0.1
+
+
+def pipeline(seed, **kwargs):
+    """The toy SD pipeline in float64, where the relations below hold to :data:`REL`."""
+    return toy.sd_pipeline(seed=seed, **kwargs).to(torch.float64)
+
+
 @pytest.fixture(scope="module")
 def source():
-    return toy.sd_pipeline(seed=0)
+    return pipeline(0)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +55,11 @@ def source_folder(tmp_path_factory, source):
 
 
 @pytest.fixture(autouse=True)
-def short_runs(monkeypatch):
-    """Two-step probe runs (the default is calibration.STEPS): every assertion here holds for any count."""
-    monkeypatch.setattr(calibration, "STEPS", 2)
+def one_step_runs(monkeypatch):
+    """One-step runs (the default is calibration.STEPS): the final latents are then the scheduler's step from the
+    same noise, affine in the one ε with the same coefficients on both models, so a relation between the two models'
+    ε (the target's conv_out scaled) is the same relation between their effects."""
+    monkeypatch.setattr(calibration, "STEPS", 1)
 
 
 @pytest.fixture
@@ -94,7 +109,7 @@ def test_identical_pipelines_take_the_shortcut_without_a_pass(source, source_fol
     """Another pipeline object with the same weights: same fingerprints and factors, so scale and cosine are 1 with no
     forward pass — also after the source was saved (``source_folder``: transformers' ``save_pretrained`` writes
     ``architectures`` and ``dtype`` into the live config, which the fingerprint does not count)."""
-    target = toy.sd_pipeline(seed=0)
+    target = pipeline(0)
     plain, _ = transfer_lora(source, target, lora)
     state_dict, report = transfer_lora(source, target, lora, calibrate=True, calibration_prompts=STYLED,
                                        registry=registry)
@@ -118,71 +133,37 @@ def test_identical_weights_in_a_folder_and_a_pipeline_measure_exactly_one(source
 
 
 # -- a known relation: the target's output layer scaled -------------------------------------------------------------
-@pytest.mark.parametrize("factor", [2, 4, 0.5])
-def test_output_layer_scaled_by_a_power_of_two_gives_that_scale_exactly(source, source_folder, lora, registry, factor):
-    """conv_out's weight and bias times 2⁻ᵏ make every ε of the target exactly 2⁻ᵏ times the source's (a power of two
-    scales every product and partial sum exactly; the layers before it compute the same bits on both, the source's
-    weights being swapped into the target's UNet): the strength ratio (Σ‖Δε_S‖² / Σ‖Δε_T‖²)^½ and the least-squares
-    scale Σ⟨Δε_S, Δε_T⟩ / Σ‖Δε_T‖² are 2ᵏ exactly. ¼ is beyond the clamp: the ratio says 4, the scale applied is
-    MAX_SCALE; a doubled output says ½, below MIN_SCALE: kept as transferred, with the reason."""
-    target = scaled_output(toy.sd_pipeline(seed=0), 1 / factor)
+@pytest.mark.parametrize("factor", [2, 4, 0.5, 1.5])
+def test_output_layer_scaled_by_a_factor_gives_that_scale(source, source_folder, lora, registry, factor):
+    """conv_out's weight and bias over ``factor`` make every ε of the target ``1/factor`` times the source's on the
+    same inputs (the layers before it compute the same values on both, the source's weights being swapped into the
+    target's UNet), and so its effect on the one-step runs (:func:`one_step_runs`): the strength ratio
+    (Σ‖Δx_S‖² / Σ‖Δx_T‖²)^½ and the least-squares scale Σ⟨Δx_S, Δx_T⟩ / Σ‖Δx_T‖² are ``factor`` within :data:`REL`.
+    4 is beyond the clamp: the ratio says 4, the scale applied is MAX_SCALE; a doubled output says ½, below
+    MIN_SCALE: kept as transferred, with the reason."""
+    target = scaled_output(pipeline(0), 1 / factor)
     plain, _ = transfer_lora(source, target, lora)
     state_dict, report = transfer_lora(source_folder, target, lora, calibrate=True, calibration_prompts=STYLED,
                                        registry=registry)
     cal = report.calibration
     assert cal["rule"] == "global" and cal["prompts"] == STYLED and cal["prompts_from"] == "calibration_prompts"
-    assert cal["global_scale"] == cal["least_squares"] == factor and cal["cosine"] == 1.0
-    assert cal["global_scale_se"] == 0.0
-    assert cal["source_effect"] == factor * cal["target_effect"]
+    assert cal["global_scale"] == pytest.approx(factor, rel=REL) and cal["cosine"] == 1.0
+    assert cal["least_squares"] == pytest.approx(factor, rel=REL)
+    assert cal["global_scale_se"] <= REL * factor
+    assert cal["source_effect"] == pytest.approx(factor * cal["target_effect"], rel=REL)
     expected = min(max(factor, estimate.MIN_SCALE), estimate.MAX_SCALE)
-    assert cal["scale"] == only_scale(report) == expected
+    assert cal["scale"] == only_scale(report) == pytest.approx(expected, rel=REL)
     assert (cal["kept"] is None) if factor >= estimate.MIN_SCALE else ("not weakened" in cal["kept"])
     # The scale is folded into lora_B of every layer (the text encoder's too); lora_A is untouched.
-    assert_scaled(state_dict, plain, expected)
-    assert {r.scale for r in report.applied} == {expected} and all(r.scale is None for r in report.skipped)
-
-
-def gamma(n):
-    """γₙ = n u / (1 − n u): the relative rounding of an n-term float32 dot product (Higham §3.1)."""
-    return n * U32 / (1 - n * U32)
-
-
-def test_output_layer_scaled_by_two_thirds_gives_a_scale_of_one_and_a_half(source, source_folder, lora, registry):
-    """1/1.5 is not a power of two: the scale is 1.5 within a bound derived from float32 arithmetic. The layers before
-    conv_out compute the same bits on both models, so only conv_out's rounding differs: each ε entry is within
-    γ_{n+4} m of its exact value, m = |W| * |h| + |b| (n = fan-in, h = conv_out's input, collected by a hook; the 4
-    roundings: 1/1.5, the weight and bias products, the bias add), each Δε within that of both ε and one rounding of
-    the difference. So ‖Δε_S − 1.5 Δε_T‖ ≤ 2 · 2.5 γ_{n+4} M + u (‖Δε_S‖ + 1.5 ‖Δε_T‖) = R, M ≥ ‖m‖ of every
-    conv_out call, and both |s* − 1.5| = |⟨Δε_S − 1.5 Δε_T, Δε_T⟩| / ‖Δε_T‖² and, by the triangle inequality, the
-    strength ratio's |‖Δε_S‖ / ‖Δε_T‖ − 1.5| are ≤ R / ‖Δε_T‖."""
-    target = scaled_output(toy.sd_pipeline(seed=0), 1 / 1.5)
-    W, b = source.unet.conv_out.weight.detach().double().abs(), source.unet.conv_out.bias.detach().double().abs()
-    squares = []
-
-    def bound(module, args, output):
-        m = torch.nn.functional.conv2d(args[0].detach().double().abs(), W, b, module.stride, module.padding)
-        squares.append(float(m.pow(2).sum()))
-
-    handle = target.unet.conv_out.register_forward_hook(bound)
-    try:
-        _, report = transfer_lora(source_folder, target, lora, calibrate=True, registry=registry)
-    finally:
-        handle.remove()
-    cal = report.calibration
-    n = W[0].numel()
-    norm_s, norm_t = (cal[k] * math.sqrt(cal["samples"]) for k in ("source_effect", "target_effect"))
-    tolerance = (5 * gamma(n + 4) * math.sqrt(sum(squares)) + U32 * (norm_s + 1.5 * norm_t)) / norm_t
-    assert squares and 0 < tolerance < 0.05
-    assert cal["global_scale"] == pytest.approx(1.5, abs=tolerance)
-    assert cal["least_squares"] == pytest.approx(1.5, abs=tolerance)
-    assert cal["scale"] == only_scale(report) == cal["global_scale"] and cal["cosine"] == 1.0
+    assert_scaled(state_dict, plain, cal["scale"])
+    assert {r.scale for r in report.applied} == {cal["scale"]} and all(r.scale is None for r in report.skipped)
 
 
 # -- guards ----------------------------------------------------------------------------------------------------------
 def test_a_transfer_pointing_elsewhere_is_kept_as_it_is(source, lora, registry):
     """An unrelated target (other random weights): the copied adapter changes its output in another direction than
     the LoRA changes the source's (cosine < MIN_COSINE), which no scale mends: scale 1, and the reason."""
-    target = toy.sd_pipeline(seed=1)
+    target = pipeline(1)
     plain, _ = transfer_lora(source, target, lora)
     state_dict, report = transfer_lora(source, target, lora, calibrate=True, registry=registry)
     cal = report.calibration
@@ -206,7 +187,7 @@ def test_coverage_guard_applies_only_the_transferred_layers_on_the_source(source
     """A target that computes exactly as the source but where some LoRA layers find no module: with the guard the
     source gets only the transferred layers, so both effects are equal (scale 1 exactly); without it the source's
     effect includes the skipped layers and the scale moves off 1 (which a distilled target pays for, docs/quality.md)."""
-    target = toy.sd_pipeline(seed=0)
+    target = pipeline(0)
     skipped = wrapped(target, "resnets.0.conv1")
     _, report = transfer_lora(source, target, lora, calibrate=True, registry=registry)
     assert skipped and {r.module for r in report.skipped} == set(skipped)
@@ -268,7 +249,7 @@ def test_reported_standard_error_matches_the_spread_of_the_scale_over_draws():
 
 # -- the registry ----------------------------------------------------------------------------------------------------
 def test_warm_call_runs_no_forward_pass_and_gives_the_same_adapter(source_folder, lora, registry, count_unet_calls):
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     first = target.load_lora_weights_cross(source_folder, lora, adapter_name="a", calibrate=True, registry=registry)
     assert sum(count_unet_calls) == first.calibration["passes"] > 0
     assert not first.calibration["cached"] and registry.stats()["calibrations"] == 1
@@ -286,19 +267,20 @@ def test_warm_call_runs_no_forward_pass_and_gives_the_same_adapter(source_folder
 
 
 def test_a_failed_calibration_changes_nothing(source_folder, lora, registry, monkeypatch):
-    """A pass that fails midway (here the third, on the source with its weights swapped in): the pipeline, its
+    """A run that fails midway (here the third, on the source with its weights swapped in): the pipeline, its
     modules' forwards and hooks, and the registry are as before."""
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     before = state_of(target)
-    run, seen = probe.run, []
+    run, seen = probe_run.run, []
 
     def fails(*args, **kwargs):
-        seen.append(args[2])
+        seen.append(args[0])
         if len(seen) == 3:
+            assert "forward" in target.unet.conv_out.__dict__  # the source's weights are swapped in
             raise SourceModelError("cannot run the source")
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(probe, "run", fails)
+    monkeypatch.setattr(probe_run, "run", fails)
     with pytest.raises(SourceModelError, match="cannot run the source"):
         target.load_lora_weights_cross(source_folder, lora, method="lorax", rank=2, calibrate=True, registry=registry)
     assert len(seen) == 3
@@ -315,60 +297,57 @@ def unet_factors(lora):
             for c, m in (key.split(".", 1) for key in module_names(lora)) if c == "unet"}
 
 
-def in_float64(value):
-    if isinstance(value, torch.Tensor):
-        return value.double() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: in_float64(v) for k, v in value.items()}
-    return value
-
-
-def test_probe_matches_a_float64_run_with_the_adapter_merged_into_the_weights(lora):
-    """The hooks compute what the adapter does: ε of the captured calls with the hooks (float32) against the same
-    calls run in float64 on the UNet with ΔW = B A added to every adapted weight (dense, independent of the hooks and
-    of PEFT), within twice the measured float32 rounding of both runs (helpers.rounding_tolerance); the replay
-    without factors gives the run's own output bit for bit."""
+def test_the_hooks_match_a_float64_unet_with_the_adapter_merged_into_its_weights(lora):
+    """The hooks compute what the adapter does: the UNet with the hooks (float32) against the UNet in float64 with
+    ΔW = B A added to every adapted weight (dense, independent of the hooks and of PEFT), on random inputs, within
+    twice the measured float32 rounding of both (helpers.rounding_tolerance); every hooked layer records its local
+    effect."""
     target = toy.finetune(toy.sd_pipeline(seed=0), seed=1)
-    calls = probe_run.capture(target, ("unet",), STYLED, 2, 8, 3)
-    factors = unet_factors(lora)
-    local = {}
-    hooked = torch.cat([probe.run(target.unet, call, {}, factors, "unet", CPU, None, local) for call in calls])
-    plain = torch.cat([probe.run(target.unet, call, {}, {}, "unet", CPU, None) for call in calls])
-    assert torch.equal(plain, torch.cat([call.output for call in calls]).double())
-    assert set(local) == set(factors) and all(s > 0 and w > 0 for s, w in local.values())
+    unet, factors = target.unet, unet_factors(lora)
+    generator = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, unet.config.in_channels, 8, 8, generator=generator), torch.tensor([700, 300]),
+              torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator))
 
-    base = copy.deepcopy(target.unet).double()
-    hooked64 = torch.cat([probe.run(base, call, {}, factors, "unet", CPU, torch.float64) for call in calls])
+    def hooked(model, dtype):
+        local = {}
+        with torch.no_grad(), probe.hooked({"unet": model}, factors, local):
+            out = model(*(x.to(dtype) if x.is_floating_point() else x for x in inputs))[0].double()
+        return out, local
+
+    out, local = hooked(unet, torch.float32)
+    assert set(local) == set(factors) and all(s > 0 and w > 0 for s, w in local.values())
+    base = copy.deepcopy(unet).double()
+    out64, _ = hooked(base, torch.float64)
     merged = copy.deepcopy(base)
     for (_, module), (A, B) in factors.items():
         layer = merged.get_submodule(module)
         layer.weight.data += (B.double().reshape(B.shape[0], -1) @ A.double().reshape(A.shape[0], -1)).reshape(
             layer.weight.shape)
     with torch.no_grad():
-        reference = torch.cat([merged(*map(in_float64, call.args), **in_float64(call.kwargs))[0] for call in calls])
-    merged32 = copy.deepcopy(merged).float()
-    with torch.no_grad():
-        fused = torch.cat([merged32(*call.args, **call.kwargs)[0] for call in calls]).double()
-    tolerance = rounding_tolerance(float((hooked - hooked64).abs().max()), float((fused - reference).abs().max()))
-    assert float((hooked - reference).abs().max()) <= tolerance
-    assert float((hooked - plain).abs().max()) > 100 * tolerance  # the adapter's effect is far above rounding
+        reference = merged(*(x.double() if x.is_floating_point() else x for x in inputs))[0]
+        fused = copy.deepcopy(merged).float()(*inputs)[0].double()
+        plain = unet(*inputs)[0].double()
+    tolerance = rounding_tolerance(float((out - out64).abs().max()), float((fused - reference).abs().max()))
+    assert float((out - reference).abs().max()) <= tolerance
+    assert float((out - plain).abs().max()) > 100 * tolerance  # the adapter's effect is far above rounding
 
 
-def test_the_pipelines_own_adapters_are_off_during_the_passes_and_restored(lora):
-    target = toy.finetune(toy.sd_pipeline(seed=0), seed=1)
+def test_the_pipelines_own_adapters_are_off_during_the_runs_and_restored(lora):
+    target = toy.finetune(pipeline(0), seed=1)
     side = Side(BaseModel(target, role="target"), target, calibration.STEPS, calibration.LATENT_SIZE, calibration.SEED)
-    alone = side.capture("unet", ("",))
+    alone = side.run(["unet"], ("",), {}, None, 8).latents
     target.load_lora_weights(lora, adapter_name="mine")
     before = state_of(target)
-    on = target.unet(*alone[0].args, **alone[0].kwargs)[0]
-    assert not torch.equal(on, alone[0].output)  # the loaded adapter is active outside the passes
-    again = side.capture("unet", ("",))
-    assert [torch.equal(a.output, b.output) for a, b in zip(alone, again)] == [True] * len(alone)
-    replay = probe.run(target.unet, again[0], {}, {}, "unet", CPU, None)
-    assert torch.equal(replay, alone[0].output.double())
+    kwargs = probe_run.call_kwargs(target, [""], calibration.STEPS, 8, calibration.SEED)
+    with torch.no_grad():
+        on = target(**kwargs)[0]
+    assert not torch.equal(on, alone)  # the loaded adapter is active outside the runs
+    assert torch.equal(side.run(["unet"], ("",), {}, None, 8).latents, alone)
     assert_unchanged(target, before)
     assert all(not m._disable_adapters for m in target.unet.modules() if hasattr(m, "_disable_adapters"))
-    assert torch.equal(target.unet(*alone[0].args, **alone[0].kwargs)[0], on)
+    kwargs = probe_run.call_kwargs(target, [""], calibration.STEPS, 8, calibration.SEED)
+    with torch.no_grad():
+        assert torch.equal(target(**kwargs)[0], on)
 
 
 # -- options, prompts, the command line ------------------------------------------------------------------------------
@@ -384,7 +363,7 @@ def test_the_pipelines_own_adapters_are_off_during_the_passes_and_restored(lora)
     (dict(calibration_prompts=["lrx"]), "calibration_prompts were given but calibrate is False"),
 ])
 def test_bad_calibration_options_are_typed_errors_before_anything_is_read(lora, tmp_path, kwargs, message):
-    target = toy.sd_pipeline(seed=0)
+    target = pipeline(0)
     before = state_of(target)
     with pytest.raises(InvalidOptionsError, match=message):
         transfer_lora(tmp_path / "missing", target, lora, registry=tmp_path / "reg", **kwargs)
@@ -396,7 +375,7 @@ def test_bad_calibration_options_are_typed_errors_before_anything_is_read(lora, 
 
 def test_calibration_off_leaves_the_registry_unopened_and_the_adapter_as_copied(source, lora, tmp_path,
                                                                                count_unet_calls):
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     report = target.load_lora_weights_cross(source, lora, registry=tmp_path / "reg", calibrate=False)
     assert not (tmp_path / "reg").exists() and count_unet_calls == []
     assert report.calibration is None and all(r.scale is None for r in report.layers)
@@ -412,16 +391,16 @@ def test_calibration_off_leaves_the_registry_unopened_and_the_adapter_as_copied(
 def test_prompts_from_the_lora_files_metadata(source, lora, tmp_path, registry, metadata, prompts, origin):
     path = tmp_path / "lora.safetensors"
     save_file(toy.to_kohya(lora), path, metadata=metadata)
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     _, report = transfer_lora(source, target, path, calibrate=True, registry=registry)
     assert tuple(report.calibration["prompts"]) == prompts and report.calibration["prompts_from"] == origin
     assert calibration.resolve_prompts(("given",), metadata) == (("given",), "calibration_prompts")
 
 
 def test_user_adapter_weight_multiplies_on_top_of_the_scale(source, lora, registry):
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     report = target.load_lora_weights_cross(source, lora, adapter_name="s", calibrate=True, registry=registry)
-    assert only_scale(report) == 2.0
+    assert only_scale(report) == pytest.approx(2.0, rel=REL)
     full = delta_weights(target, "s")
     target.set_adapters(["s"], [0.5])
     half = delta_weights(target, "s")
@@ -438,7 +417,7 @@ def test_projections_are_calibrated_on_their_transferred_factors(source, source_
     """The target runs the projected factors (LoRA-X keeps part of each update, here little at k = 2), the source the
     LoRA's own: the source's effect is the copy's bit for bit, the target's is not; the decided scale (here 1: the
     projection points elsewhere) is folded into the cached projection."""
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     plain, _ = transfer_lora(source, target, lora, method="lorax", rank=2, registry=registry)
     state_dict, report = transfer_lora(source_folder, target, lora, method="lorax", rank=2, calibrate=True,
                                        registry=registry)
@@ -454,7 +433,7 @@ def test_projections_are_calibrated_on_their_transferred_factors(source, source_
 def test_cli_calibrate_flag(source_folder, lora, tmp_path):
     from diffusers_lorax.cli import main
 
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     target.save_pretrained(tmp_path / "target")
     save_file(toy.to_kohya(lora), tmp_path / "lora.safetensors")
     out = tmp_path / "out.safetensors"
@@ -464,43 +443,59 @@ def test_cli_calibrate_flag(source_folder, lora, tmp_path):
                  "--json", str(tmp_path / "report.json")])
     assert code == 0 and out.exists()
     cal = json.loads((tmp_path / "report.json").read_text())["calibration"]
-    assert cal["rule"] == "global" and cal["prompts"] == [STYLED[0]] and cal["global_scale"] == 2.0
-    assert set(cal["scales"].values()) == {2.0}
+    assert cal["rule"] == "global" and cal["prompts"] == [STYLED[0]] and cal["global_scale"] == pytest.approx(2.0, rel=REL32)
+    assert set(cal["scales"].values()) == {cal["global_scale"]}
     assert main(["transfer", *files, "--calibration-prompt", "x"]) == 2  # prompts without --calibrate
 
 
 # -- how the models are run ------------------------------------------------------------------------------------------
 def test_target_as_a_folder_is_loaded_for_the_passes(source_folder, lora, registry, tmp_path):
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     target.save_pretrained(tmp_path / "target")
     _, from_pipeline = transfer_lora(source_folder, target, lora, calibrate=True, registry=registry)
     _, from_folder = transfer_lora(source_folder, tmp_path / "target", lora, calibrate=True, registry=registry)
     assert not from_folder.calibration["cached"]  # another kind of model: another key
-    assert from_folder.calibration["global_scale"] == from_pipeline.calibration["global_scale"] == 2.0
+    assert from_pipeline.calibration["global_scale"] == pytest.approx(2.0, rel=REL)
+    assert from_folder.calibration["global_scale"] == pytest.approx(2.0, rel=REL32)
 
 
-def test_a_student_source_is_loaded_for_the_passes(tmp_path, registry):
-    """A source folder whose UNet does not fit the target's (one layer per block): its UNet is loaded, in the
-    target's dtype, and the report says so and what it cost."""
-    student = toy.sd_pipeline(unet=dict(toy.TINY_SD_UNET, layers_per_block=1), seed=0)
+def test_a_student_source_is_loaded_for_the_runs(tmp_path, registry):
+    """A source folder whose UNet does not fit the target's (one layer per block): its pipeline is loaded without its
+    VAE, in the target's dtype, and the report says so and what it cost."""
+    student = pipeline(0, unet=dict(toy.TINY_SD_UNET, layers_per_block=1))
     student.save_pretrained(tmp_path / "student")
     lora = toy.random_lora(student, rank=4, seed=5, components=("unet",), scale=0.2)
-    _, report = transfer_lora(tmp_path / "student", toy.sd_pipeline(seed=0), lora, calibrate=True, registry=registry)
+    _, report = transfer_lora(tmp_path / "student", pipeline(0), lora, calibrate=True, registry=registry)
     cal = report.calibration
     assert cal["source_denoiser"].startswith("loaded from its files (they do not fit the target's: it has no ")
     assert cal["passes"] > 0
     size = sum(p.numel() * p.element_size() for p in student.unet.parameters())
-    assert cal["source_loaded"] == [{"component": "unet", "bytes": size, "dtype": "float32"}]
+    size += sum(p.numel() * p.element_size() for p in student.text_encoder.parameters())
+    assert cal["source_loaded"] == {"components": ["text_encoder", "unet"], "bytes": size, "dtype": "float64"}
+
+
+def test_a_source_whose_runs_end_at_other_latents_is_refused_and_changes_nothing(source, registry):
+    """A source pipeline with 8 latent channels against the target's 4 (the attention layers the LoRA adapts have
+    the same shapes, so the copy transfers): the two runs' effects cannot be compared; typed error, nothing changed."""
+    other = toy.sd_pipeline(unet=dict(toy.TINY_SD_UNET, in_channels=8, out_channels=8),
+                            vae=dict(toy.TINY_VAE, latent_channels=8))
+    lora = toy.random_lora(other, rank=4, seed=5, targets=("to_q", "to_v"), components=("unet",), scale=0.2)
+    target = toy.sd_pipeline(seed=0)
+    before = state_of(target)
+    with pytest.raises(InvalidOptionsError, match=r"runs end at latents of shape \(1, 8, .*\(1, 4, .*calibrate=False"):
+        target.load_lora_weights_cross(other, lora, adapter_name="a", calibrate=True, registry=registry)
+    assert_unchanged(target, before)
+    assert not any(registry.stats().values())
 
 
 def test_sdxl_pipelines_are_calibrated_with_their_pooled_embeddings_and_time_ids(tmp_path):
-    source = toy.sdxl_pipeline(seed=0)
+    source = toy.sdxl_pipeline(seed=0).to(torch.float64)
     lora = toy.random_lora(source, rank=4, seed=5, targets=("to_q", "to_v", "q_proj"),
                            components=("unet", "text_encoder", "text_encoder_2"), scale=0.2)
     source.save_pretrained(tmp_path / "source")
-    target = scaled_output(toy.sdxl_pipeline(seed=0), 0.5)
+    target = scaled_output(toy.sdxl_pipeline(seed=0).to(torch.float64), 0.5)
     _, report = transfer_lora(tmp_path / "source", target, lora, calibrate=True, registry=tmp_path / "reg")
-    assert report.calibration["global_scale"] == 2.0 and report.calibration["cosine"] == 1.0
+    assert report.calibration["global_scale"] == pytest.approx(2.0, rel=REL) and report.calibration["cosine"] == 1.0
 
 
 def test_a_compact_lorax_file_is_calibrated_on_its_rebuilt_factors(source_folder, registry, tmp_path):
@@ -509,14 +504,14 @@ def test_a_compact_lorax_file_is_calibrated_on_its_rebuilt_factors(source_folder
     lora_A untouched."""
     from diffusers_lorax import LoraXConfig, add_lorax_adapter, save_lorax_weights
 
-    trained = toy.sd_pipeline(seed=0)
+    trained = pipeline(0)
     g = torch.Generator().manual_seed(3)
     for core in add_lorax_adapter(trained.unet, LoraXConfig(r=0.5), "style", registry=registry):
         with torch.no_grad():
             core.copy_(0.2 * torch.randn(core.shape, generator=g))
     compact = save_lorax_weights(tmp_path / "adapter", unet=trained.unet, adapter_name="style",
                                  source=str(source_folder))
-    target = scaled_output(toy.sd_pipeline(seed=0), 0.5)
+    target = scaled_output(pipeline(0), 0.5)
     plain, _ = transfer_lora(source_folder, target, compact, registry=registry)
     state_dict, report = transfer_lora(source_folder, target, compact, calibrate=True, calibration_prompts=STYLED,
                                        registry=registry)
