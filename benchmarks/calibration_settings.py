@@ -1,5 +1,6 @@
-"""The calibration scale's spread against its cost: which probe setting (``calibration.STEPS`` × ``LATENT_SIZE``) is
-the cheapest whose scale stays within the seed-to-seed spread of the most expensive one, on both digits testbeds.
+"""The calibration scale's spread against its cost: which setting (``calibration.STEPS``, set for both denoiser kinds,
+× ``LATENT_SIZE``) is the cheapest whose scale stays within the seed-to-seed spread of the most expensive one, on
+both digits testbeds.
 
     python benchmarks/calibration_settings.py [--testbed unet dit] [--steps 1 2 4 8] [--sizes 8 4 2] [--seeds 5]
                                               [--targets NAME ...] [--prompts empty styled]
@@ -47,7 +48,8 @@ NATIVE = 8
 
 
 def measure(assets: Path, pipe, prompts: tuple[str, ...], steps: int, size: int, seed: int) -> dict:
-    calibration.STEPS, calibration.LATENT_SIZE, calibration.SEED = steps, size, seed
+    calibration.STEPS = dict.fromkeys(("unet", "transformer"), steps)
+    calibration.LATENT_SIZE, calibration.SEED = size, seed
     started = time.perf_counter()
     _, report = transfer_lora(assets / "source", pipe, assets / SOURCE_LORA, calibrate=True,
                               calibration_prompts=prompts, registry=Registry(tempfile.mkdtemp()))

@@ -1,7 +1,7 @@
 """Calibrated transfer: rescale the transferred adapter so that its effect on the target matches the LoRA's effect
 on the source, measured with forward passes only, by runs of the pipelines themselves; no data, no training.
 
-1. Both pipelines run :data:`STEPS` steps at :data:`LATENT_SIZE` latents with the calibration prompts, from the same
+1. Both pipelines run :data:`STEPS` steps (by denoiser) at :data:`LATENT_SIZE` latents with the calibration prompts, from the same
    noise (seed :data:`SEED`, ``output_type="latent"``), each without and with its adapter
    (:mod:`~diffusers_lorax.probe_run`; the adapters applied by hooks, :mod:`~diffusers_lorax.probe`): the target
    with the transferred adapter, the source with the LoRA (:mod:`~diffusers_lorax.probe_models`: one denoiser in
@@ -51,8 +51,11 @@ from .weights import config_text, file_identity, fingerprint, memoised_fingerpri
 
 logger = logging.get_logger(__name__)
 
-#: Denoising steps of each run (one sample per prompt).
-STEPS = 2
+#: Denoising steps of each run (one sample per prompt), by denoiser: the cheapest count whose scale stays within the
+#: seed-to-seed spread of 8 steps on the UNet testbed (2; benchmarks/calibration_settings.py); on the DiT testbed (flow
+#: matching) the ratio grows with the steps up to 8 (0.87, 0.95, 1.03, 1.06 at 1, 2, 4, 8), and a transformer's probe
+#: passes are a small part of a native one (FLUX.1: 256 of 4,096 image tokens), so 8.
+STEPS = {"unet": 2, "transformer": 8}
 #: Latent height and width of the runs (the pixel size is this times the pipeline's VAE scale factor).
 LATENT_SIZE = 32
 #: Seed of the runs' noise.
@@ -165,9 +168,9 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
         paired[g].add(on_source[g], on_target[g])
     samples = len(paired["all"].st)
     return _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) | dict(
-        passes=sum(calls) * len(prompts), samples=samples, steps=STEPS, latent_size=size, source_denoiser=how,
+        passes=sum(calls) * len(prompts), samples=samples, steps=side.steps, latent_size=size, source_denoiser=how,
         source_loaded=loaded, conditioning=conditioning,
-        matched_on=f"the final latents of {STEPS}-step runs of both pipelines at {size}×{size} latents from the same "
+        matched_on=f"the final latents of {side.steps}-step runs of both pipelines at {size}×{size} latents from the same "
         f"noise, {samples} prompt{'s' if samples != 1 else ''}, with and without the {len(applied)} transferred layers")
 
 

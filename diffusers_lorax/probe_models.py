@@ -59,10 +59,13 @@ def _device_dtype(pipe: Any, module: torch.nn.Module) -> tuple[torch.device, tor
 
 
 class Side:
-    """One model's pipeline for the passes, and the probe run's ``steps``, ``latent_size`` (at most) and ``seed``."""
+    """One model's pipeline for the runs, and the runs' ``steps`` (a count, or counts by denoiser: ``"unet"`` for a
+    pipeline with a UNet, else ``"transformer"``), ``latent_size`` (at most) and ``seed``."""
 
-    def __init__(self, model: BaseModel, pipe: Any, steps: int, latent_size: int, seed: int):
+    def __init__(self, model: BaseModel, pipe: Any, steps: int | dict[str, int], latent_size: int, seed: int):
         self.model, self.pipe = model, pipe
+        if isinstance(steps, dict):
+            steps = steps["unet" if self.pipe_module("unet") is not None else "transformer"]
         self.steps, self.size, self.seed = steps, latent_size, seed
 
     def attribute(self, component: str) -> str:
@@ -118,7 +121,7 @@ def _eager():
 
 
 @contextmanager
-def target_side(target: BaseModel, steps: int, latent_size: int, seed: int):
+def target_side(target: BaseModel, steps: int | dict[str, int], latent_size: int, seed: int):
     """The target's :class:`Side`: its pipeline, or one loaded from its files (see the module docstring)."""
     if target.kind == "pipeline":
         yield Side(target, target.model, steps, latent_size, seed)

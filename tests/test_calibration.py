@@ -59,7 +59,7 @@ def one_step_runs(monkeypatch):
     """One-step runs (the default is calibration.STEPS): the final latents are then the scheduler's step from the
     same noise, affine in the one ε with the same coefficients on both models, so a relation between the two models'
     ε (the target's conv_out scaled) is the same relation between their effects."""
-    monkeypatch.setattr(calibration, "STEPS", 1)
+    monkeypatch.setattr(calibration, "STEPS", dict.fromkeys(calibration.STEPS, 1))
 
 
 @pytest.fixture
@@ -334,18 +334,18 @@ def test_the_hooks_match_a_float64_unet_with_the_adapter_merged_into_its_weights
 
 def test_the_pipelines_own_adapters_are_off_during_the_runs_and_restored(lora):
     target = toy.finetune(pipeline(0), seed=1)
-    side = Side(BaseModel(target, role="target"), target, calibration.STEPS, calibration.LATENT_SIZE, calibration.SEED)
+    side = Side(BaseModel(target, role="target"), target, 2, calibration.LATENT_SIZE, calibration.SEED)
     alone = side.run(["unet"], ("",), {}, None, 8).latents
     target.load_lora_weights(lora, adapter_name="mine")
     before = state_of(target)
-    kwargs = probe_run.call_kwargs(target, [""], calibration.STEPS, 8, calibration.SEED)
+    kwargs = probe_run.call_kwargs(target, [""], 2, 8, calibration.SEED)
     with torch.no_grad():
         on = target(**kwargs)[0]
     assert not torch.equal(on, alone)  # the loaded adapter is active outside the runs
     assert torch.equal(side.run(["unet"], ("",), {}, None, 8).latents, alone)
     assert_unchanged(target, before)
     assert all(not m._disable_adapters for m in target.unet.modules() if hasattr(m, "_disable_adapters"))
-    kwargs = probe_run.call_kwargs(target, [""], calibration.STEPS, 8, calibration.SEED)
+    kwargs = probe_run.call_kwargs(target, [""], 2, 8, calibration.SEED)
     with torch.no_grad():
         assert torch.equal(target(**kwargs)[0], on)
 

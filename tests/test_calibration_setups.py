@@ -34,7 +34,7 @@ CASES = [pytest.param(f, {}, id=f) for f in LAST] + [
 @pytest.fixture(autouse=True)
 def short_probe(monkeypatch):
     """Two steps at 8×8 latents (module docstring): Wan 2.2's boundary (0.875) then sends one call to each expert."""
-    monkeypatch.setattr(calibration, "STEPS", 2)
+    monkeypatch.setattr(calibration, "STEPS", dict.fromkeys(calibration.STEPS, 2))
     monkeypatch.setattr(calibration, "LATENT_SIZE", 8)
 
 
@@ -95,7 +95,7 @@ def test_a_source_folder_against_a_target_whose_output_is_scaled_by_two_thirds_m
     source's over 1.5. One step (Wan 2.2's second expert: two, the first on the unchanged first expert), from the same
     noise: the final latents are the scheduler's step, affine in that ε with the same coefficients on both models,
     so the effects keep the relation: ratio and least-squares scale 1.5, cosine 1, in float64 within ``REL``."""
-    monkeypatch.setattr(calibration, "STEPS", 2 if kwargs else 1)
+    monkeypatch.setattr(calibration, "STEPS", dict.fromkeys(calibration.STEPS, 2 if kwargs else 1))
     folder, lora = files(family, torch.float64)
     target, plain = runnable.build(family, torch.float64), runnable.build(family, torch.float64)
     denoiser, last = LAST[family]
@@ -117,8 +117,8 @@ def test_a_source_folder_against_a_target_whose_output_is_scaled_by_two_thirds_m
 
 def expert_calls(pipe):
     """How many calls a calibration run makes to each of Wan 2.2's experts."""
-    run = probe_run.run(pipe, ("transformer", "transformer_2"), [""], calibration.STEPS, calibration.LATENT_SIZE,
-                        calibration.SEED)
+    run = probe_run.run(pipe, ("transformer", "transformer_2"), [""], calibration.STEPS["transformer"],
+                        calibration.LATENT_SIZE, calibration.SEED)
     return run.calls
 
 
@@ -137,7 +137,7 @@ def test_each_wan22_expert_is_calibrated_on_the_runs_through_both(into_2, files,
 
 def test_an_expert_the_probe_run_never_calls_is_a_typed_error_and_changes_nothing(files, tmp_path, monkeypatch):
     """One step: t = 1000 is above the boundary, so only the high-noise expert (``transformer``) is called."""
-    monkeypatch.setattr(calibration, "STEPS", 1)
+    monkeypatch.setattr(calibration, "STEPS", dict.fromkeys(calibration.STEPS, 1))
     folder, lora = files("wan22")
     target = runnable.build("wan22")
     assert expert_calls(target)["transformer_2"] == 0
@@ -147,6 +147,15 @@ def test_an_expert_the_probe_run_never_calls_is_a_typed_error_and_changes_nothin
                                        load_into_transformer_2=True)
     assert_unchanged(target, before)
     assert not lora_layers(target, ("transformer_2",))
+
+
+def test_a_unet_pipeline_and_a_transformer_pipeline_run_their_own_step_counts(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "STEPS", {"unet": 1, "transformer": 3})
+    for family, steps in (("sd", 1), ("flux", 3)):
+        folder, lora = files(family)
+        report = runnable.build(family).load_lora_weights_cross(folder, lora, adapter_name="a", calibrate=True,
+                                                                registry=Registry(tmp_path / family))
+        assert report.calibration["steps"] == steps and report.calibration["passes"] == 4 * steps
 
 
 def test_an_img2img_pipeline_is_refused_naming_calibrate_false_and_left_unchanged(files, tmp_path):
@@ -204,7 +213,7 @@ def test_an_offloaded_or_compiled_target_calibrates_to_one_against_the_same_weig
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     report = target.load_lora_weights_cross(folder, lora, adapter_name="a", calibrate=True, registry=Registry(tmp_path))
     assert report.calibration["scale"] == 1.0 and report.calibration["cosine"] == 1.0
-    assert report.calibration["samples"] == 1 and report.calibration["passes"] == 4 * calibration.STEPS
+    assert report.calibration["samples"] == 1 and report.calibration["passes"] == 4 * 2
     # the runs force eager mode: the hooks would make dynamo recompile the user's model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 

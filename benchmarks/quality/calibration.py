@@ -176,7 +176,7 @@ def stability(targets: list[str], assets: Path, steps: list[int], seeds: int) ->
                 for count in steps:
                     found = []
                     for seed in range(seeds):
-                        calibration.STEPS, calibration.SEED = count, seed
+                        calibration.STEPS, calibration.SEED = dict.fromkeys(("unet", "transformer"), count), seed
                         try:
                             _, report = transfer_lora(assets / "source", pipe, assets / SOURCE_LORA, calibrate="global",
                                                       calibration_prompts=prompts,
