@@ -1,7 +1,10 @@
 """What a first calibrated call (``calibrate=True``) costs, in denoiser passes timed in the same run, and in memory
 above the target pipeline; and what a repeated (registry-served) call costs.
 
-    python benchmarks/calibration_cost.py [--family sd15|flux] [--configs DIR] [--no-native]
+    python benchmarks/calibration_cost.py [--family sd15|flux] [--configs DIR] [--no-native] [--sizes N … [--seeds 3]]
+
+``--sizes``: instead of the cost, the strength ratio and cosine of a cold call at each latent size, per seed (whether
+the runs' small latents measure what native ones would, on this architecture).
 
 ``--family sd15`` (default): the pair of ``benchmarks/performance.py`` — random weights from the real SD 1.5 configs
 (../shared/realcases/configs/sd15), the source saved as a diffusers folder, the target pipeline in memory (the source
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -211,12 +215,23 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=2, help="Flux double blocks (FLUX.1: 19)")
     parser.add_argument("--single", type=int, default=4, help="Flux single blocks (FLUX.1: 38)")
     parser.add_argument("--no-native", action="store_true", help="Flux: skip the 1024 px baseline pass")
+    parser.add_argument("--sizes", type=int, nargs="+", help="instead of the cost: the strength ratio and cosine at "
+                        "these latent sizes (calibration.LATENT_SIZE), for --seeds seeds each")
+    parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     from diffusers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     work = Path(tempfile.mkdtemp(prefix=f"lorax-calibration-cost-{args.family}-"))
+    try:
+        measure(args, work)
+    finally:  # the saved source is gigabytes
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> None:
+    """Build the pair under ``work``, then print the cost (or, with ``--sizes``, the scale by latent size)."""
     started = time.perf_counter()
     if args.family == "sd15":
         target, lora, baselines, parts, denoiser = sd15(args, work)
@@ -229,6 +244,8 @@ def main() -> None:
     print(f"target pipeline: {target_gb:.2f} GB in memory ({denoiser} {gigabytes(parts[0]):.2f} GB); LoRA "
           f"{len(lora) // 2} layers", flush=True)
 
+    if args.sizes:
+        return by_size(target, source, lora, registry, args.sizes, args.seeds)
     passes: dict[str, list[float]] = {}
     with torch.no_grad():
         for label, (fn, repeat) in baselines.items():
@@ -278,6 +295,21 @@ def main() -> None:
               f"{cold_cpu / cpu:.1f} |")
     print(f"\nfirst calibrated call: {cold_s:.1f} s; peak +{peak_gb:.2f} GB above the target ({target_gb:.2f} GB); "
           f"targets (issue 22): ≤ 4 native passes, ≤ target + 1 GB")
+
+
+def by_size(target, source: Path, lora: dict, registry: Path, sizes: list[int], seeds: int) -> None:
+    """Whether the scale depends on the runs' latent size on this pair: the strength ratio and cosine of a cold call
+    at each size (``calibration.LATENT_SIZE``, capped by the pipeline's own default) for seeds 0 … ``seeds`` − 1."""
+    print("| latent size | seed | strength ratio | cosine | seconds |\n|---|---|---|---|---|")
+    for size in sizes:
+        for seed in range(seeds):
+            calibration.LATENT_SIZE, calibration.SEED = size, seed
+            shutil.rmtree(registry, ignore_errors=True)
+            report = target.load_lora_weights_cross(source, lora, adapter_name="x", registry=registry, calibrate=True)
+            target.delete_adapters("x")
+            cal = report.calibration
+            print(f"| {cal['latent_size']} | {seed} | {cal['global_scale']:.4f} | {cal['cosine']:.4f} | "
+                  f"{cal['seconds']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

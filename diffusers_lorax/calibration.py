@@ -148,9 +148,9 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
         def effects(on, factors, which, local):
             """Each group's effect on the final latents of ``on``'s runs: with its layers, less without any."""
             runs = {None: on.run(denoisers, prompts, {}, None, size)}
-            for g, keys in groups.items():
-                runs[g] = on.run(denoisers, prompts, {k: factors[k] for k in keys[which]}, local if g == "all" else None,
-                                 size)
+            for g, keys in groups.items():  # the layers' own effects: the "layer" rule's only
+                runs[g] = on.run(denoisers, prompts, {k: factors[k] for k in keys[which]},
+                                 local if g == "all" and rule == "layer" else None, size)
             calls.extend(sum(run.calls.values()) for run in runs.values())
             plain = runs.pop(None).latents.double().cpu()
             return {g: run.latents.double().cpu() - plain for g, run in runs.items()}

@@ -26,10 +26,10 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 @contextmanager
 def hooked(components: dict[str, torch.nn.Module], factors: Factors,
-           local: dict[tuple[str, str], list[float]]) -> Iterator[None]:
+           local: dict[tuple[str, str], list[float]] | None = None) -> Iterator[None]:
     """Apply ``factors`` to the ``Linear``/``Conv2d`` modules of ``components`` by forward hooks (module docstring),
-    with every PEFT adapter already on them disabled; accumulate ``[Σ‖B A x‖², Σ‖W x‖²]`` per layer into ``local``.
-    Raises :class:`SourceModelError` if a layer names no such module."""
+    with every PEFT adapter already on them disabled; accumulate ``[Σ‖B A x‖², Σ‖W x‖²]`` per layer into ``local``
+    when given. Raises :class:`SourceModelError` if a layer names no such module."""
     handles, peft_layers = [], []
     try:
         for component, root in components.items():
@@ -47,7 +47,8 @@ def hooked(components: dict[str, torch.nn.Module], factors: Factors,
                 module = names.get(canonical_module(module_name))
                 if module is None:
                     raise SourceModelError(f"calibration: {component} has no Linear/Conv2d module {module_name!r}")
-                branch = _Branch(module, A, B, local.setdefault((comp, module_name), [0.0, 0.0]))
+                record = local.setdefault((comp, module_name), [0.0, 0.0]) if local is not None else None
+                branch = _Branch(module, A, B, record)
                 handles.append(module.register_forward_hook(branch))
         yield
     finally:
@@ -59,9 +60,10 @@ def hooked(components: dict[str, torch.nn.Module], factors: Factors,
 
 class _Branch:
     """Forward hook adding ``B (A x)`` to a Linear (A ``(r, in)``, B ``(out, r)``) or Conv2d (A ``(r, in, kh, kw)``
-    with the layer's stride, padding and dilation; B ``(out, r, 1, 1)``) output, recording the two squared norms."""
+    with the layer's stride, padding and dilation; B ``(out, r, 1, 1)``) output, recording the two squared norms in
+    ``record`` when given (float64 reductions of every call's output: the "layer" rule's only)."""
 
-    def __init__(self, module: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, record: list[float]):
+    def __init__(self, module: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, record: list[float] | None):
         self.A = A
         self.B = B.reshape(B.shape[0], B.shape[1], *([1, 1] if isinstance(module, torch.nn.Conv2d) else []))
         self.record = record
@@ -75,6 +77,7 @@ class _Branch:
             delta = F.conv2d(F.conv2d(x, self.A, None, module.stride, module.padding, module.dilation), self.B)
         else:
             delta = F.linear(F.linear(x, self.A), self.B)
-        self.record[0] += float(delta.double().pow(2).sum())
-        self.record[1] += float(output.double().pow(2).sum())
+        if self.record is not None:
+            self.record[0] += float(delta.double().pow(2).sum())
+            self.record[1] += float(output.double().pow(2).sum())
         return output + delta

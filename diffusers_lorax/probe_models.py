@@ -99,11 +99,11 @@ class Side:
             size: int) -> probe_run.Run:
         """A short run of the pipeline (:func:`probe_run.run`, every denoiser's calls counted) at ``size`` latents,
         with ``factors`` applied by hooks to the LoRA's ``denoisers`` (LoRA component names: :meth:`attribute`) and to
-        the text encoders, their local effects added to ``local``, and every PEFT adapter the pipeline already holds
-        switched off. Raises :class:`InvalidOptionsError` when one of ``denoisers`` is never called."""
+        the text encoders, their local effects added to ``local`` when given, and every PEFT adapter the pipeline
+        already holds switched off. Raises :class:`InvalidOptionsError` when one of ``denoisers`` is never called."""
         owned = {c: m for c in (*probe.TEXT_COMPONENTS, *DENOISERS) if (m := self.pipe_module(c)) is not None}
         lora = {c: self.module(c) for c in denoisers} | {c: m for c, m in owned.items() if c in probe.TEXT_COMPONENTS}
-        with probe.hooked(owned, {}, {}), probe.hooked(lora, factors, local if local is not None else {}), _eager():
+        with probe.hooked(owned, {}), probe.hooked(lora, factors, local), _eager():
             run = probe_run.run(self.pipe, DENOISERS, list(prompts), self.steps, size, self.seed)
         for component in denoisers:  # else the LoRA's layers there have no effect to measure
             if not run.calls.get(self.attribute(component)):

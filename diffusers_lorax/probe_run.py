@@ -43,7 +43,8 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
     up to even for a transformer pipeline: Flux-style packing and patch size 2 need it) and ``max_area`` their product
     (Flux Kontext resizes to ``max_area``, 1024² by default), ``num_frames=1`` for a video pipeline, and
     ``guidance_scale=1.0`` for a pipeline with classifier-free guidance (a ``do_classifier_free_guidance`` property;
-    Wan 2.2's ``guidance_scale_2`` defaults to it), so that one denoiser call is one sample per prompt — Flux's
+    Wan 2.2's ``guidance_scale_2`` defaults to it) and ``true_cfg_scale=1.0`` (Flux's and Qwen-Image's negative-prompt
+    guidance), so that one denoiser call is one sample per prompt — Flux's
     embedded guidance is left at its default, being an input of the model rather than a second call. Only parameters
     of ``pipe.__call__``'s signature are given."""
     parameters = inspect.signature(pipe.__call__).parameters
@@ -55,6 +56,7 @@ def call_kwargs(pipe: Any, prompts: list[str], steps: int, latent_size: int, see
                   width=latent_size * scale, num_frames=1, max_area=(latent_size * scale) ** 2)
     if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
         wanted["guidance_scale"] = 1.0  # Wan 2.2's guidance_scale_2 follows it (a Wan 2.1 pipeline refuses one)
+    wanted["true_cfg_scale"] = 1.0  # Flux's, Qwen-Image's: a second batch with a negative prompt (Qwen's default 4)
     return {name: value for name, value in wanted.items() if name in parameters}
 
 

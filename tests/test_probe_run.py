@@ -95,6 +95,7 @@ def test_call_kwargs_keep_to_the_signature_and_turn_guidance_off_only_where_it_i
     assert kwargs.pop("generator").initial_seed() == SEED
     assert kwargs == dict(prompt=PROMPTS, num_inference_steps=STEPS, output_type="latent", height=3 * 8, width=3 * 8,
                           guidance_scale=1.0)
+    assert probe_run.call_kwargs(runnable.build("qwen_image"), PROMPTS, STEPS, 4, SEED)["true_cfg_scale"] == 1.0
     kwargs = probe_run.call_kwargs(flux, PROMPTS, STEPS, 3, SEED)
     assert "guidance_scale" not in kwargs and "num_frames" not in kwargs  # Flux's guidance is an embedding
     assert kwargs["height"] == kwargs["width"] == 4 * flux.vae_scale_factor  # 2 × 2 packing: rounded up to even
