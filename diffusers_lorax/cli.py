@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "by name, by subspace similarity (distilled targets), or auto (docs/method.md)")
     t.add_argument("--load-into-transformer-2", action="store_true", help="the LoRA's transformer layers go to the "
                    "target's transformer_2 (Wan 2.2 A14B's second expert; load the file with load_into_transformer_2=True)")
-    t.add_argument("--calibrate", nargs="?", const=True, default=DEFAULT_CALIBRATE, choices=(True, *CALIBRATION_RULES),
-                   metavar="RULE", help="rescale the adapter to the LoRA's effect on the source, measured with forward "
-                   "passes (rule: global (default), block, layer; docs/calibration.md)")
+    t.add_argument("--calibrate", nargs="?", const="global", default=DEFAULT_CALIBRATE, choices=CALIBRATION_RULES,
+                   metavar="RULE", help="rescale the adapter to the LoRA's effect on the source, measured on short runs "
+                   "of both pipelines (rule: global (default), block, layer; docs/calibration.md)")
     t.add_argument("--calibration-prompt", action="append", dest="calibration_prompts", metavar="TEXT",
                    help="a prompt for the calibration passes (repeat for several; default: the LoRA's trigger words)")
     t.add_argument("--registry", help="registry directory or database URL (default: $LORAX_REGISTRY_URL, "

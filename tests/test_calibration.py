@@ -430,7 +430,7 @@ def test_projections_are_calibrated_on_their_transferred_factors(source, source_
     assert_scaled(state_dict, plain, 1.0)
 
 
-def test_cli_calibrate_flag(source_folder, lora, tmp_path):
+def test_cli_calibrate_flag(source_folder, lora, tmp_path, capsys):
     from diffusers_lorax.cli import main
 
     target = scaled_output(pipeline(0), 0.5)
@@ -446,6 +446,10 @@ def test_cli_calibrate_flag(source_folder, lora, tmp_path):
     assert cal["rule"] == "global" and cal["prompts"] == [STYLED[0]] and cal["global_scale"] == pytest.approx(2.0, rel=REL32)
     assert set(cal["scales"].values()) == {cal["global_scale"]}
     assert main(["transfer", *files, "--calibration-prompt", "x"]) == 2  # prompts without --calibrate
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["transfer", *files, "--calibrate", "yes"])
+    assert "(choose from 'global', 'block', 'layer')" in capsys.readouterr().err  # no True that cannot be typed
 
 
 # -- how the models are run ------------------------------------------------------------------------------------------
