@@ -90,7 +90,7 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
     fs = {layers[i].key: _source_factors(layers[i]) for i in on_source}
     ft = {matched[i]: _target_factors(adapter, prefix) for i, prefix in applied.items()}
     fps = (model_fingerprint(source), model_fingerprint(target))
-    key = calibration_key(rule, prompts, fps, layers, applied, adapter)
+    key = calibration_key(rule, prompts, fps, layers, applied, adapter, (run_identity(source), run_identity(target)))
     started = time.perf_counter()
     result = registry.get_calibration(key)
     cached = result is not None
@@ -190,6 +190,8 @@ def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) ->
             scales[prefix] = estimate.decide(math.sqrt(s / t) if t > 0 else None, cosine)[0]
     if not SCALE_TEXT_ENCODERS:
         scales = {p: 1.0 if p.split(".", 1)[0] in probe.TEXT_COMPONENTS else v for p, v in scales.items()}
+    if rule != "global" and any(v != 1.0 for v in scales.values()):
+        kept = None  # the whole effect's guard kept nothing: the blocks' or layers' own scales were applied
     source_effect, target_effect = whole.effects()
     return dict(rule=rule, scale=scale if rule == "global" else None, cosine=cosine, kept=kept,
                 global_scale=whole.ratio, global_scale_se=whole.scale_error(), least_squares=whole.least_squares,
@@ -259,12 +261,13 @@ def lora_metadata(request: TransferRequest) -> dict[str, str]:
 
 
 def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], layers: list[LoraLayer],
-                    applied: dict[int, str], adapter: TransferredAdapter) -> str:
+                    applied: dict[int, str], adapter: TransferredAdapter, runs: tuple[list, list]) -> str:
     """XXH3-128 of what a calibration depends on: this package's version, the rule and the constants of the run and
-    the guards, the prompts, both models' fingerprints (which include their dtypes), the LoRA's layers applied on the
-    source (factors and scale) and the transferred adapter's tensors."""
+    the guards, the prompts, both models' fingerprints (which include their dtypes) and what else their runs depend on
+    (``runs``: :func:`run_identity`), the LoRA's layers applied on the source (factors and scale) and the transferred
+    adapter's tensors."""
     head = [_version.__version__, rule, STEPS, LATENT_SIZE, SEED, estimate.MAX_SCALE, estimate.MIN_SCALE,
-            estimate.MIN_COSINE, COVERAGE_GUARD, SCALE_TEXT_ENCODERS, estimate.EXACT, list(prompts), *fps]
+            estimate.MIN_COSINE, COVERAGE_GUARD, SCALE_TEXT_ENCODERS, estimate.EXACT, list(prompts), *fps, *runs]
     digest = xxhash.xxh3_128(json.dumps(head).encode())
     for i in sorted(applied, key=lambda i: layers[i].peft_key):
         layer = layers[i]
@@ -274,6 +277,20 @@ def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], l
     for prefix in sorted(adapter.prefixes):
         digest.update(f"|{prefix}|{adapter.scaling(prefix)!r}".encode())
     return digest.hexdigest()
+
+
+def run_identity(model: BaseModel) -> list:
+    """What a model's runs depend on beside its weights: its pipeline class (an img2img pipeline cannot run from
+    prompts: its result must not come from the text-to-image pipeline's entry), its scheduler's class and config (the
+    steps the runs take), and the components that stand for the LoRA's (Wan 2.2's second expert)."""
+    if model.kind == "pipeline":
+        scheduler = getattr(model.model, "scheduler", None)
+        config = dict(scheduler.config) if scheduler is not None else None
+        name, schedule = type(model.model).__name__, [type(scheduler).__name__, config]
+    else:
+        found = model.resolve("scheduler/scheduler_config.json")
+        name, schedule = model.pipeline_class.__name__, found.read_text() if found is not None else None
+    return json.loads(json.dumps([name, schedule, sorted(model.components.items())], sort_keys=True, default=str))
 
 
 #: File content ids by (resolved path, size, mtime in ns): a file is hashed once per process.

@@ -90,8 +90,10 @@ def run(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: int, 
         with torch.no_grad(), _no_progress_bar(pipe):
             out = pipe(**call_kwargs(pipe, prompts, steps, latent_size, seed))
     except _REFUSALS as err:
-        raise InvalidOptionsError(f"{name} could not be run for calibration ({type(err).__name__}: {err}); "
-                                  "pass calibrate=False") from err
+        unset = [c for c, value in getattr(pipe, "components", {}).items() if value is None]
+        held = f"; it holds no {', '.join(unset)}" if unset else ""
+        raise InvalidOptionsError(f"{name} could not be run for calibration from prompts alone ({type(err).__name__}: "
+                                  f"{err}{held}); pass calibrate=False") from err
     finally:
         for handle in handles:
             handle.remove()

@@ -93,7 +93,7 @@ class TransferReport:
     #: With ``calibrate``: ``rule``, ``scale`` (the one applied by the global rule), ``cosine`` between the LoRA's
     #: effect on the source and the transfer's on the target, ``kept`` (why a scale was not applied, or None),
     #: ``scales`` by PEFT prefix, ``global_scale`` (the strength ratio before the guards) and its standard error,
-    #: ``least_squares``, the effects (RMS ‖Δε‖ per sample), how the source ran, prompts and where they came from,
+    #: ``least_squares``, the effects (RMS over the prompts of ‖Δx‖, the change of a run's final latents), how the source ran, prompts and where they came from,
     #: passes, and ``cached`` (docs/calibration.md).
     calibration: dict | None = None
     #: What the user should know about the inputs (e.g. a source identical to the target), also logged as warnings.
@@ -273,7 +273,7 @@ def _calibration(report: TransferReport) -> list[str]:
     cal = report.calibration or {}
     rule = cal.get("rule")
     cosine = f", cosine {cal['cosine']:.3f}" if cal.get("cosine") is not None else ""
-    matched = (f" (‖Δε‖ source {cal['source_effect']:.3g}, target {cal['target_effect']:.3g}; {cal.get('passes')} "
+    matched = (f" (‖Δx‖ source {cal['source_effect']:.3g}, target {cal['target_effect']:.3g}; {cal.get('passes')} "
                f"passes, prompts: {cal.get('prompts_from')})" if cal.get("target_effect") else "")
     kept = f"; {cal['kept']}" if cal.get("kept") else ""
     return [f"  calibration{' (' + str(rule) + ')' if rule else ''}: scale {_span(scales) if scales else '-'}{cosine}"

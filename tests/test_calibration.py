@@ -291,6 +291,21 @@ def test_a_failed_calibration_changes_nothing(source_folder, lora, registry, mon
     assert not any(registry.stats().values())
 
 
+def test_kept_is_said_only_where_no_scale_was_applied():
+    """The whole effect says ½ (kept: not weakened), one block's own effect says 2: under the "block" rule that block
+    is scaled, so the report does not say the transfer was kept; under "global" it does."""
+    from types import SimpleNamespace
+
+    whole, block = estimate.Paired([0.5], [0.25], [1.0]), estimate.Paired([2.0], [4.0], [1.0])
+    module = ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    layers, matched, applied = [SimpleNamespace(key=module)], {0: module}, {0: "unet.x"}
+    for rule, scale, kept in (("block", 2.0, None), ("global", 1.0, "not weakened")):
+        paired = {"all": whole, "unet.down_blocks.0": block}
+        found = calibration._scales(rule, {}, paired, {}, {}, layers, matched, applied)
+        assert found["scales"] == {"unet.x": scale}
+        assert found["kept"] is None if kept is None else kept in found["kept"]
+
+
 # -- the probe -------------------------------------------------------------------------------------------------------
 def unet_factors(lora):
     return {(c, m): (lora[f"{c}.{m}.lora_A.weight"], lora[f"{c}.{m}.lora_B.weight"])

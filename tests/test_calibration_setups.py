@@ -122,17 +122,20 @@ def expert_calls(pipe):
     return run.calls
 
 
-@pytest.mark.parametrize("into_2", [False, True], ids=["transformer", "transformer_2"])
-def test_each_wan22_expert_is_calibrated_on_the_runs_through_both(into_2, files, tmp_path):
+def test_each_wan22_expert_is_calibrated_on_the_runs_through_both(files, tmp_path):
+    """Each expert's LoRA in turn, on one registry: the second expert's is measured, not read from the first's entry
+    (the same tensors under the same names: the key holds which component stands for the LoRA's)."""
     folder, lora = files("wan22")
     target = runnable.build("wan22")
     counts = expert_calls(target)
     assert min(counts.values()) > 0
-    report = target.load_lora_weights_cross(folder, lora, adapter_name="a", calibrate=True,
-                                            registry=Registry(tmp_path), load_into_transformer_2=into_2)
-    # four runs (each model with and without), every call of both experts counted
-    assert report.calibration["passes"] == 4 * sum(counts.values()) and report.calibration["samples"] == 1
-    assert report.calibration["scale"] == 1.0 and report.calibration["cosine"] == 1.0
+    for name, into_2 in (("a", False), ("b", True)):
+        report = target.load_lora_weights_cross(folder, lora, adapter_name=name, calibrate=True,
+                                                registry=Registry(tmp_path), load_into_transformer_2=into_2)
+        assert not report.calibration["cached"]
+        # four runs (each model with and without), every call of both experts counted
+        assert report.calibration["passes"] == 4 * sum(counts.values()) and report.calibration["samples"] == 1
+        assert report.calibration["scale"] == 1.0 and report.calibration["cosine"] == 1.0
 
 
 def test_an_expert_the_probe_run_never_calls_is_a_typed_error_and_changes_nothing(files, tmp_path, monkeypatch):
@@ -159,12 +162,17 @@ def test_a_unet_pipeline_and_a_transformer_pipeline_run_their_own_step_counts(fi
 
 
 def test_an_img2img_pipeline_is_refused_naming_calibrate_false_and_left_unchanged(files, tmp_path):
+    """Also where the registry holds the calibration of the text-to-image pipeline of the same models: its entry is
+    another pipeline's (the key holds the pipeline class)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     folder, lora = files("sd")
-    target = StableDiffusionImg2ImgPipeline(**runnable.build("sd").components)
+    text2img = runnable.build("sd")
+    text2img.load_lora_weights_cross(folder, lora, adapter_name="a", calibrate=True, registry=Registry(tmp_path))
+    text2img.delete_adapters("a")
+    target = StableDiffusionImg2ImgPipeline(**text2img.components)
     before = state_of(target)
-    with pytest.raises(InvalidOptionsError, match="calibrate=False"):
+    with pytest.raises(InvalidOptionsError, match="StableDiffusionImg2ImgPipeline could not be run .*calibrate=False"):
         target.load_lora_weights_cross(folder, lora, adapter_name="a", calibrate=True, registry=Registry(tmp_path))
     assert_unchanged(target, before)
 
