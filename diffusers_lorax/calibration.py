@@ -75,7 +75,7 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
               registry: Any, txn: Any) -> None:
     """Rescale ``adapter`` (in place, through each module's alpha) by the calibration rule ``request.config.calibrate``;
     fill ``report.calibration`` and each applied layer's ``scale``. Reads and stages the result through the registry.
-    Raises :class:`SourceModelError` if a model cannot be loaded for the passes, :class:`InvalidOptionsError` if a
+    Raises :class:`SourceModelError` if a model cannot be loaded for the runs, :class:`InvalidOptionsError` if a
     pipeline cannot be run from prompts alone (the message says so and names ``calibrate=False``)."""
     config = request.config
     rule = "global" if config.calibrate is True else config.calibrate

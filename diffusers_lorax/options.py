@@ -34,7 +34,7 @@ DEFAULT_THRESHOLD: float = 0.9
 #: Calibration rules (``calibration.py``); ``True`` is ``"global"``. Default: off (see docs/quality.md).
 CALIBRATION_RULES = ("global", "block", "layer")
 DEFAULT_CALIBRATE: bool | str = False
-#: At most this many ``calibration_prompts`` (one probe sample at least per prompt, so the cost stays bounded).
+#: At most this many ``calibration_prompts`` (each is a batch row of every run, so the cost stays bounded).
 MAX_CALIBRATION_PROMPTS = 32
 #: How each LoRA layer finds its target module (``matching.py``, ``correspondence.py``): ``"auto"`` (by name on a
 #: target with the source's modules, by subspace similarity on a distilled or renamed one), ``"name"``,

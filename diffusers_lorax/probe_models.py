@@ -26,7 +26,7 @@ from .probe import Factors
 from .quantized import plain_float
 from .swap import FileState, mismatch, swapped
 
-#: A pipeline's components the passes use; the others are not loaded for a folder or Hub model.
+#: A pipeline's components the runs use; the others are not loaded for a folder or Hub model.
 DENOISERS = ("unet", "transformer", "transformer_2")
 _KEEP = {"tokenizer", "tokenizer_2", "tokenizer_3", *probe.TEXT_COMPONENTS, "scheduler", *DENOISERS}
 
@@ -80,7 +80,7 @@ class Side:
         return found
 
     def latent_size(self, component: str) -> int:
-        """The probe run's latent height and width: ``latent_size``, or the pipeline's own default where that is
+        """The runs' latent height and width: ``latent_size``, or the pipeline's own default where that is
         smaller (``default_sample_size``, else the denoiser's ``sample_size``: a small model trained at a small size
         is probed at it)."""
         native = getattr(self.pipe, "default_sample_size", None)

@@ -92,7 +92,7 @@ def transfer_lora(
             docs/calibration.md for what a first call costs.
         match: how layers find their target module: ``"auto"`` (by name on a fine-tune, by subspace similarity on
             a distilled or renamed target: SSD-1B, Vega, BK-SDM), ``"name"``, ``"similarity"``, ``"fold"`` (method.md).
-        calibration_prompts: prompts for the passes; default: the LoRA file's trigger words or tags
+        calibration_prompts: prompts for the runs; default: the LoRA file's trigger words or tags
             (``modelspec.trigger_phrase``, kohya ``ss_tag_frequency``) when it has them, else the empty prompt.
         registry: for the projections: a :class:`Registry`, a directory, a database URL (blobs in the default
             directory), or ``None`` for ``$LORAX_REGISTRY_URL`` / ``$LORAX_CACHE_DIR`` / the user cache dir. A request
