@@ -1,8 +1,8 @@
 """Calibrated transfer: rescale the transferred adapter so that its effect on the target matches the LoRA's effect
 on the source, measured with forward passes only, by runs of the pipelines themselves; no data, no training.
 
-1. Both pipelines run :data:`STEPS` steps (by denoiser) at :data:`LATENT_SIZE` latents with the calibration prompts, from the same
-   noise (seed :data:`SEED`, ``output_type="latent"``), each without and with its adapter
+1. Both pipelines run :data:`STEPS` steps (by denoiser) at :data:`LATENT_SIZE` latents with the calibration prompts,
+   from the same noise (seed :data:`SEED`, ``output_type="latent"``), each without and with its adapter
    (:mod:`~diffusers_lorax.probe_run`; the adapters applied by hooks, :mod:`~diffusers_lorax.probe`): the target
    with the transferred adapter, the source with the LoRA (:mod:`~diffusers_lorax.probe_models`: one denoiser in
    memory for a fine-tune). An effect is the change of the final latents, ``Δx = x(with) − x(without)`` per prompt:
@@ -107,10 +107,10 @@ def calibrate(request: TransferRequest, source: BaseModel, target: BaseModel, la
         report.layers[i].scale = s
         if s != 1.0:
             adapter.rescale(prefix, s)
-    # a cached result ran no pass now: its passes and seconds are those of the call that measured it
-    report.calibration = dict(result, cached=cached) | (dict(passes=0, seconds=round(time.perf_counter() - started, 3),
-                                                             measured=dict(passes=result.get("passes"),
-                                                                           seconds=result.get("seconds"))) if cached else {})
+    report.calibration = dict(result, cached=cached)
+    if cached:  # no pass now: the passes and seconds stored are those of the call that measured it
+        report.calibration.update(passes=0, seconds=round(time.perf_counter() - started, 3),
+                                  measured=dict(passes=result.get("passes"), seconds=result.get("seconds")))
     if result.get("kept") and not cached:
         logger.warning(f"calibration: {result['kept']}")
 
@@ -148,9 +148,9 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
         def effects(on, factors, which, local):
             """Each group's effect on the final latents of ``on``'s runs: with its layers, less without any."""
             runs = {None: on.run(denoisers, prompts, {}, None, size)}
-            for g, keys in groups.items():  # the layers' own effects: the "layer" rule's only
+            for g, keys in groups.items():
                 runs[g] = on.run(denoisers, prompts, {k: factors[k] for k in keys[which]},
-                                 local if g == "all" and rule == "layer" else None, size)
+                                 local if g == "all" and rule == "layer" else None, size)  # the "layer" rule's only
             calls.extend(sum(run.calls.values()) for run in runs.values())
             plain = runs.pop(None).latents.double().cpu()
             return {g: run.latents.double().cpu() - plain for g, run in runs.items()}
@@ -170,8 +170,8 @@ def _measure(rule, prompts, source, target, layers, matched, applied, fs, ft) ->
     return _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) | dict(
         passes=sum(calls) * len(prompts), samples=samples, steps=side.steps, latent_size=size, source_denoiser=how,
         source_loaded=loaded, conditioning=conditioning,
-        matched_on=f"the final latents of {side.steps}-step runs of both pipelines at {size}×{size} latents from the same "
-        f"noise, {samples} prompt{'s' if samples != 1 else ''}, with and without the {len(applied)} transferred layers")
+        matched_on=f"the final latents of {side.steps}-step runs of both pipelines at {size}×{size} latents from the "
+        f"same noise, {samples} prompt{'s' if samples != 1 else ''}, with and without the {len(applied)} transferred layers")
 
 
 def _scales(rule, groups, paired, local_s, local_t, layers, matched, applied) -> dict:
@@ -261,7 +261,7 @@ def lora_metadata(request: TransferRequest) -> dict[str, str]:
 
 
 def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], layers: list[LoraLayer],
-                    applied: dict[int, str], adapter: TransferredAdapter, runs: tuple[list, list]) -> str:
+                    applied: dict[int, str], adapter: TransferredAdapter, runs: tuple[str, str]) -> str:
     """XXH3-128 of what a calibration depends on: this package's version, the rule and the constants of the run and
     the guards, the prompts, both models' fingerprints (which include their dtypes) and what else their runs depend on
     (``runs``: :func:`run_identity`), the LoRA's layers applied on the source (factors and scale) and the transferred
@@ -279,7 +279,7 @@ def calibration_key(rule: str, prompts: tuple[str, ...], fps: tuple[str, str], l
     return digest.hexdigest()
 
 
-def run_identity(model: BaseModel) -> list:
+def run_identity(model: BaseModel) -> str:
     """What a model's runs depend on beside its weights: its pipeline class (an img2img pipeline cannot run from
     prompts: its result must not come from the text-to-image pipeline's entry), its scheduler's class and config (the
     steps the runs take), and the components that stand for the LoRA's (Wan 2.2's second expert)."""
@@ -290,7 +290,7 @@ def run_identity(model: BaseModel) -> list:
     else:
         found = model.resolve("scheduler/scheduler_config.json")
         name, schedule = model.pipeline_class.__name__, found.read_text() if found is not None else None
-    return json.loads(json.dumps([name, schedule, sorted(model.components.items())], sort_keys=True, default=str))
+    return json.dumps([name, schedule, sorted(model.components.items())], sort_keys=True, default=str)
 
 
 #: File content ids by (resolved path, size, mtime in ns): a file is hashed once per process.

@@ -120,15 +120,20 @@ def _eager():
     return stance("force_eager") if stance is not None else nullcontext()
 
 
+def _load_pipeline(model: BaseModel, dtype: torch.dtype) -> Any:
+    """``model``'s pipeline from its folder or Hub id in ``dtype``, with only the components the runs use
+    (:data:`_KEEP`: no VAE is read)."""
+    skip = {name: None for name in model._required_model_index() if not name.startswith("_") and name not in _KEEP}
+    return _from_pretrained(model, model.pipeline_class, dtype, **skip)
+
+
 @contextmanager
 def target_side(target: BaseModel, steps: int | dict[str, int], latent_size: int, seed: int):
     """The target's :class:`Side`: its pipeline, or one loaded from its files (see the module docstring)."""
     if target.kind == "pipeline":
         yield Side(target, target.model, steps, latent_size, seed)
         return
-    index = target._required_model_index()
-    skip = {name: None for name in index if not name.startswith("_") and name not in _KEEP}
-    pipe = _from_pretrained(target, target.pipeline_class, torch.float32, **skip)
+    pipe = _load_pipeline(target, torch.float32)
     try:
         yield Side(target, pipe, steps, latent_size, seed)
     finally:
@@ -174,17 +179,14 @@ class SourceRuns:
         """A student: its pipeline loaded from its files (every component but the tokenizers, text encoders,
         scheduler and denoisers left out), in the target denoiser's dtype, on the target's device."""
         device, dtype = target.device_dtype(next(c for c in DENOISERS if target.pipe_module(c) is not None))
-        index = source._required_model_index()
-        skip = {name: None for name in index if not name.startswith("_") and name not in _KEEP}
-        pipe = _from_pretrained(source, source.pipeline_class, dtype, **skip).to(device)
+        pipe = _load_pipeline(source, dtype).to(device)
         self.stack.callback(gc.collect)
         self.side = Side(source, pipe, target.steps, target.size, target.seed)
-        modules = [m for name in index if (m := self.side.pipe_module(name)) is not None]
-        size = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+        modules = {name: m for name in _KEEP if (m := self.side.pipe_module(name)) is not None}
+        size = sum(t.numel() * t.element_size() for m in modules.values() for t in m.parameters())
         self.how = f"loaded from its files (they do not fit the target's: {reason})"
         self.conditioning = "the source's text encoders, loaded with it"
-        self.loaded = {"components": sorted(name for name in index if self.side.pipe_module(name) is not None),
-                       "bytes": size, "dtype": str(dtype).removeprefix("torch.")}
+        self.loaded = {"components": sorted(modules), "bytes": size, "dtype": str(dtype).removeprefix("torch.")}
 
     def _swap_text(self, source: BaseModel, target: Side) -> str:
         """Swap the source's text encoders into the target's where they fit; the report's phrase."""

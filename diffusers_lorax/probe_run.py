@@ -69,8 +69,9 @@ def run(pipe: Any, components: tuple[str, ...], prompts: list[str], steps: int, 
 
     The hooks are removed whatever happens. Raises :class:`~diffusers_lorax.errors.InvalidOptionsError` naming the
     pipeline class when none of ``components`` is on the pipeline, when its ``__call__`` needs an input this run does
-    not give (an image, a video: a ``TypeError``) or refuses the call (``TypeError``, ``ValueError``, ``AttributeError``,
-    ``NotImplementedError`` from the pipeline, chained), or when it makes no denoiser call."""
+    not give (an image, a video: a ``TypeError``) or refuses the call (``TypeError``, ``ValueError``,
+    ``AttributeError``, ``NotImplementedError`` from the pipeline, chained; the message names the components it holds
+    as ``None``), or when it makes no denoiser call."""
     name = type(pipe).__name__
     modules = {c: getattr(pipe, c) for c in components if getattr(pipe, c, None) is not None}
     if not modules:

@@ -84,12 +84,11 @@ def transfer_lora(
         threshold: minimum subspace similarity Φ_U and Φ_V for a layer to be transferred (default 0.9).
         calibrate: rescale the transferred adapter so that its effect on the target's generations is as strong
             as the LoRA's effect on the source's (the RMS ratio of the two effects; kept as transferred where their
-            cosine is below 0.5 or the ratio below 1),
-            measured on the final latents of short latent-only runs of both pipelines from the same noise, with and
-            without the adapters (no data, no training; cached in the registry): ``True`` or ``"global"`` (one scale), ``"block"``,
-            ``"layer"``, or ``False`` (default). Reads the source's denoiser and text-encoder weights (a fine-tune's
-            are swapped into the target's modules one at a time: no second model in memory); see
-            docs/calibration.md for what a first call costs.
+            cosine is below 0.5 or the ratio below 1), measured on the final latents of short latent-only runs of
+            both pipelines from the same noise, with and without the adapters (no data, no training; cached in the
+            registry): ``True`` or ``"global"`` (one scale), ``"block"``, ``"layer"``, or ``False`` (default).
+            Reads the source's denoiser and text-encoder weights (a fine-tune's are swapped into the target's modules
+            one at a time: no second model in memory); see docs/calibration.md for what a first call costs.
         match: how layers find their target module: ``"auto"`` (by name on a fine-tune, by subspace similarity on
             a distilled or renamed target: SSD-1B, Vega, BK-SDM), ``"name"``, ``"similarity"``, ``"fold"`` (method.md).
         calibration_prompts: prompts for the runs; default: the LoRA file's trigger words or tags

@@ -87,7 +87,8 @@ _BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version"}
 
 
 def config_text(module: torch.nn.Module) -> str:
-    """``module``'s config (diffusers' or transformers') as JSON without bookkeeping entries (``_``-prefixed, :data:`_BOOKKEEPING`)."""
+    """``module``'s config (diffusers' or transformers') as JSON without bookkeeping entries (``_``-prefixed,
+    :data:`_BOOKKEEPING`)."""
     config = getattr(module, "config", None) or {}
     entries = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.dumps({k: v for k, v in entries.items() if not k.startswith("_") and k not in _BOOKKEEPING},

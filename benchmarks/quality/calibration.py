@@ -7,12 +7,12 @@ renamed students; DiT: the source, the fine-tune, the Flex-style student and the
 the ten styled prompts × ``--seeds`` seeds with no LoRA, with the source's style LoRA transferred by copy, by copy
 with each calibration rule and prompt choice, by the projections with calibration (UNet), and with the LoRA trained
 on that target; prints the scores, the gaps closed (``diffusers_lorax/quality/evaluate.py``), and what calibration
-chose: the scale, the strength ratio before the guards with its standard error (and the least-squares scale), the cosine between the source's
-and the target's effects, and why the transfer was kept as it is where it was. Variants that differ only in a guard
-switch the module constants of ``diffusers_lorax.calibration`` for their row. A row whose adapter is another row's
-(a calibration that kept the copy: scale 1) reuses that row's images. ``--stability`` prints the
-strength ratio and the cosine on the targets for each prompt choice, probe length (``calibration.STEPS``) and
-probe seed (``calibration.SEED`` 0–4). A calibration that cannot run on a target (a typed ``LoraxError``) is
+chose: the scale, the strength ratio before the guards with its standard error (and the least-squares scale), the
+cosine between the source's and the target's effects, and why the transfer was kept as it is where it was. Variants
+that differ only in a guard switch the module constants of ``diffusers_lorax.calibration`` for their row. A row whose
+adapter is another row's (a calibration that kept the copy: scale 1) reuses that row's images. ``--stability``
+prints the strength ratio and the cosine on the targets for each prompt choice, run length (``calibration.STEPS``,
+set for both denoiser kinds) and run seed (``calibration.SEED`` 0–4). A calibration that cannot run on a target (a typed ``LoraxError``) is
 printed in place of its row.
 """
 
